@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Bootstrap for the two README quick-start commands.
+
+    python3 make.py demo [args...]   install into .venv, then run `pyproxy demo ...`
+    python3 make.py test [args...]   install into .venv (with test extras), then run pytest
+
+Only the standard library is used here, so this works on a fresh machine with
+nothing but Python >= 3.11. The virtual environment is reused; it is
+reinstalled only when pyproject.toml changes (a stamp file records its hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("PYPROXY_VENV", ROOT / ".venv"))
+STAMP = VENV / ".pyproxy-install-stamp"
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_env(extras: str) -> Path:
+    if sys.version_info < (3, 11):
+        sys.exit(f"pyproxy needs Python >= 3.11, this is {sys.version.split()[0]}")
+    py = venv_python()
+    if not py.exists():
+        print(f"[make] creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    if not STAMP.exists() or STAMP.read_text().strip() != digest:
+        print(f"[make] installing pyproxy-sidecar[{extras}] into {VENV}", flush=True)
+        subprocess.check_call([str(py), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+        spec = f"{ROOT}[{extras}]" if extras else str(ROOT)
+        subprocess.check_call([str(py), "-m", "pip", "install", "--quiet", "-e", spec])
+        STAMP.write_text(digest)
+    return py
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
+        print(__doc__)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "test":
+        py = ensure_env("test")
+        return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+    if cmd == "bench":
+        py = ensure_env("test,load")
+        return subprocess.call([str(py), str(ROOT / "load-tests" / "bench.py"), *rest], cwd=ROOT)
+    if cmd == "shell":
+        py = ensure_env("test,load")
+        print(f"activate with: source {VENV}/bin/activate")
+        return 0
+    py = ensure_env("test")
+    try:
+        return subprocess.call([str(py), "-m", "pyproxy", "demo", "bookinfo", *rest], cwd=ROOT)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,404 @@
+"""Frozen, typed model of the Istio resources pyproxy reads.
+
+Class names follow Istio's proto messages; field names are the snake_case of
+Istio's camelCase YAML names. Everything here is immutable and hashable
+(mappings are tuples of pairs), so a snapshot can be compared with the
+previous one to find clusters whose configuration did not change.
+
+Conventions:
+- Durations are float seconds; ``None`` means "not set" (the snapshot builder
+  applies Istio's defaults, so "unset" and "set to the default" stay distinct).
+- Percentages are floats in [0, 100]; ``None`` means "not set".
+- Mappings (labels, header operations) are ``tuple[tuple[str, str], ...]`` in
+  the order written.
+- Host names are stored as written; short names are expanded by the snapshot
+  builder using the resource's namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Pairs = tuple[tuple[str, str], ...]
+
+MatchKind = Literal["exact", "prefix", "regex", "present"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a resource came from: file path and 0-based document index."""
+
+    file: str
+    doc: int
+
+    def __str__(self) -> str:
+        return f"{self.file}#{self.doc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    kind: str
+    api_version: str
+    name: str
+    namespace: str
+    source: Source
+    labels: Pairs = ()
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Kubernetes identity: kind/namespace/name."""
+        return (self.kind, self.namespace, self.name)
+
+
+# --------------------------------------------------------------------------
+# VirtualService
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio StringMatch. ``present`` is the empty matcher ``{}`` (header or
+    query parameter must exist, any value)."""
+
+    kind: MatchKind
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatchRequest:
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+    source_labels: Pairs = ()
+    source_namespace: str = ""
+    gateways: tuple[str, ...] = ()
+    ignore_uri_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    subset: str = ""
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: Pairs = ()
+    add: Pairs = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteDestination:
+    destination: Destination
+    weight: int = 0  # 0 = unset; a single destination takes 100% whatever its weight
+    weight_set: bool = False
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRewrite:
+    match: str
+    rewrite: str
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRewrite:
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex_rewrite: RegexRewrite | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRedirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    derive_port: str | None = None  # FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    scheme: str | None = None
+    redirect_code: int = 301
+    prefix_rewrite: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPDirectResponse:
+    status: int
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    fixed_delay: float
+    percentage: float = 0.0  # no percentage -> 0%, as Istio
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    http_status: int | None = None
+    grpc_status: str | None = None
+    percentage: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPFaultInjection:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    attempts: int = 0
+    per_try_timeout: float | None = None
+    retry_on: str | None = None
+    retry_remote_localities: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: float | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: str = "FORWARD"  # FORWARD | IGNORE
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMirrorPolicy:
+    destination: Destination
+    percentage: float | None = None  # None = 100%
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str = ""
+    match: tuple[HTTPMatchRequest, ...] = ()
+    route: tuple[HTTPRouteDestination, ...] = ()
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    rewrite: HTTPRewrite | None = None
+    timeout: float | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    # ``mirror`` + ``mirror_percentage`` (and deprecated ``mirrorPercent``) are
+    # normalised by the loader into ``mirrors`` so there is one shape to handle.
+    mirrors: tuple[HTTPMirrorPolicy, ...] = ()
+    cors_policy: CorsPolicy | None = None
+    headers: Headers | None = None
+    # Where this rule came from, for logs and warnings ("reviews.yaml#0 spec.http[1]").
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    meta: Meta
+    hosts: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()
+    http: tuple[HTTPRoute, ...] = ()
+    export_to: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# DestinationRule
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPCookie:
+    name: str
+    path: str = ""
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHashLB:
+    http_header_name: str | None = None
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str | None = None
+    minimum_ring_size: int | None = None  # ringHash.minimumRingSize or deprecated minimumRingSize
+    maglev_table_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerSettings:
+    # ROUND_ROBIN | LEAST_REQUEST | RANDOM | PASSTHROUGH | UNSPECIFIED; LEAST_CONN is
+    # normalised to LEAST_REQUEST by the loader (Istio treats it as an alias).
+    simple: str | None = None
+    consistent_hash: ConsistentHashLB | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPSettings:
+    max_connections: int | None = None
+    connect_timeout: float | None = None
+    max_connection_duration: float | None = None
+    idle_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: float | None = None
+    max_concurrent_streams: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolSettings:
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int | None = None  # also from deprecated consecutiveErrors
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
+    interval: float | None = None
+    base_ejection_time: float | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PortTrafficPolicy:
+    port: int
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Pairs = ()
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    meta: Meta
+    host: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+    workload_selector: Pairs | None = None
+    export_to: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# ServiceEntry / WorkloadEntry
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int
+    name: str = ""
+    protocol: str = ""
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    """Used both as a ServiceEntry endpoint (``meta`` None) and as the
+    WorkloadEntry kind (``meta`` set)."""
+
+    address: str = ""
+    ports: tuple[tuple[str, int], ...] = ()
+    labels: Pairs = ()
+    network: str = ""
+    locality: str = ""
+    weight: int | None = None
+    service_account: str = ""
+    meta: Meta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    meta: Meta
+    hosts: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    location: str = "MESH_EXTERNAL"
+    resolution: str = "NONE"  # NONE | STATIC | DNS | DNS_ROUND_ROBIN
+    endpoints: tuple[WorkloadEntry, ...] = ()
+    workload_selector: Pairs | None = None
+    export_to: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# Sidecar
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    meta: Meta
+    workload_selector: Pairs | None = None
+    outbound_traffic_policy_mode: str | None = None  # ALLOW_ANY | REGISTRY_ONLY; None = unset
+
+
+Resource = VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar
+
+
+# --------------------------------------------------------------------------
+# Load results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One error or warning, located precisely: ``FILE#N: spec.field.path: message``."""
+
+    file: str
+    doc: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.doc is None else f"{self.file}#{self.doc}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """Everything read from the --config paths. ``resources`` holds the
+    effective set after later-path-wins de-duplication, in path order."""
+
+    resources: tuple[Resource, ...] = ()
+    errors: tuple[Diagnostic, ...] = ()
+    warnings: tuple[Diagnostic, ...] = ()
+    files: tuple[str, ...] = ()
+    # Raw YAML documents kept only for /config_dump (never read on the request path).
+    raw: tuple[tuple[Source, dict], ...] = field(default=(), compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
