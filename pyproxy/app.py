@@ -1,0 +1,409 @@
+"""The sidecar process: one ``Worker`` per event loop.
+
+A worker owns the listeners (inbound, outbound), the current snapshot, the
+cluster state, the DNS resolver and the background tasks (housekeeping
+sweep, DNS refresh, outlier timers, config watching). The first worker also
+serves the admin and stats endpoints.
+
+Reload: parse and validate everything, build a new snapshot on the side
+(reusing unchanged clusters), resolve its DNS names, then swap one reference.
+Requests in flight keep the snapshot they started with; clusters the new
+snapshot does not carry over drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import __version__
+from .config.model import LoadedConfig
+from .http.downstream import DownstreamConnection
+from .http.exchange import INBOUND, OUTBOUND
+from .options import RunOptions
+from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot, retire
+from .upstream.cluster import Cluster
+from .upstream.dns import Resolver
+
+log = logging.getLogger("pyproxy")
+
+
+class WorkerStats:
+    """Listener-level counters (Envoy's downstream_* stats)."""
+
+    __slots__ = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_overflow",
+                 "downstream_rq_rejected", "downstream_cx_header_timeout", "downstream_cx_idle_timeout")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Listener:
+    def __init__(self, worker: Worker, name: str, direction: int, host: str, port: int) -> None:
+        self.worker = worker
+        self.name = name
+        self.direction = direction
+        self.host = host
+        self.port = port
+        self.transparent = True  # SO_ORIGINAL_DST is read on every accepted connection
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: set[DownstreamConnection] = set()
+
+    def on_connection_made(self, conn: DownstreamConnection) -> None:
+        stats = self.worker.stats
+        if len(self.worker.all_connections()) >= self.worker.options.limits.max_connections:
+            stats.downstream_cx_overflow += 1
+            conn.closed = True
+            conn.transport.abort()
+            return
+        self.connections.add(conn)
+        stats.downstream_cx_total += 1
+        stats.downstream_cx_active += 1
+        if self.worker.draining:
+            conn.start_drain()
+
+    def on_connection_lost(self, conn: DownstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.worker.stats.downstream_cx_active -= 1
+
+    async def start(self, reuse_port: bool) -> None:
+        loop = self.worker.loop
+        self.server = await loop.create_server(
+            lambda: DownstreamConnection(self), self.host, self.port,
+            reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
+        )
+        if self.port == 0:
+            self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@dataclass
+class ReloadStatus:
+    ok: bool = True
+    version: int = 0
+    at: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    successes: int = 0
+    failures: int = 0
+
+
+class Worker:
+    def __init__(self, options: RunOptions, loop: asyncio.AbstractEventLoop | None = None,
+                 rng: random.Random | None = None, observer_factory: Callable[[Worker], Any] | None = None) -> None:
+        self.options = options
+        self.loop = loop or asyncio.get_event_loop()
+        self.rng = rng or (random.Random(options.seed) if options.seed is not None else random.Random())
+        self.limits = options.limits
+        self.identity = ProxyIdentity(
+            workload=options.workload_name,
+            namespace=options.namespace,
+            labels=options.labels,
+            app_host=options.app.host,
+            app_port=options.app.port,
+            outbound_port=options.outbound.port,
+            inbound_port=options.inbound.port,
+        )
+        self.stats = WorkerStats()
+        self.resolver = Resolver(self.loop)
+        self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by load()
+        self.loaded: LoadedConfig | None = None
+        self.reload_status = ReloadStatus()
+        self.version = 0
+        self.draining = False
+        self.ready = False
+        self.started_at = time.time()
+        self.listeners: list[Listener] = []
+        self.tasks: list[asyncio.Task] = []
+        self.observer: Any = None
+        self._observer_factory = observer_factory
+        self.cluster_listeners: list[Callable[[Cluster], None]] = []
+        self.on_reload: list[Callable[[Worker], None]] = []
+        self.stopped = asyncio.Event()
+
+    # -- config ------------------------------------------------------------
+
+    def _build_context(self) -> BuildContext:
+        return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created)
+
+    def _on_cluster_created(self, cluster: Cluster) -> None:
+        for cb in self.cluster_listeners:
+            cb(cluster)
+
+    def load_config(self) -> LoadedConfig:
+        from .config.loader import load_paths
+
+        return load_paths(list(self.options.config))
+
+    async def apply(self, loaded: LoadedConfig) -> bool:
+        """Validate, build and swap. On errors the previous snapshot stays."""
+        status = self.reload_status
+        status.at = time.time()
+        if not loaded.ok:
+            status.ok = False
+            status.failures += 1
+            status.errors = [str(e) for e in loaded.errors]
+            for e in loaded.errors:
+                log.error("config rejected: %s", e)
+            return False
+        try:
+            version = self.version + 1
+            snap = build_snapshot(loaded, self.identity, self._build_context(), self.snapshot, version)
+        except Exception as exc:  # a builder bug must not take the proxy down
+            log.exception("config rejected: snapshot build failed")
+            status.ok = False
+            status.failures += 1
+            status.errors = [f"internal error building the snapshot: {exc!r}"]
+            return False
+        await self.resolver.resolve_all(snap.dns_names - set(self.resolver.cache))
+        old = self.snapshot
+        self.snapshot = snap  # the swap: one reference
+        self.version = version
+        self.loaded = loaded
+        for c in snap.all_clusters():
+            c.outlier.start()
+        if old is not None:
+            retired = retire(old, snap)
+            if retired:
+                log.info("reload: %d cluster(s) replaced and draining", len(retired))
+        for w in loaded.warnings:
+            log.warning("config: %s", w)
+        for w in snap.warnings:
+            log.warning("config: %s", w)
+        status.ok = True
+        status.version = version
+        status.successes += 1
+        status.errors = []
+        status.warnings = [str(w) for w in loaded.warnings] + list(snap.warnings)
+        for cb in self.on_reload:
+            cb(self)
+        return True
+
+    async def reload(self) -> bool:
+        try:
+            loaded = await self.loop.run_in_executor(None, self.load_config)
+        except Exception as exc:
+            log.exception("config reload failed")
+            self.reload_status.ok = False
+            self.reload_status.failures += 1
+            self.reload_status.errors = [repr(exc)]
+            return False
+        return await self.apply(loaded)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        loaded = self.load_config()
+        if not await self.apply(loaded):
+            raise ConfigError(self.reload_status.errors)
+        if self._observer_factory is not None:
+            self.observer = self._observer_factory(self)
+        o = self.options
+        reuse = o.workers > 1
+        self.listeners = [
+            Listener(self, "outbound", OUTBOUND, o.outbound.host, o.outbound.port),
+            Listener(self, "inbound", INBOUND, o.inbound.host, o.inbound.port),
+        ]
+        for listener in self.listeners:
+            await listener.start(reuse)
+        self.tasks.append(self.loop.create_task(self._sweep_loop()))
+        self.tasks.append(self.loop.create_task(self.resolver.run(lambda: self.snapshot.dns_names)))
+        self.ready = True
+
+    def all_connections(self) -> list[DownstreamConnection]:
+        out: list[DownstreamConnection] = []
+        for listener in self.listeners:
+            out.extend(listener.connections)
+        return out
+
+    async def _sweep_loop(self) -> None:
+        """Once a second: idle upstream connections, slow or idle clients.
+        One coarse timer for everything instead of a timer per request."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed")
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for c in self.snapshot.all_clusters():
+            c.sweep(now)
+        limits = self.limits
+        for conn in self.all_connections():
+            if conn.headers_started and now - conn.headers_started > limits.header_timeout:
+                self.stats.downstream_cx_header_timeout += 1
+                conn.pending_error = (408, b"Request Timeout")
+                conn.headers_started = 0.0
+                conn._protocol_error()
+            elif conn.current is None and not conn.pipeline and conn.tunnel is None \
+                    and now - conn.last_activity > limits.idle_timeout:
+                self.stats.downstream_cx_idle_timeout += 1
+                conn.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful drain: stop accepting, ask keep-alive clients to close,
+        wait for in-flight requests up to ``timeout``."""
+        self.draining = True
+        self.ready = False
+        for listener in self.listeners:
+            listener.stop_accepting()
+        for conn in self.all_connections():
+            conn.start_drain()
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline and any(c.current is not None for c in self.all_connections()):
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for listener in self.listeners:
+            listener.stop_accepting()
+        for conn in self.all_connections():
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self.snapshot is not None:
+            for c in self.snapshot.all_clusters():
+                c.drain()
+        self.stopped.set()
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT/quitquitquit; returns the exit code."""
+    from .admin.server import AdminServer
+    from .observability import build_observer
+
+    loop = asyncio.get_running_loop()
+    worker = Worker(options, loop, observer_factory=build_observer)
+    try:
+        await worker.start()
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        print(f"pyproxy: invalid configuration ({len(exc.errors)} error(s)); not starting", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pyproxy: cannot bind a listener: {exc}", file=sys.stderr)
+        await worker.stop()
+        return 1
+    admin = None
+    if options.worker_index == 0:
+        admin = AdminServer(worker)
+        try:
+            await admin.start()
+        except OSError as exc:
+            print(f"pyproxy: cannot bind admin/stats: {exc}", file=sys.stderr)
+            await worker.stop()
+            return 1
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_term() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second termination signal: exiting now")
+            os._exit(0)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_term)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload()))
+    worker.quit_event = stop  # type: ignore[attr-defined]
+    log.info(
+        "pyproxy %s ready: outbound %s, inbound %s -> app %s, admin %s, stats %s (workload %s.%s)",
+        __version__, options.outbound, options.inbound, options.app, options.admin, options.stats,
+        worker.identity.workload, worker.identity.namespace,
+    )
+    if ready_cb is not None:
+        ready_cb(worker)
+    await stop.wait()
+    log.info("draining (up to %.1fs)", options.drain_timeout)
+    await worker.drain(options.drain_timeout)
+    if admin is not None:
+        await admin.stop()
+    await worker.stop()
+    return 0
+
+
+def run(options: RunOptions) -> int:
+    configure_logging(options.log_level)
+    install_uvloop()
+    children: list[Any] = []
+    if options.workers > 1 and options.worker_index == 0:
+        children = _spawn_workers(options)
+    try:
+        code = asyncio.run(serve(options))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=options.drain_timeout + 2)
+            except Exception:
+                child.kill()
+    return code
+
+
+def _spawn_workers(options: RunOptions) -> list[Any]:
+    """Extra worker processes sharing the data-plane ports via SO_REUSEPORT;
+    the kernel spreads connections across them. Only worker 0 serves admin
+    and stats."""
+    import subprocess
+
+    children = []
+    for i in range(1, options.workers):
+        env = dict(os.environ, PYPROXY_WORKER_INDEX=str(i))
+        children.append(subprocess.Popen([sys.executable, "-m", "pyproxy", *sys.argv[1:]], env=env))
+    return children
+
+
+def reuse_port_supported() -> bool:
+    return hasattr(socket, "SO_REUSEPORT")

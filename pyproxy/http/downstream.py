@@ -1,0 +1,373 @@
+"""The downstream (client-facing) HTTP/1.1 connection.
+
+An ``asyncio.Protocol`` fed by the httptools (llhttp) parser. Per-connection
+state lives here; per-request state lives in ``Exchange``.
+
+Pipelining: requests are answered strictly in order. While one exchange is in
+flight, later requests are parsed into queued exchanges and reading pauses,
+so at most one read buffer of pipelined requests is held.
+
+Flow control: reading pauses for any of several reasons (a bitmask), and
+resumes only when none is left: pipelined requests waiting, or the upstream
+side of the current exchange cannot take more request body.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from ..errors import STATUS_LINES
+from .exchange import Exchange
+
+if TYPE_CHECKING:
+    from ..upstream.connection import UpstreamConnection
+
+log = logging.getLogger("pyproxy.downstream")
+
+BLOCK_PIPELINE = 1
+BLOCK_BODY = 2
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+
+
+class _ParseLimit(Exception):
+    """Raised inside a parser callback to stop parsing on a limit."""
+
+
+def original_dst(sock: Any) -> tuple[str, int] | None:
+    """The pre-DNAT destination of an iptables-redirected connection, or None
+    when the connection was not redirected."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            addr = (socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big"))
+        elif sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            addr = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"))
+        else:
+            return None
+        local = sock.getsockname()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if addr[0] == local[0] and addr[1] == local[1]:
+        return None
+    return addr
+
+
+def simple_response(status: int, body: bytes, close: bool = True) -> bytes:
+    head = STATUS_LINES.get(status) or b"HTTP/1.1 %d Error\r\n" % status
+    return (
+        head
+        + b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: text/plain\r\n"
+        + (b"connection: close\r\n" if close else b"")
+        + b"\r\n" + body
+    )
+
+
+class DownstreamConnection:
+    """asyncio.Protocol for one client connection (duck-typed; no base class
+    needed by uvloop, which keeps attribute access on the fast path)."""
+
+    __slots__ = (
+        "listener", "worker", "direction", "listen_port", "transport", "parser",
+        "url", "url_len", "headers", "header_bytes", "current", "parsing", "pipeline",
+        "read_block", "reading_paused", "write_paused", "closed", "draining", "peer_ip",
+        "peer_ip_bytes", "original_dst", "tunnel", "pending_error", "advancing",
+        "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
+    )
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self.worker = listener.worker
+        self.direction = listener.direction
+        self.listen_port = listener.port
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.url_len = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.current: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.read_block = 0
+        self.reading_paused = False
+        self.write_paused = False
+        self.closed = False
+        self.draining = False
+        self.peer_ip = ""
+        self.peer_ip_bytes = b""
+        self.original_dst: tuple[str, int] | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self.pending_error: tuple[int, bytes] | None = None
+        self.advancing = False
+        self.last_activity = 0.0
+        self.headers_started = 0.0
+        self.requests = 0
+        self.sock: Any = None
+        self.upgrade_buffer = b""
+
+    # -- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.last_activity = self.worker.loop.time()
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0]
+        self.peer_ip_bytes = self.peer_ip.encode()
+        sock = transport.get_extra_info("socket")
+        self.sock = sock
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            if self.listener.transparent:
+                self.original_dst = original_dst(sock)
+        self.listener.on_connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        self.last_activity = self.worker.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self._on_upgrade_data(data[offset:])
+        except _ParseLimit:
+            self._protocol_error()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None:
+                self._protocol_error()
+            else:
+                log.exception("internal error while handling a request")
+                self.pending_error = (500, b"internal error")
+                self._protocol_error()
+        except httptools.HttpParserError as exc:
+            if self.pending_error is None:
+                self.pending_error = (400, b"Bad Request")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("malformed request from %s: %s", self.peer_ip, exc)
+            self._protocol_error()
+
+    def eof_received(self) -> bool:
+        # Half-close from the client: finish the in-flight response first
+        # when there is one (a client may shut down writing after its request).
+        return self.current is not None and self.tunnel is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.on_connection_lost(self)
+        if self.tunnel is not None:
+            t = self.tunnel
+            self.tunnel = None
+            t.tunnel = None
+            t.close()
+        current = self.current
+        self.current = None
+        self.pipeline.clear()
+        if current is not None:
+            current.on_downstream_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif self.current is not None:
+            self.current.on_downstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.current is not None:
+            self.current.on_downstream_write_resumed()
+
+    # -- httptools callbacks --------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.url_len = 0
+        self.headers = []
+        self.header_bytes = 0
+        self.headers_started = self.worker.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.url_len += len(url)
+        if self.url_len > self.worker.limits.max_url:
+            self.pending_error = (414, b"URI Too Long")
+            raise _ParseLimit()
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        self.header_bytes += len(name) + len(value) + 4
+        limits = self.worker.limits
+        if self.header_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
+            self.pending_error = (431, b"Request Header Fields Too Large")
+            raise _ParseLimit()
+        headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_started = 0.0
+        if self.closed or self.pending_error is not None:
+            return
+        parser = self.parser
+        ex = Exchange(self, parser.get_method(), self.url, self.headers, parser.get_http_version(),
+                      parser.should_keep_alive(), parser.should_upgrade())
+        self.requests += 1
+        self.parsing = ex
+        if self.current is None:
+            self.current = ex
+            if ex.has_body:
+                ex.start()  # stream the body as it arrives
+        else:
+            self.pipeline.append(ex)
+            self._block(BLOCK_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None and not ex.finished:
+            ex.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            return
+        if ex is self.current:
+            ex.on_request_complete()
+        else:
+            ex.request_complete = True
+
+    # -- used by Exchange -------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def pause_reading_for(self, ex: Exchange) -> None:
+        if ex is self.current:
+            self._block(BLOCK_BODY)
+
+    def resume_reading_for(self, ex: Exchange) -> None:
+        if ex is self.current:
+            self._unblock(BLOCK_BODY)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if ex is not self.current:
+            return
+        self.current = None
+        self._unblock(BLOCK_BODY)
+        self.last_activity = self.worker.loop.time()
+        if ex.close_after or self.closed:
+            self.close()
+            return
+        if self.pending_error is not None and not self.pipeline:
+            self._protocol_error()
+            return
+        self._advance()
+
+    def become_tunnel(self, upconn: UpstreamConnection, ex: Exchange) -> None:
+        """After a 101: bytes flow raw in both directions until either side closes."""
+        self.tunnel = upconn
+        upconn.tunnel = self.transport
+        upconn.stream = None
+        if self.upgrade_buffer:
+            upconn.write(self.upgrade_buffer)
+            self.upgrade_buffer = b""
+        self.current = None
+        self.read_block = 0
+        self._update_reading()
+        ex.response_complete = True
+        ex.request_complete = True
+        ex._finish()
+
+    # -- internals -----------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start queued pipelined exchanges, in order. Re-entrant calls (an
+        exchange finishing synchronously inside start()) return at once and
+        the outer loop carries on, so deep pipelines do not recurse."""
+        if self.advancing:
+            return
+        self.advancing = True
+        try:
+            while self.current is None and self.pipeline and not self.closed:
+                nxt = self.pipeline.popleft()
+                self.current = nxt
+                if nxt.request_complete:
+                    nxt.request_complete = False
+                    nxt.on_request_complete()  # starts it
+                elif nxt.has_body:
+                    nxt.start()
+            if not self.pipeline:
+                self._unblock(BLOCK_PIPELINE)
+        finally:
+            self.advancing = False
+
+    def _on_upgrade_data(self, rest: bytes) -> None:
+        # The upgrade request went to its exchange at message complete; bytes
+        # after it belong to the tunnel, which opens only after the upstream's
+        # 101. Hold them (at most one read) and stop reading until then. The
+        # parser is now in upgrade mode and cannot parse HTTP again, so if the
+        # upstream refuses the upgrade the connection closes after its answer.
+        self.upgrade_buffer += rest
+        self._block(BLOCK_PIPELINE)
+
+    def _block(self, reason: int) -> None:
+        self.read_block |= reason
+        self._update_reading()
+
+    def _unblock(self, reason: int) -> None:
+        if self.read_block & reason:
+            self.read_block &= ~reason
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if self.read_block and not self.reading_paused:
+            self.reading_paused = True
+            t.pause_reading()
+        elif not self.read_block and self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()
+
+    def _protocol_error(self) -> None:
+        """Reply to a malformed request (after any in-flight response) and close."""
+        self.worker.stats.downstream_rq_rejected += 1
+        if self.current is not None and not self.current.response_started:
+            # Nothing answered yet for the request being parsed: answer it now.
+            ex = self.current
+            self.current = None
+            ex.finished = True
+            ex.close_after = True
+        elif self.current is not None:
+            self._block(BLOCK_PIPELINE)
+            return  # exchange_done() will come back here
+        status, body = self.pending_error or (400, b"Bad Request")
+        self.pipeline.clear()
+        self.write(simple_response(status, body))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def start_drain(self) -> None:
+        """Graceful drain: the next response carries Connection: close; an
+        idle keep-alive connection is closed now."""
+        self.draining = True
+        if self.current is None and not self.pipeline:
+            self.close()

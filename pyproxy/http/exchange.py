@@ -1,0 +1,998 @@
+"""One request/response exchange through the proxy: Envoy's router filter
+as a callback-driven state machine (no task per request).
+
+Lifecycle (see the README diagram):
+
+    headers parsed ─► start(): route lookup ─► local reply?  (NR/NC/redirect/direct/fault abort)
+                          │
+                          ▼
+                     fault delay? ─► _forward(): pick destination, mutate headers, mirrors
+                          │
+                          ▼
+                     _attempt(): LB pick ─► pool acquire ─┬─ idle connection: send now
+                          ▲                               ├─ queued/connecting: wait (pending)
+                          │                               └─ overflow: 503 UO
+                     retry (backoff) ◄── connect failure / reset / per-try timeout / retriable status
+                          │
+                          ▼
+                     response headers ─► commit ─► body streamed ─► complete ─► _finish()
+
+The exchange pins the snapshot it started with, so a reload never changes a
+request half way. Everything on this path reads compiled objects only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..errors import STATUS_LINES, LocalReply
+from ..routing.table import DIRECT_RESPONSE, REDIRECT
+from ..upstream.cluster import OVERFLOW, PassthroughCluster
+from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
+from .headers import (
+    HOP_BY_HOP,
+    HTTP_DATE,
+    LAST_CHUNK,
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    chunk,
+    connection_tokens,
+    new_request_id,
+)
+
+if TYPE_CHECKING:
+    from ..routing.table import CompiledRoute, RouteTarget
+    from ..upstream.cluster import Cluster, ClusterEndpoint
+    from ..upstream.connection import UpstreamConnection
+    from .downstream import DownstreamConnection
+
+log = logging.getLogger("pyproxy.exchange")
+
+OUTBOUND = 0
+INBOUND = 1
+
+# Envoy prints response flags in this order, comma separated.
+_FLAG_ORDER = {f: i for i, f in enumerate(
+    ["DC", "DI", "FI", "LH", "LR", "NC", "NR", "RL", "RLSE", "SI", "UAEX", "UC", "UF", "UH",
+     "UMSDR", "UO", "UPE", "UR", "URX", "UT", "DPE", "OM", "DF"])}
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange:
+    __slots__ = (
+        "conn", "worker", "snapshot", "loop", "direction",
+        # request
+        "method", "target", "path", "query", "scheme", "authority", "host", "port",
+        "version", "keep_alive", "headers", "hdict", "request_id", "_query_params",
+        "has_body", "chunked_in", "content_length", "expect_continue", "upgrade",
+        "request_complete", "request_bytes", "replay", "unsent", "unsent_bytes", "started",
+        # routing
+        "route", "match_index", "target_choice", "cluster", "upstream_head", "upstream_path",
+        "response_ops",
+        # attempts
+        "attempt", "endpoint", "upconn", "tried", "retries_done", "retry_active", "retry_timer",
+        "per_try_timer", "global_timer", "waiting_pending", "attempt_started", "head_sent",
+        "last_failure", "last_local_reply",
+        # response
+        "status", "response_started", "response_chunked", "response_close_delimited",
+        "response_bytes", "response_complete", "close_after", "upstream_latency",
+        # bookkeeping
+        "start_time", "end_time", "flags", "finished", "downstream_paused_by_us",
+        "obs", "hash_cookie",
+    )
+
+    def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
+                 headers: list[tuple[bytes, bytes]], version: str, keep_alive: bool,
+                 upgrade: bool) -> None:
+        self.conn = conn
+        worker = conn.worker
+        self.worker = worker
+        self.snapshot = worker.snapshot  # pinned for the whole exchange
+        self.loop = worker.loop
+        self.direction = conn.direction
+        self.method = method
+        self.target = target
+        self.version = version
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.headers = headers
+        self.start_time = self.loop.time()
+        self.end_time = 0.0
+        self.flags: list[str] = []
+        self.finished = False
+        self.started = False
+        self.request_complete = False
+        self.request_bytes = 0
+        self.replay: list[bytes] | None = []
+        self.unsent: list[bytes] = []
+        self.unsent_bytes = 0
+        self.route: CompiledRoute | None = None
+        self.match_index = 0
+        self.target_choice: RouteTarget | None = None
+        self.cluster: Cluster | None = None
+        self.upstream_head = b""
+        self.upstream_path = b""
+        self.response_ops = None
+        self.attempt = 0
+        self.endpoint: ClusterEndpoint | None = None
+        self.upconn: UpstreamConnection | None = None
+        self.tried: list[ClusterEndpoint] = []
+        self.retries_done = 0
+        self.retry_active = False
+        self.retry_timer = None
+        self.per_try_timer = None
+        self.global_timer = None
+        self.waiting_pending = False
+        self.attempt_started = 0.0
+        self.head_sent = False
+        self.last_failure: LocalReply | None = None
+        self.last_local_reply: LocalReply | None = None
+        self.status = 0
+        self.response_started = False
+        self.response_chunked = False
+        self.response_close_delimited = False
+        self.response_bytes = 0
+        self.response_complete = False
+        self.close_after = False
+        self.upstream_latency = -1.0
+        self.downstream_paused_by_us = False
+        self.obs: Any = None
+        self.hash_cookie: Any = None
+        self._query_params: dict[str, str] | None = None
+
+        # Header map for matching: last value wins, duplicates joined with
+        # "," as Envoy presents them to matchers. The common no-duplicate case
+        # stays a single C-level dict() call.
+        hdict = dict(headers)
+        if len(hdict) != len(headers):
+            hdict = {}
+            for name, value in headers:
+                prev = hdict.get(name)
+                hdict[name] = value if prev is None else prev + b"," + value
+        self.hdict = hdict
+        self.request_id = hdict.get(b"x-request-id") or b""
+
+        te = hdict.get(b"transfer-encoding")
+        cl = hdict.get(b"content-length")
+        self.chunked_in = te is not None
+        self.content_length = -1
+        if cl is not None:
+            try:
+                self.content_length = int(cl)
+            except ValueError:
+                self.content_length = -2  # invalid; rejected in start()
+        self.has_body = self.chunked_in or self.content_length > 0
+        exp = hdict.get(b"expect")
+        self.expect_continue = exp is not None and exp.lower() == b"100-continue"
+
+        # Request target: origin-form (/path?q) or absolute-form (http://host/path).
+        self.scheme = b"http"
+        self.port = 0
+        if target[:1] == b"/":
+            path, _, query = target.partition(b"?")
+            self.authority = hdict.get(b"host", b"")
+        elif target[:7].lower() == b"http://":
+            rest = target[7:]
+            slash = rest.find(b"/")
+            qmark = rest.find(b"?")
+            cut = min(x for x in (slash, qmark, len(rest)) if x >= 0)
+            self.authority = rest[:cut]
+            path, _, query = (rest[cut:] or b"/").partition(b"?")
+            if not path:
+                path = b"/"
+        else:
+            path, query = target, b""
+            self.authority = hdict.get(b"host", b"")
+        self.path = path
+        self.query = query
+        host = self.authority
+        if host[:1] == b"[":
+            end = host.find(b"]")
+            hostname, portpart = host[: end + 1], host[end + 2:]
+        else:
+            hostname, _, portpart = host.partition(b":")
+        self.host = hostname.lower()
+        if portpart:
+            try:
+                self.port = int(portpart)
+            except ValueError:
+                self.port = -1
+
+    # ------------------------------------------------------------------
+    # helpers used by matchers and balancers
+
+    def query_params(self) -> dict[str, str]:
+        qp = self._query_params
+        if qp is None:
+            from ..routing.matchers import parse_query
+
+            qp = self._query_params = parse_query(self.query)
+        return qp
+
+    def cookie(self, name: str) -> str | None:
+        raw = self.hdict.get(b"cookie")
+        if raw is None:
+            return None
+        for part in raw.decode("latin-1").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == name:
+                return v
+        return None
+
+    def new_hash_cookie(self, name: str) -> str | None:
+        """Consistent-hash cookie absent: generate one, set it on the response."""
+        if self.hash_cookie is None:
+            self.hash_cookie = (name, new_request_id().decode())
+        return self.hash_cookie[1]
+
+    @property
+    def flag_string(self) -> str:
+        if not self.flags:
+            return "-"
+        return ",".join(sorted(set(self.flags), key=lambda f: _FLAG_ORDER.get(f, 99)))
+
+    # ------------------------------------------------------------------
+    # start: routing decisions (all synchronous)
+
+    def start(self) -> None:
+        self.started = True
+        worker = self.worker
+        obs = worker.observer
+        if obs is not None:
+            obs.on_request_start(self)
+        bad = self._validate()
+        if bad is not None:
+            self.close_after = True
+            self.send_local_reply(bad[0], bad[1], flag=errors.DOWNSTREAM_PROTOCOL_ERROR)
+            return
+        if not self.request_id:
+            self.request_id = new_request_id()
+            self.headers.append((b"x-request-id", self.request_id))
+        if self.expect_continue and self.has_body:
+            self.conn.write(CONTINUE_100)
+        snap = self.snapshot
+        if self.direction == INBOUND:
+            route = snap.inbound_route
+            self.match_index = 0
+        else:
+            vh = snap.hosts.lookup(self.host)
+            if vh is None:
+                self._passthrough()
+                return
+            self.port = vh.effective_port(self.port if self.port > 0 and self.port != self.conn.listen_port
+                                          else None)
+            route = vh.match(self)
+            if route is None:
+                self.send_reply(errors.NR_404)
+                return
+        self.route = route
+        kind = route.kind
+        if kind == REDIRECT:
+            loc = route.redirect.location(self, self.match_index)
+            self.send_local_reply(route.redirect.code, b"", extra=((b"location", loc),))
+            return
+        if kind == DIRECT_RESPONSE:
+            self.send_local_reply(route.direct.status, route.direct.body)
+            return
+        fault = route.fault
+        if fault is not None:
+            delay = fault.draw_delay(worker.rng)
+            if delay > 0:
+                self.flags.append(errors.DELAY_INJECTED)
+                self.retry_timer = self.loop.call_later(delay, self._after_delay)
+                return
+            if self._fault_abort():
+                return
+        self._forward()
+
+    def _validate(self) -> tuple[int, bytes] | None:
+        """RFC 9112 checks the parser leaves to us. (status, body) or None."""
+        if self.content_length == -2:
+            return 400, b"invalid content-length"
+        if self.chunked_in:
+            if self.content_length != -1:
+                return 400, b"both content-length and transfer-encoding"
+            if self.hdict[b"transfer-encoding"].strip().lower() != b"chunked":
+                return 400, b"unsupported transfer-encoding"
+        if self.method == b"CONNECT":
+            return 501, b"CONNECT is not supported"
+        if self.version == "1.1" and not self.authority:
+            return 400, b"missing host"
+        if self.port < 0:
+            return 400, b"invalid port in authority"
+        if self.target[:1] != b"/" and not self.target[:7].lower() == b"http://":
+            if not (self.target == b"*" and self.method == b"OPTIONS"):
+                return 400, b"invalid request target"
+        return None
+
+    def _after_delay(self) -> None:
+        self.retry_timer = None
+        if self.finished:
+            return
+        if not self._fault_abort():
+            self._forward()
+
+    def _fault_abort(self) -> bool:
+        route = self.route
+        assert route is not None and route.fault is not None
+        status = route.fault.draw_abort(self.worker.rng)
+        if not status:
+            return False
+        self.flags.append(errors.FAULT_INJECTED)
+        self.send_local_reply(status, errors.FI_BODY)
+        return True
+
+    def _passthrough(self) -> None:
+        snap = self.snapshot
+        if snap.registry_only:
+            self.send_reply(errors.NR_502)
+            return
+        self.cluster = snap.passthrough
+        self.route = None
+        self._prepare_upstream(None)
+        self._arm_global_timer(None)
+        self._attempt()
+
+    def _forward(self) -> None:
+        route = self.route
+        assert route is not None
+        target = route.pick(self.worker.rng)
+        self.target_choice = target
+        cluster = target.cluster_for(self.port)
+        if cluster is None:
+            self.send_reply(errors.NC_503)
+            return
+        self.cluster = cluster
+        stats = cluster.stats
+        if stats.upstream_rq_active >= cluster.settings.max_requests:
+            stats.upstream_rq_pending_overflow += 1
+            self.send_reply(errors.UO_503)
+            return
+        self._prepare_upstream(route)
+        self._arm_global_timer(route.timeout)
+        self._attempt()
+
+    # ------------------------------------------------------------------
+    # the upstream request head (built once, reused by every attempt)
+
+    def _prepare_upstream(self, route: CompiledRoute | None) -> None:
+        headers = self.headers
+        authority = self.authority
+        path = self.path
+        if route is not None:
+            target = self.target_choice
+            if target is not None and target.request_ops is not None:
+                headers = target.request_ops.apply(headers)
+                if target.request_ops.authority is not None:
+                    authority = target.request_ops.authority
+            if route.request_ops is not None:
+                headers = route.request_ops.apply(headers)
+                if route.request_ops.authority is not None:
+                    authority = route.request_ops.authority
+            rw = route.rewrite
+            if rw is not None:
+                new_path = rw.new_path(path, self.match_index)
+                if new_path is not None and new_path != path:
+                    headers = [*headers, (b"x-envoy-original-path", self.target if self.target[:1] == b"/"
+                                          else path + (b"?" + self.query if self.query else b""))]
+                    path = new_path
+                if rw.authority is not None:
+                    authority = rw.authority
+            self.response_ops = route.response_ops
+            if target is not None and target.response_ops is not None:
+                self.response_ops = (target.response_ops, route.response_ops)
+        conn = self.conn
+        tokens = None
+        conn_hdr = self.hdict.get(b"connection")
+        if conn_hdr is not None:
+            tokens = connection_tokens(conn_hdr)
+        upgrade = self.upgrade
+        parts = [self.method, b" ", path, b"?" + self.query if self.query else b"", b" HTTP/1.1\r\nhost: ",
+                 authority, b"\r\n"]
+        append = parts.append
+        xff = None
+        xfp = False
+        for name, value in headers:
+            if name in REQUEST_DROP:
+                if upgrade and name in (b"upgrade", b"connection"):
+                    append(name + b": " + value + b"\r\n")
+                continue
+            if tokens is not None and name in tokens:
+                continue
+            if name == b"x-forwarded-for":
+                xff = value
+                continue
+            if name == b"x-forwarded-proto":
+                xfp = True
+            append(name + b": " + value + b"\r\n")
+        peer = conn.peer_ip_bytes
+        append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer) + b"\r\n")
+        if not xfp:
+            append(b"x-forwarded-proto: http\r\n")
+        if self.chunked_in:
+            append(b"transfer-encoding: chunked\r\n")
+        elif self.content_length >= 0 and (self.content_length > 0 or self.method not in (b"GET", b"HEAD")):
+            append(b"content-length: " + str(self.content_length).encode() + b"\r\n")
+        self.upstream_head = b"".join(parts)
+        self.upstream_path = path
+
+    # ------------------------------------------------------------------
+    # timers
+
+    def _arm_global_timer(self, timeout: float | None) -> None:
+        if timeout and self.global_timer is None:
+            self.global_timer = self.loop.call_later(timeout, self._on_global_timeout)
+
+    def _on_global_timeout(self) -> None:
+        self.global_timer = None
+        if self.finished:
+            return
+        if self.cluster is not None:
+            self.cluster.stats.upstream_rq_timeout += 1
+        self.flags.append(errors.UPSTREAM_REQUEST_TIMEOUT)
+        self._abort_attempt(reusable=False)
+        if self.response_started:
+            # Envoy resets a stream whose response outlives the route timeout.
+            self._fail_downstream()
+        else:
+            self.send_reply(errors.UT_504, flag_already=True)
+
+    def _on_per_try_timeout(self) -> None:
+        self.per_try_timer = None
+        if self.finished or self.response_started:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        cluster.stats.upstream_rq_per_try_timeout += 1
+        ep = self.endpoint
+        if ep is not None:
+            cluster.outlier.on_local_failure(ep)
+        self._abort_attempt(reusable=False)
+        self._on_attempt_failed(PER_TRY_TIMEOUT, errors.UT_504)
+
+    def _cancel_timers(self) -> None:
+        for name in ("per_try_timer", "global_timer", "retry_timer"):
+            t = getattr(self, name)
+            if t is not None:
+                t.cancel()
+                setattr(self, name, None)
+
+    # ------------------------------------------------------------------
+    # attempts
+
+    def _attempt(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if isinstance(cluster, PassthroughCluster):
+            ep = self._original_destination(cluster)
+            if ep is None:
+                self.send_reply(errors.NR_404)
+                return
+        else:
+            ep = cluster.lb.pick(self, self.tried)
+            if ep is None:
+                self._give_up(errors.UH_503)
+                return
+        self.attempt += 1
+        self.endpoint = ep
+        self.tried.append(ep)
+        self.attempt_started = self.loop.time()
+        self.head_sent = False
+        ep.active_requests += 1
+        stats = cluster.stats
+        stats.upstream_rq_active += 1
+        stats.upstream_rq_total += 1
+        route = self.route
+        if route is not None and route.retry.per_try_timeout:
+            self.per_try_timer = self.loop.call_later(route.retry.per_try_timeout, self._on_per_try_timeout)
+        result = ep.acquire(self)
+        if result is None:
+            self.waiting_pending = True
+        elif result is OVERFLOW:
+            self._end_attempt_counters()
+            self._give_up(errors.UO_503)
+        else:
+            self.on_upstream_connected(result)  # type: ignore[arg-type]
+
+    def _original_destination(self, cluster: PassthroughCluster) -> ClusterEndpoint | None:
+        orig = self.conn.original_dst
+        if orig is not None:
+            return cluster.endpoint_for(orig[0], orig[1])
+        if not self.host:
+            return None
+        host = self.host.decode("idna" if not self.host.isascii() else "ascii")
+        if host.startswith("["):
+            host = host[1:-1]
+        return cluster.endpoint_for(host, self.port if self.port > 0 else 80)
+
+    def _end_attempt_counters(self) -> None:
+        ep = self.endpoint
+        if ep is not None:
+            ep.active_requests -= 1
+            self.endpoint = None
+            assert self.cluster is not None
+            self.cluster.stats.upstream_rq_active -= 1
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+
+    def _abort_attempt(self, reusable: bool) -> None:
+        """Stop the current attempt without a callback from it."""
+        conn = self.upconn
+        if conn is not None:
+            self.upconn = None
+            conn.detach()
+            ep = conn.endpoint
+            ep.release(conn, reusable)
+        elif self.waiting_pending and self.endpoint is not None:
+            self.endpoint.cancel_pending(self)
+        self.waiting_pending = False
+        self._end_attempt_counters()
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+
+    def on_upstream_connected(self, conn: UpstreamConnection) -> None:
+        self.waiting_pending = False
+        if self.finished:
+            conn.endpoint.release(conn, True)
+            return
+        self.upconn = conn
+        conn.attach(self, head_request=self.method == b"HEAD")
+        head = self.upstream_head + b"x-envoy-attempt-count: " + str(self.attempt).encode() + b"\r\n"
+        expected = self._expected_timeout_ms()
+        if expected:
+            head += b"x-envoy-expected-rq-timeout-ms: " + expected + b"\r\n"
+        obs = self.worker.observer
+        if obs is not None:
+            # Trace context differs per attempt (one client span each).
+            head += obs.attempt_headers(self)
+        head += b"\r\n"
+        body = self.replay if self.replay is not None else self.unsent
+        if body:
+            if self.chunked_in:
+                data = head + b"".join(chunk(c) for c in body)
+            else:
+                data = head + b"".join(body)
+        else:
+            data = head
+        if self.request_complete and self.chunked_in:
+            data += LAST_CHUNK
+        conn.write(data)
+        self.head_sent = True
+        if self.unsent:
+            self.unsent = []
+            self.unsent_bytes = 0
+            if self.downstream_paused_by_us:
+                self.downstream_paused_by_us = False
+                self.conn.resume_reading_for(self)
+
+    def _expected_timeout_ms(self) -> bytes:
+        route = self.route
+        if route is None:
+            return b""
+        remaining = None
+        if self.global_timer is not None:
+            remaining = self.global_timer.when() - self.loop.time()
+        ptt = route.retry.per_try_timeout
+        if ptt and (remaining is None or ptt < remaining):
+            remaining = ptt
+        if remaining is None:
+            return b""
+        return str(max(0, int(remaining * 1000))).encode()
+
+    def on_upstream_connect_failed(self, ep: ClusterEndpoint, reason: str) -> None:
+        self.waiting_pending = False
+        if self.finished:
+            return
+        cluster = ep.cluster
+        cluster.outlier.on_local_failure(ep)
+        self._end_attempt_counters()
+        self._on_attempt_failed(CONNECT_FAILURE, errors.UF_503)
+
+    def _on_attempt_failed(self, kind: str, reply: LocalReply) -> None:
+        """An attempt ended without a response: retry or reply locally."""
+        self.last_failure = reply
+        route = self.route
+        if route is not None and route.retry.retries_failure(kind):
+            if self._schedule_retry():
+                return
+        elif route is None and kind == CONNECT_FAILURE and self.retries_done < 2:
+            # Passthrough traffic gets the mesh default policy too.
+            if self._schedule_retry():
+                return
+        self._give_up(reply)
+
+    def _retry_allowed(self) -> bool:
+        """May this failed attempt be retried? Counts why not (Envoy's stats)."""
+        route = self.route
+        max_retries = route.retry.num_retries if route is not None else 2
+        cluster = self.cluster
+        assert cluster is not None
+        if self.retries_done >= max_retries:
+            if max_retries:
+                self.flags.append(errors.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+                cluster.stats.upstream_rq_retry_limit_exceeded += 1
+            return False
+        if self.replay is None:
+            cluster.stats.upstream_rq_retry_body_too_large += 1
+            return False
+        if self.response_started or self.conn.closed or not self.request_complete:
+            return False
+        if not self.retry_active and cluster.retries_active >= cluster.settings.max_retries:
+            cluster.stats.upstream_rq_retry_overflow += 1
+            return False
+        return True
+
+    def _schedule_retry(self) -> bool:
+        if not self._retry_allowed():
+            return False
+        route = self.route
+        cluster = self.cluster
+        assert cluster is not None
+        if not self.retry_active:
+            self.retry_active = True
+            cluster.retries_active += 1
+        self.retries_done += 1
+        cluster.stats.upstream_rq_retry += 1
+        rng = self.worker.rng
+        delay = route.retry.backoff(self.retries_done, rng) if route is not None else 0.0
+        self.retry_timer = self.loop.call_later(delay, self._retry_now)
+        return True
+
+    def _retry_now(self) -> None:
+        self.retry_timer = None
+        if self.finished:
+            return
+        self._attempt()
+
+    def _release_retry_slot(self) -> None:
+        if self.retry_active:
+            self.retry_active = False
+            assert self.cluster is not None
+            self.cluster.retries_active -= 1
+
+    def _give_up(self, reply: LocalReply) -> None:
+        self.send_reply(reply)
+
+    # ------------------------------------------------------------------
+    # upstream callbacks (UpstreamStream)
+
+    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list, keep_alive: bool) -> None:
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        cluster = self.cluster
+        ep = self.endpoint
+        assert cluster is not None
+        if ep is not None:
+            cluster.outlier.on_response(ep, status)
+        route = self.route
+        if route is not None and status >= 400 and route.retry.retries_status(status) and self._retry_allowed():
+            # Discard this response: the connection cannot be reused with an
+            # unread body, exactly as Envoy resets the upstream stream.
+            self.upconn = None
+            conn.detach()
+            conn.endpoint.release(conn, False)
+            self._end_attempt_counters()
+            self._schedule_retry()
+            return
+        self.upstream_latency = self.loop.time() - self.attempt_started
+        self.status = status
+        if status == 101 and self.upgrade:
+            self._commit_response(status, headers, keep_alive=True, upgraded=True)
+            return
+        self._commit_response(status, headers, keep_alive)
+
+    def _commit_response(self, status: int, headers: list, keep_alive: bool, upgraded: bool = False) -> None:
+        self.response_started = True
+        if self.upgrade and not upgraded:
+            self.close_after = True  # the parser is in upgrade mode: no further requests
+        if self.global_timer is not None and upgraded:
+            self.global_timer.cancel()
+            self.global_timer = None
+        conn = self.conn
+        obs = self.worker.observer
+        if obs is not None:
+            headers = obs.on_upstream_response(self, headers)
+        ops = self.response_ops
+        if ops is not None:
+            if isinstance(ops, tuple):
+                for o in ops:
+                    if o is not None:
+                        headers = o.apply(headers)
+            else:
+                headers = ops.apply(headers)
+        http10 = self.version == "1.0"
+        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
+        append = parts.append
+        tokens = None
+        content_length = None
+        chunked_up = False
+        for name, value in headers:
+            if name in RESPONSE_DROP:
+                if name == b"content-length":
+                    content_length = value
+                elif name == b"transfer-encoding":
+                    chunked_up = True
+                elif name == b"connection" and not upgraded:
+                    tokens = connection_tokens(value)
+                if upgraded and name in (b"upgrade", b"connection"):
+                    append(name + b": " + value + b"\r\n")
+                continue
+            if tokens is not None and name in tokens:
+                continue
+            append(name + b": " + value + b"\r\n")
+        if tokens:
+            # Connection came after the headers it names: filter them now.
+            parts = [p for p in parts if p.split(b":", 1)[0] not in tokens]
+            append = parts.append
+        if self.upstream_latency >= 0:
+            append(b"x-envoy-upstream-service-time: " + str(int(self.upstream_latency * 1000)).encode() + b"\r\n")
+        if self.hash_cookie is not None:
+            append(self._hash_cookie_header())
+        no_body = self.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+        if upgraded:
+            pass
+        elif content_length is not None and not chunked_up:
+            append(b"content-length: " + content_length + b"\r\n")
+        elif no_body:
+            pass
+        elif http10:
+            self.close_after = True
+            self.response_close_delimited = True
+        else:
+            append(b"transfer-encoding: chunked\r\n")
+            self.response_chunked = True
+        if not upgraded:
+            if not self.keep_alive or not self.request_complete or conn.draining or self.close_after:
+                self.close_after = True
+                append(b"connection: close\r\n")
+            elif http10:
+                append(b"connection: keep-alive\r\n")
+        append(b"\r\n")
+        conn.write(b"".join(parts))
+        if upgraded:
+            self._start_tunnel()
+
+    def _hash_cookie_header(self) -> bytes:
+        name, value = self.hash_cookie
+        cfg = None
+        cluster = self.cluster
+        if cluster is not None and cluster.settings.consistent_hash is not None:
+            cfg = cluster.settings.consistent_hash.http_cookie
+        attrs = ""
+        if cfg is not None:
+            if cfg.path:
+                attrs += f"; Path={cfg.path}"
+            if cfg.ttl:
+                attrs += f"; Max-Age={int(cfg.ttl)}"
+        return f"set-cookie: {name}=\"{value}\"{attrs}; HttpOnly\r\n".encode("latin-1")
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if not self.response_started:
+            return
+        self.response_bytes += len(data)
+        if self.response_chunked:
+            self.conn.write(chunk(data))
+        else:
+            self.conn.write(data)
+
+    def on_upstream_complete(self, conn: UpstreamConnection) -> None:
+        if self.upconn is not conn:
+            return
+        self.upconn = None
+        cluster = self.cluster
+        ep = conn.endpoint
+        # A connection is reusable only if the whole request went out too.
+        ep.release(conn, self.request_complete and self.head_sent)
+        if cluster is not None:
+            cluster.stats.upstream_rq_completed += 1
+            cluster.outlier.on_local_success(ep)
+        if self.retries_done and cluster is not None:
+            cluster.stats.upstream_rq_retry_success += 1
+        self._end_attempt_counters()
+        self.response_complete = True
+        if self.response_chunked:
+            self.conn.write(LAST_CHUNK)
+        self._finish()
+
+    def on_upstream_reset(self, conn: UpstreamConnection, reason: str) -> None:
+        if self.upconn is not conn:
+            return
+        self.upconn = None
+        cluster = self.cluster
+        ep = conn.endpoint
+        ep.release(conn, False)
+        if cluster is not None:
+            cluster.stats.upstream_rq_rx_reset += 1
+        if self.response_started:
+            self._end_attempt_counters()
+            self.flags.append(errors.UPSTREAM_CONNECTION_TERMINATION)
+            if self.response_close_delimited:
+                # The body legitimately ends at close.
+                self.response_complete = True
+                self._finish()
+            else:
+                self._fail_downstream()
+            return
+        if cluster is not None:
+            cluster.outlier.on_local_failure(ep)
+        self._end_attempt_counters()
+        reply = errors.UPE_502 if reason == "protocol_error" else errors.UC_503
+        if reason == "protocol_error":
+            self._give_up(reply)
+            return
+        if conn.requests > 1 and conn.bytes_received == 0 and self.replay is not None \
+                and self.request_complete and self.retries_done == 0 and self.attempt == 1:
+            # A pooled keep-alive connection the upstream had already closed
+            # (its idle timeout raced our reuse): nothing reached the app, so
+            # send the request again on a fresh connection once. Envoy would
+            # surface this as 503 UC; see README "Differences from Envoy".
+            self.tried.clear()
+            self.attempt_started = self.loop.time()
+            self._attempt()
+            return
+        self._on_attempt_failed(RESET, reply)
+
+    def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
+        # httptools raised HttpParserUpgrade: the 101 head was already
+        # committed in on_upstream_headers; ``rest`` is tunnel data.
+        if rest:
+            self.conn.write(rest)
+
+    def on_upstream_write_paused(self) -> None:
+        self.downstream_paused_by_us = True
+        self.conn.pause_reading_for(self)
+
+    def on_upstream_write_resumed(self) -> None:
+        if self.downstream_paused_by_us:
+            self.downstream_paused_by_us = False
+            self.conn.resume_reading_for(self)
+
+    # ------------------------------------------------------------------
+    # websocket / upgrade tunnel
+
+    def _start_tunnel(self) -> None:
+        upconn = self.upconn
+        if upconn is None:
+            return
+        self.upconn = None
+        self._end_attempt_counters()
+        self.cluster.stats.upstream_rq_completed += 1  # type: ignore[union-attr]
+        self.conn.become_tunnel(upconn, self)
+
+    # ------------------------------------------------------------------
+    # downstream events (from DownstreamConnection)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.request_bytes += len(data)
+        replay = self.replay
+        if replay is not None:
+            if self.request_bytes > self.worker.limits.retry_buffer:
+                # Too big to replay: this request will not be retried. Chunks
+                # not yet sent upstream must still be kept until they are.
+                self.replay = None
+                if self.upconn is None or not self.head_sent:
+                    self.unsent = replay
+                    self.unsent_bytes = self.request_bytes - len(data)
+            else:
+                replay.append(data)
+        conn = self.upconn
+        if conn is not None and self.head_sent:
+            conn.write(chunk(data) if self.chunked_in else data)
+            return
+        if self.replay is None:
+            self.unsent.append(data)
+            self.unsent_bytes += len(data)
+            if self.unsent_bytes > self.worker.limits.body_buffer and not self.downstream_paused_by_us:
+                self.downstream_paused_by_us = True
+                self.conn.pause_reading_for(self)
+
+    def on_request_complete(self) -> None:
+        self.request_complete = True
+        if not self.started:
+            self.start()
+            return
+        conn = self.upconn
+        if conn is not None and self.head_sent and self.chunked_in:
+            conn.write(LAST_CHUNK)
+        if self.response_complete and not self.finished:
+            self._finish()
+
+    def on_downstream_write_paused(self) -> None:
+        if self.upconn is not None:
+            self.upconn.pause_reading()
+
+    def on_downstream_write_resumed(self) -> None:
+        if self.upconn is not None:
+            self.upconn.resume_reading()
+
+    def on_downstream_closed(self) -> None:
+        """The client went away: cancel everything, never reuse the upstream
+        connection (its response was not read to the end)."""
+        if self.finished:
+            return
+        if not self.response_complete:
+            self.flags.append(errors.DOWNSTREAM_CONNECTION_TERMINATION)
+        self._abort_attempt(reusable=False)
+        self._finish(force=True)
+
+    # ------------------------------------------------------------------
+    # local replies and the end
+
+    def send_reply(self, reply: LocalReply, flag_already: bool = False) -> None:
+        if reply.flag and not flag_already:
+            self.flags.append(reply.flag)
+        self.last_local_reply = reply
+        self.send_local_reply(reply.status, reply.body, extra=reply.extra_headers, content_type=reply.content_type)
+
+    def send_local_reply(self, status: int, body: bytes, extra: tuple = (), flag: str | None = None,
+                         content_type: bytes = b"text/plain") -> None:
+        if flag:
+            self.flags.append(flag)
+        if self.finished:
+            return
+        self._cancel_timers()
+        self._abort_attempt(reusable=False)
+        self._release_retry_slot()
+        if self.response_started:
+            self._fail_downstream()
+            return
+        self.status = status
+        self.response_started = True
+        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
+        if body and self.method != b"HEAD":
+            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: " + content_type + b"\r\n")
+        else:
+            parts.append(b"content-length: " + (str(len(body)).encode() if body else b"0") + b"\r\n")
+        for name, value in extra:
+            parts.append(name + b": " + value + b"\r\n")
+        parts.append(b"date: " + HTTP_DATE.get() + b"\r\nserver: envoy\r\n")
+        ops = self.route.response_ops if self.route is not None else None
+        if ops is not None:
+            # Envoy applies the route's response header mutations to local replies too.
+            mutated = ops.apply([])
+            for name, value in mutated:
+                parts.append(name + b": " + value + b"\r\n")
+        if not self.keep_alive or not self.request_complete or self.conn.draining or self.close_after:
+            self.close_after = True
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if body and self.method != b"HEAD":
+            parts.append(body)
+        self.response_bytes = len(body)
+        self.conn.write(b"".join(parts))
+        self.response_complete = True
+        self._finish()
+
+    def _fail_downstream(self) -> None:
+        """The response head is out but the body cannot complete: the only
+        honest signal on HTTP/1.1 is closing the connection."""
+        self.close_after = True
+        self._finish(force=True)
+
+    def _finish(self, force: bool = False) -> None:
+        if self.finished:
+            return
+        if not force and not self.request_complete and not self.close_after:
+            # The response ended before the request did (e.g. an early 4xx):
+            # the connection cannot be reused, the rest of the body is unread.
+            self.close_after = True
+        self.finished = True
+        self.end_time = self.loop.time()
+        self._cancel_timers()
+        if self.upconn is not None or self.waiting_pending:
+            self._abort_attempt(reusable=False)
+        self._end_attempt_counters()
+        self._release_retry_slot()
+        obs = self.worker.observer
+        if obs is not None:
+            try:
+                obs.on_request_done(self)
+            except Exception:  # observability must never break the data path
+                log.exception("observer failed")
+        self.conn.exchange_done(self)

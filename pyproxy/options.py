@@ -1,0 +1,97 @@
+"""Run options: the ``pyproxy run`` flags, parsed once into a frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: str, default_host: str = "0.0.0.0") -> Address:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[v6]:PORT``."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end == -1 or value[end + 1:end + 2] != ":":
+            raise ValueError(f"invalid address {value!r}: expected [IPv6]:PORT")
+        host, port = value[1:end], value[end + 2:]
+    elif ":" in value:
+        host, _, port = value.rpartition(":")
+    else:
+        host, port = "", value
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in address {value!r}")
+    return Address(host or default_host, int(port))
+
+
+def parse_labels(value: str) -> tuple[tuple[str, str], ...]:
+    """``k=v,k=v`` → pairs, in order."""
+    out: list[tuple[str, str]] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"invalid label {part!r}: expected key=value")
+        k, _, v = part.partition("=")
+        if not k.strip():
+            raise ValueError(f"invalid label {part!r}: empty key")
+        out.append((k.strip(), v.strip()))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one request or connection may hold (see README SECURITY)."""
+
+    retry_buffer: int = 1 << 20  # request body kept for retries (Envoy's 1 MiB buffer limit)
+    body_buffer: int = 1 << 20  # request body buffered before the upstream is ready
+    max_url: int = 8 << 10
+    max_header_bytes: int = 60 << 10  # Envoy's max_request_headers_kb default
+    max_headers: int = 100
+    max_request_body: int = 0  # 0 = unlimited
+    header_timeout: float = 10.0
+    idle_timeout: float = 3600.0  # downstream idle timeout (Envoy's 1 h)
+    stream_idle_timeout: float = 300.0  # Envoy's 5 min
+    max_connections: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    config: tuple[str, ...]
+    workload: str = ""
+    namespace: str = "default"
+    labels: tuple[tuple[str, str], ...] = ()
+    inbound: Address = Address("0.0.0.0", 15006)
+    app: Address = Address("127.0.0.1", 9080)
+    outbound: Address = Address("127.0.0.1", 15001)
+    admin: Address = Address("127.0.0.1", 15000)
+    stats: Address = Address("0.0.0.0", 15090)
+    workers: int = 1
+    log_level: str = "info"
+    access_log: str = "off"
+    access_log_format: str = "text"
+    tracing: str = "on"
+    trace_sampling: float = 1.0
+    drain_timeout: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    worker_index: int = 0
+    seed: int | None = None
+
+    @property
+    def workload_name(self) -> str:
+        if self.workload:
+            return self.workload
+        labels = dict(self.labels)
+        app = labels.get("app")
+        if app:
+            version = labels.get("version")
+            return f"{app}-{version}" if version else app
+        return "unknown"

@@ -1,0 +1,175 @@
+"""Compiled request matchers (VirtualService ``http[].match[]``).
+
+Everything is compiled when config loads into small callables over the
+request's raw bytes: no decoding, no dict walking, no regex compilation on
+the request path.
+
+Regexes use RE2 semantics (Istio's). Python's ``re`` runs instead of RE2 when
+it provably behaves the same: the pattern is in a conservative ASCII subset
+both engines read identically and the subject is ASCII (one C call,
+``bytes.isascii``). Anything else runs on the RE2 binding.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Callable
+
+import re2
+
+from ..config.model import HTTPMatchRequest, StringMatch
+
+Check = Callable[[Any], bool]
+ValueMatch = Callable[[bytes], bool]
+
+# Constructs whose meaning is the same in RE2 and Python's re for ASCII input.
+# Anything outside (\p classes, POSIX [[:x:]], \Q..\E, flags other than (?i),
+# \b, \A, \z ...) goes to RE2 only.
+_SAFE_REGEX = re.compile(r"(?:[A-Za-z0-9 _\-/.*+?|()\[\]{}^$,:;=!@#%&~<>'\"`]|\\[dDwWsS.\-/*+?|()\[\]{}^$\\])*")
+
+
+def _re2_options() -> Any:
+    opts = re2.Options()
+    opts.log_errors = False  # errors are reported by us, with a config path
+    return opts
+
+
+class RegexMatch:
+    """Full-match regex with RE2 semantics."""
+
+    __slots__ = ("pattern", "rx2", "rxpy", "ignore_case")
+
+    def __init__(self, pattern: str, ignore_case: bool = False) -> None:
+        self.pattern = pattern
+        self.ignore_case = ignore_case
+        self.rx2 = re2.compile(("(?i)" if ignore_case else "") + pattern, _re2_options())
+        self.rxpy = None
+        if pattern.startswith("(?i)"):
+            core, flags = pattern[4:], re.IGNORECASE
+        else:
+            core, flags = pattern, re.IGNORECASE if ignore_case else 0
+        if core.isascii() and _SAFE_REGEX.fullmatch(core) and "(?" not in core.replace("(?:", ""):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    self.rxpy = re.compile(core.encode("ascii"), flags)
+            except (re.error, FutureWarning, DeprecationWarning):
+                self.rxpy = None
+
+    def __call__(self, value: bytes) -> bool:
+        rxpy = self.rxpy
+        if rxpy is not None and value.isascii():
+            return rxpy.fullmatch(value) is not None
+        return self.rx2.fullmatch(value) is not None
+
+
+def compile_regex(pattern: str) -> RegexMatch:
+    """Raises ValueError with RE2's message for a pattern RE2 rejects."""
+    try:
+        return RegexMatch(pattern)
+    except re2.error as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        if isinstance(msg, bytes):
+            msg = msg.decode("utf-8", "replace")
+        raise ValueError(f"invalid RE2 regex {pattern!r}: {msg}") from None
+
+
+def compile_string_match(sm: StringMatch, ignore_case: bool = False) -> ValueMatch:
+    if sm.kind == "present":
+        return lambda v: True
+    if sm.kind == "regex":
+        return compile_regex(sm.value)
+    value = sm.value.encode("utf-8")
+    if ignore_case:
+        low = value.lower()
+        if sm.kind == "exact":
+            return lambda v: v.lower() == low
+        return lambda v: v.lower().startswith(low)
+    if sm.kind == "exact":
+        return lambda v: v == value
+    return lambda v: v.startswith(value)
+
+
+def parse_query(query: bytes | None) -> dict[str, str]:
+    """First occurrence wins, values not percent-decoded (as Envoy's route
+    matcher sees them)."""
+    params: dict[str, str] = {}
+    if not query:
+        return params
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        name, sep, value = part.partition(b"=")
+        key = name.decode("latin-1")
+        if key not in params:
+            params[key] = value.decode("latin-1")
+    return params
+
+
+def _header_check(name: str, sm: StringMatch) -> Check:
+    key = name.lower().encode("latin-1")
+    match = compile_string_match(sm)
+
+    def check(ex: Any) -> bool:
+        value = ex.hdict.get(key)
+        return value is not None and match(value)
+
+    return check
+
+
+def _without_header_check(name: str, sm: StringMatch) -> Check:
+    key = name.lower().encode("latin-1")
+    match = compile_string_match(sm)
+
+    def check(ex: Any) -> bool:
+        value = ex.hdict.get(key)
+        return value is None or not match(value)
+
+    return check
+
+
+def _query_check(name: str, sm: StringMatch) -> Check:
+    # Istio: ``exact: ""`` (like ``{}``) asks only that the parameter is present.
+    if sm.kind == "exact" and sm.value == "":
+        sm = StringMatch("present")
+    match = compile_string_match(sm)
+
+    def check(ex: Any) -> bool:
+        value = ex.query_params().get(name)
+        return value is not None and match(value.encode("latin-1"))
+
+    return check
+
+
+# Istio ignores these pseudo-header names inside ``headers``.
+_IGNORED_HEADER_KEYS = {"uri", "scheme", "method", "authority"}
+
+
+def compile_match(m: HTTPMatchRequest) -> tuple[Check, ...]:
+    """The AND-ed checks of one ``match[]`` entry, cheapest first."""
+    checks: list[Check] = []
+    if m.port is not None:
+        port = m.port
+        checks.append(lambda ex: ex.port == port)
+    if m.method is not None:
+        f = compile_string_match(m.method)
+        checks.append(lambda ex: f(ex.method))
+    if m.uri is not None:
+        f = compile_string_match(m.uri, ignore_case=m.ignore_uri_case and m.uri.kind != "regex")
+        checks.append(lambda ex: f(ex.path))
+    if m.scheme is not None:
+        f = compile_string_match(m.scheme)
+        checks.append(lambda ex: f(ex.scheme))
+    if m.authority is not None:
+        f = compile_string_match(m.authority)
+        checks.append(lambda ex: f(ex.authority))
+    for name, sm in m.headers:
+        if name.lower() not in _IGNORED_HEADER_KEYS:
+            checks.append(_header_check(name, sm))
+    for name, sm in m.without_headers:
+        if name.lower() not in _IGNORED_HEADER_KEYS:
+            checks.append(_without_header_check(name, sm))
+    for name, sm in m.query_params:
+        checks.append(_query_check(name, sm))
+    return tuple(checks)

@@ -1,0 +1,479 @@
+"""Build an immutable runtime snapshot from loaded config.
+
+A snapshot is everything the request path reads: the host index with its
+compiled routes, the clusters those routes point at (direct references, no
+lookups per request), the inbound and passthrough clusters, and the outbound
+traffic policy. A reload builds a new snapshot on the side and the worker
+swaps one reference; each request pins the snapshot it started with.
+
+Clusters whose configuration (settings and endpoints) did not change are
+carried over from the previous snapshot as the same objects, so their pools,
+breaker counters and outlier state survive the reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config.model import (
+    DestinationRule,
+    HTTPRoute,
+    LoadedConfig,
+    ServiceEntry,
+    Sidecar,
+    Subset,
+    VirtualService,
+    WorkloadEntry,
+)
+from .filters.fault import compile_fault
+from .routing.actions import DirectResponse, Redirect, Rewrite
+from .routing.matchers import compile_match
+from .routing.table import (
+    DIRECT_RESPONSE,
+    REDIRECT,
+    ROUTE,
+    CompiledRoute,
+    HeaderOps,
+    HostIndex,
+    RouteTarget,
+    VirtualHost,
+)
+from .upstream.cluster import Cluster, ClusterEndpoint, PassthroughCluster
+from .upstream.lb import make_balancer
+from .upstream.outlier import NULL_OUTLIER, OutlierDetector, can_ever_eject
+from .upstream.registry import Service, build_registry, canonical_host, host_aliases, is_ip, labels_match
+from .upstream.retry import NO_RETRY, compile_retry
+from .upstream.settings import ClusterSettings, cluster_settings
+
+log = logging.getLogger("pyproxy.config")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyIdentity:
+    workload: str = "unknown"
+    namespace: str = "default"
+    labels: tuple[tuple[str, str], ...] = ()
+    app_host: str = "127.0.0.1"
+    app_port: int = 9080
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    @property
+    def app(self) -> str:
+        d = self.label_dict
+        return d.get("app") or d.get("app.kubernetes.io/name") or self.workload
+
+    @property
+    def version(self) -> str:
+        d = self.label_dict
+        return d.get("version") or d.get("app.kubernetes.io/version") or "unknown"
+
+
+@dataclass(slots=True)
+class BuildContext:
+    """What a snapshot build needs from its worker (all injectable)."""
+
+    loop: asyncio.AbstractEventLoop
+    rng: random.Random
+    resolver: Callable[[str], str] | None = None
+    clock: Callable[[], float] | None = None
+    # Called for every newly created cluster (metrics binding, admin views).
+    on_cluster_created: Callable[[Cluster], None] | None = None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    version: int
+    loaded: LoadedConfig
+    identity: ProxyIdentity
+    registry: dict[str, Service]
+    clusters: dict[str, Cluster]
+    hosts: HostIndex
+    inbound_cluster: Cluster
+    inbound_route: CompiledRoute
+    passthrough: PassthroughCluster
+    registry_only: bool
+    warnings: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    dns_names: frozenset[str] = frozenset()
+
+    def all_clusters(self) -> list[Cluster]:
+        return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
+
+
+def vs_applies_to_mesh(vs: VirtualService) -> bool:
+    return not vs.gateways or "mesh" in vs.gateways
+
+
+class _Builder:
+    def __init__(self, loaded: LoadedConfig, identity: ProxyIdentity, ctx: BuildContext,
+                 previous: Snapshot | None) -> None:
+        self.loaded = loaded
+        self.identity = identity
+        self.ctx = ctx
+        self.previous = previous
+        self.warnings: list[str] = []
+        self.clusters: dict[str, Cluster] = {}
+        self.dns_names: set[str] = set()
+        self.ses: list[ServiceEntry] = []
+        self.wes: list[WorkloadEntry] = []
+        self.drs: list[DestinationRule] = []
+        self.vss: list[VirtualService] = []
+        self.sidecars: list[Sidecar] = []
+        for r in loaded.resources:
+            if isinstance(r, ServiceEntry):
+                self.ses.append(r)
+            elif isinstance(r, WorkloadEntry):
+                self.wes.append(r)
+            elif isinstance(r, DestinationRule):
+                self.drs.append(r)
+            elif isinstance(r, VirtualService):
+                self.vss.append(r)
+            elif isinstance(r, Sidecar):
+                self.sidecars.append(r)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    # -- destination rules ---------------------------------------------------
+
+    def index_destination_rules(self) -> None:
+        self.dr_exact: dict[str, DestinationRule] = {}
+        self.dr_wild: list[tuple[str, DestinationRule]] = []
+        for dr in self.drs:
+            host = canonical_host(dr.host, dr.meta.namespace)
+            if host.startswith("*"):
+                self.dr_wild.append((host[1:], dr))
+                continue
+            prev = self.dr_exact.get(host)
+            if prev is not None:
+                # Istio prefers the rule in the client's namespace, then the service's.
+                keep = dr if dr.meta.namespace == self.identity.namespace else prev
+                self.warn(
+                    f"{dr.meta.source}: DestinationRule {dr.meta.namespace}/{dr.meta.name} and "
+                    f"{prev.meta.namespace}/{prev.meta.name} both configure host {host}; "
+                    f"using {keep.meta.namespace}/{keep.meta.name}"
+                )
+                dr = keep
+            self.dr_exact[host] = dr
+        self.dr_wild.sort(key=lambda e: -len(e[0]))
+
+    def dr_for(self, host: str) -> DestinationRule | None:
+        dr = self.dr_exact.get(host)
+        if dr is not None:
+            return dr
+        for suffix, wdr in self.dr_wild:
+            if host.endswith(suffix) or suffix == "":
+                return wdr
+        return None
+
+    # -- clusters --------------------------------------------------------------
+
+    def make_cluster(self, name: str, settings: ClusterSettings, endpoints: list[tuple], *,
+                     kind: str = "outbound", service: Service | None = None, port: int = 0,
+                     subset: str = "", cls: type[Cluster] = Cluster) -> Cluster:
+        fingerprint = (cls.__name__, settings, tuple(endpoints))
+        if self.previous is not None:
+            for old in self.previous.all_clusters():
+                if old.name == name and old.fingerprint == fingerprint:
+                    old.service = service
+                    return old
+        ctx = self.ctx
+        cluster = cls(name, settings, fingerprint, ctx.loop, ctx.rng, ctx.resolver,
+                      kind=kind, service=service, service_port=port, subset=subset)
+        eps = [ClusterEndpoint(cluster, *spec) for spec in endpoints]
+        for spec in endpoints:
+            if not is_ip(spec[0]) and not spec[0].startswith("unix://"):
+                self.dns_names.add(spec[0])
+        cluster.lb = make_balancer(settings, [], ctx.rng)
+        cluster.set_endpoints(eps)
+        if settings.outlier is not None:
+            clock = ctx.clock or ctx.loop.time
+            cluster.outlier = OutlierDetector(cluster, settings.outlier, clock, ctx.loop.call_soon,
+                                              ctx.loop.call_later)
+            if not can_ever_eject(settings.outlier, len(eps)):
+                self.warn(
+                    f"cluster {name}: maxEjectionPercent {settings.outlier.max_ejection_percent}% of "
+                    f"{len(eps)} endpoint(s) can never eject anyone"
+                )
+        else:
+            cluster.outlier = NULL_OUTLIER  # type: ignore[assignment]
+        if ctx.on_cluster_created is not None:
+            ctx.on_cluster_created(cluster)
+        return cluster
+
+    def build_service_clusters(self) -> None:
+        for svc in self.registry.values():
+            if "*" in svc.hostname:
+                continue
+            dr = self.dr_for(svc.hostname)
+            top = dr.traffic_policy if dr else None
+            subsets: list[Subset | None] = [None, *(dr.subsets if dr else ())]
+            for port in svc.ports:
+                for subset in subsets:
+                    sname = subset.name if subset else ""
+                    name = f"outbound|{port.number}|{sname}|{svc.hostname}"
+                    settings = cluster_settings(top, subset.traffic_policy if subset else None, port.number)
+                    if svc.resolution == "NONE" and not svc.endpoints:
+                        cluster = self.make_cluster(name, settings, [], service=svc, port=port.number,
+                                                    subset=sname, cls=PassthroughCluster)
+                    else:
+                        selected = [
+                            (ep.address, ep.port_for(port), ep.labels, ep.weight, ep.workload, ep.namespace)
+                            for ep in svc.endpoints
+                            if subset is None or labels_match(subset.labels, ep.labels)
+                        ]
+                        if subset is not None and not selected:
+                            self.warn(f"cluster {name}: subset {sname} selects no endpoint (requests get 503 UH)")
+                        cluster = self.make_cluster(name, settings, selected, service=svc,
+                                                    port=port.number, subset=sname)
+                    self.clusters[name] = cluster
+
+    # -- routes -------------------------------------------------------------------
+
+    def resolve_target(self, target: RouteTarget, namespace: str, origin: str) -> None:
+        host = canonical_host(target.host, namespace)
+        target.host = host
+        svc = self.registry.get(host)
+        if svc is None:
+            self.warn(f"{origin}: destination host {host} is not in the service registry (503 NC)")
+            return
+        if target.subset:
+            dr = self.dr_for(host)
+            if dr is None or all(s.name != target.subset for s in dr.subsets):
+                self.warn(f"{origin}: subset {target.subset!r} of {host} is not defined by any "
+                          f"DestinationRule (503 NC)")
+                return
+        ports = [p.number for p in svc.ports]
+        if target.port is not None:
+            if target.port not in ports:
+                self.warn(f"{origin}: {host} has no port {target.port} (503 NC)")
+                return
+            target.cluster = self.clusters.get(f"outbound|{target.port}|{target.subset}|{host}")
+            return
+        if not ports:
+            self.warn(f"{origin}: {host} declares no ports (503 NC)")
+            return
+        target.cluster = self.clusters.get(f"outbound|{ports[0]}|{target.subset}|{host}")
+        if len(ports) > 1:
+            target.by_port = {
+                p: c for p in ports
+                if (c := self.clusters.get(f"outbound|{p}|{target.subset}|{host}")) is not None
+            }
+
+    def compile_rule(self, rule: HTTPRoute, vs: VirtualService) -> CompiledRoute | None:
+        route = CompiledRoute()
+        route.name = rule.name
+        route.origin = rule.origin or f"{vs.meta.source}"
+        route.virtual_host = vs.meta.name
+        # Keep only the match entries that apply to this proxy: sourceLabels,
+        # sourceNamespace and per-match gateways are fixed for a process, so
+        # they are decided here, not per request.
+        proxy_labels = self.identity.labels
+        kept = []
+        for m in rule.match:
+            if m.gateways and "mesh" not in m.gateways:
+                continue
+            if m.source_labels and not labels_match(m.source_labels, proxy_labels):
+                continue
+            if m.source_namespace and m.source_namespace != self.identity.namespace:
+                continue
+            kept.append(m)
+        if rule.match and not kept:
+            return None  # every entry excludes this proxy: the rule does not exist here
+        matches = tuple(kept)
+        route.conditions = tuple(compile_match(m) for m in matches)
+        if rule.redirect is not None:
+            route.kind = REDIRECT
+            route.redirect = Redirect(rule.redirect, matches)
+        elif rule.direct_response is not None:
+            route.kind = DIRECT_RESPONSE
+            route.direct = DirectResponse(rule.direct_response)
+        else:
+            route.kind = ROUTE
+            targets = []
+            for rd in rule.route:
+                d = rd.destination
+                req_ops = resp_ops = None
+                if rd.headers is not None:
+                    req_ops = _ops(rd.headers.request)
+                    resp_ops = _ops(rd.headers.response)
+                t = RouteTarget(d.host, d.subset, d.port, rd.weight if rd.weight_set else 0, req_ops, resp_ops)
+                self.resolve_target(t, vs.meta.namespace, route.origin)
+                targets.append(t)
+            if len(targets) > 1 and all(t.weight == 0 for t in targets):
+                self.warn(f"{route.origin}: every destination has weight 0; using the first")
+            route.set_targets(targets)
+        route.timeout = rule.timeout if rule.timeout else None
+        route.retry = compile_retry(rule.retries)
+        route.fault = compile_fault(rule.fault)
+        if rule.headers is not None:
+            route.request_ops = _ops(rule.headers.request)
+            route.response_ops = _ops(rule.headers.response)
+        if rule.rewrite is not None:
+            route.rewrite = Rewrite(rule.rewrite, matches)
+        route.mirrors = self.compile_mirrors(rule, vs)
+        route.cors = rule.cors_policy
+        return route
+
+    def compile_mirrors(self, rule: HTTPRoute, vs: VirtualService) -> tuple:
+        out = []
+        for mp in rule.mirrors:
+            d = mp.destination
+            t = RouteTarget(d.host, d.subset, d.port, 0, None, None)
+            self.resolve_target(t, vs.meta.namespace, (rule.origin or str(vs.meta.source)) + " mirror")
+            fraction = 1.0 if mp.percentage is None else mp.percentage / 100.0
+            if fraction > 0:
+                out.append((t, fraction))
+        return tuple(out)
+
+    def compile_routes(self, vss: list[VirtualService]) -> tuple[CompiledRoute, ...]:
+        routes: list[CompiledRoute] = []
+        for vs in vss:
+            for rule in vs.http:
+                compiled = self.compile_rule(rule, vs)
+                if compiled is not None:
+                    routes.append(compiled)
+        for i, r in enumerate(routes[:-1]):
+            if not r.conditions:
+                self.warn(f"{routes[i + 1].origin}: unreachable, {r.origin} has no match and catches everything")
+                break
+        return tuple(routes)
+
+    def default_route(self, svc: Service) -> CompiledRoute:
+        route = CompiledRoute()
+        route.origin = f"default route for {svc.hostname}"
+        t = RouteTarget(svc.hostname, "", None, 0, None, None)
+        self.resolve_target(t, svc.namespace, route.origin)
+        route.set_targets([t])
+        route.retry = compile_retry(None)
+        return route
+
+    def build_hosts(self) -> HostIndex:
+        by_host: dict[str, list[VirtualService]] = defaultdict(list)
+        for vs in self.vss:
+            if not vs_applies_to_mesh(vs):
+                continue
+            for h in vs.hosts:
+                by_host[canonical_host(h, vs.meta.namespace)].append(vs)
+        for host, vss in by_host.items():
+            if len(vss) > 1:
+                names = ", ".join(f"{v.meta.namespace}/{v.meta.name} ({v.meta.source})" for v in vss)
+                self.warn(f"host {host}: rules of VirtualServices {names} are concatenated in that order")
+        wild_vs = sorted(((h, v) for h, v in by_host.items() if h.startswith("*")), key=lambda e: -len(e[0]))
+
+        exact: dict[bytes, VirtualHost] = {}
+        wildcards: list[tuple[bytes, VirtualHost]] = []
+        catch_all: VirtualHost | None = None
+        ns = self.identity.namespace
+
+        for svc in self.registry.values():
+            if "*" in svc.hostname:
+                continue
+            vss = by_host.get(svc.hostname)
+            if vss is None:
+                for pattern, wvss in wild_vs:
+                    if pattern == "*" or svc.hostname.endswith(pattern[1:]):
+                        vss = wvss
+                        break
+            routes = self.compile_routes(vss) if vss else (self.default_route(svc),)
+            vh = VirtualHost(svc.hostname, routes, svc, has_vs=bool(vss))
+            for alias in host_aliases(svc.hostname, ns):
+                exact[alias.encode()] = vh
+        for host, vss in by_host.items():
+            if host in self.registry:
+                continue
+            vh = VirtualHost(host, self.compile_routes(vss), None, has_vs=True)
+            if host == "*":
+                catch_all = vh
+            elif host.startswith("*"):
+                wildcards.append((host[1:].encode(), vh))
+            else:
+                for alias in host_aliases(host, ns):
+                    exact.setdefault(alias.encode(), vh)
+        wildcards.sort(key=lambda e: -len(e[0]))
+        return HostIndex(exact, wildcards, catch_all)
+
+    # -- sidecar ------------------------------------------------------------------
+
+    def registry_only(self) -> bool:
+        best: Sidecar | None = None
+        for sc in self.sidecars:
+            if sc.meta.namespace != self.identity.namespace:
+                continue
+            if sc.workload_selector is not None:
+                if labels_match(sc.workload_selector, self.identity.labels):
+                    best = sc
+                    break
+            elif best is None:
+                best = sc
+        return best is not None and best.outbound_traffic_policy_mode == "REGISTRY_ONLY"
+
+    def build(self, version: int) -> Snapshot:
+        self.registry = build_registry(self.ses, self.wes)
+        self.index_destination_rules()
+        self.build_service_clusters()
+        hosts = self.build_hosts()
+        ident = self.identity
+        inbound = self.make_cluster(
+            f"inbound|{ident.app_port}||", ClusterSettings(),
+            [(ident.app_host, ident.app_port, ident.labels, 1, ident.workload, ident.namespace)],
+            kind="inbound", port=ident.app_port,
+        )
+        inbound_route = CompiledRoute()
+        inbound_route.origin = "inbound"
+        t = RouteTarget(ident.app_host, "", ident.app_port, 0, None, None)
+        t.cluster = inbound
+        inbound_route.set_targets([t])
+        inbound_route.retry = NO_RETRY  # Istio configures no retries on the inbound side
+        passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(), [], kind="passthrough",
+                                        cls=PassthroughCluster)
+        assert isinstance(passthrough, PassthroughCluster)
+        return Snapshot(
+            version=version,
+            loaded=self.loaded,
+            identity=ident,
+            registry=self.registry,
+            clusters=self.clusters,
+            hosts=hosts,
+            inbound_cluster=inbound,
+            inbound_route=inbound_route,
+            passthrough=passthrough,
+            registry_only=self.registry_only(),
+            warnings=self.warnings,
+            dns_names=frozenset(self.dns_names),
+        )
+
+
+def _ops(ops: Any) -> HeaderOps | None:
+    if ops is None:
+        return None
+    compiled = HeaderOps(ops.remove, ops.set, ops.add)
+    return compiled if compiled or compiled.authority else None
+
+
+def build_snapshot(loaded: LoadedConfig, identity: ProxyIdentity, ctx: BuildContext,
+                   previous: Snapshot | None = None, version: int = 1) -> Snapshot:
+    """Raises nothing for valid config: problems a valid file can still have
+    (unknown subsets, unreachable rules) become warnings on the snapshot."""
+    return _Builder(loaded, identity, ctx, previous).build(version)
+
+
+def retire(old: Snapshot, new: Snapshot) -> list[Cluster]:
+    """After a swap: drain the old snapshot's clusters that the new one did
+    not carry over. Returns them (for logging and tests)."""
+    keep = {id(c) for c in new.all_clusters()}
+    retired = [c for c in old.all_clusters() if id(c) not in keep]
+    for c in retired:
+        c.drain()
+    return retired

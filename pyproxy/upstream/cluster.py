@@ -1,0 +1,447 @@
+"""Clusters (Envoy's word): one per (service, port, subset). A cluster owns its
+endpoints, their connection pools, the circuit-breaker counters, the load
+balancer and the outlier detector.
+
+Clusters are built when config loads and reused across reloads when their
+configuration did not change (same fingerprint), so pools, breaker counters
+and ejection state survive a reload. A changed cluster is replaced; the old
+one drains: its idle connections close, busy ones close when released.
+
+Circuit breaking follows Envoy: limits are plain counters checked when a
+request needs a connection. Nothing waits on a full breaker: overflow fails
+the request at once (503 UO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from .connection import UpstreamConnection, UpstreamStream
+from .settings import ClusterSettings
+
+if TYPE_CHECKING:
+    from .lb import LoadBalancer
+    from .outlier import OutlierDetector
+
+log = logging.getLogger("pyproxy.upstream")
+
+# Returned by ``ClusterEndpoint.acquire`` when a limit refuses the request.
+OVERFLOW = object()
+
+
+class ClusterStats:
+    """Envoy-named cluster counters and gauges, plain ints on the request path;
+    the metrics module reads them at scrape time."""
+
+    __slots__ = (
+        "upstream_cx_total",
+        "upstream_cx_active",
+        "upstream_cx_connect_fail",
+        "upstream_cx_connect_timeout",
+        "upstream_cx_overflow",
+        "upstream_cx_destroy",
+        "upstream_rq_total",
+        "upstream_rq_active",
+        "upstream_rq_pending_total",
+        "upstream_rq_pending_active",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_retry",
+        "upstream_rq_retry_success",
+        "upstream_rq_retry_overflow",
+        "upstream_rq_retry_limit_exceeded",
+        "upstream_rq_retry_body_too_large",
+        "upstream_rq_timeout",
+        "upstream_rq_per_try_timeout",
+        "upstream_rq_rx_reset",
+        "upstream_rq_tx_reset",
+        "upstream_rq_completed",
+        "outlier_ejections_active",
+        "outlier_ejections_total",
+        "outlier_ejections_overflow",
+        "outlier_ejections_consecutive_5xx",
+        "outlier_ejections_consecutive_gateway_failure",
+        "outlier_ejections_consecutive_local_origin_failure",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class ClusterEndpoint:
+    """One endpoint of one cluster, with its HTTP/1.1 connection pool.
+
+    ``active_requests`` feeds LEAST_REQUEST; the outlier fields are written
+    on the request path (counters only) and read by the detector's timer.
+    """
+
+    __slots__ = (
+        "cluster",
+        "host",
+        "port",
+        "labels",
+        "weight",
+        "workload",
+        "namespace",
+        "idle",
+        "pending",
+        "connecting",
+        "connections",
+        "active_requests",
+        # outlier detection state (see outlier.py)
+        "consecutive_5xx",
+        "consecutive_gateway",
+        "consecutive_local",
+        "ejected",
+        "ejected_until",
+        "ejection_count",
+        "last_ejected",
+        "healthy_since",
+        "total_requests",
+        "total_errors",
+        "label_dict",
+    )
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        host: str,
+        port: int,
+        labels: tuple[tuple[str, str], ...] = (),
+        weight: int = 1,
+        workload: str = "unknown",
+        namespace: str = "default",
+    ) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.port = port
+        self.labels = labels
+        self.label_dict = dict(labels)
+        self.weight = weight
+        self.workload = workload
+        self.namespace = namespace
+        self.idle: deque[UpstreamConnection] = deque()
+        self.pending: deque[Any] = deque()
+        self.connecting = 0
+        self.connections = 0  # open or connecting, for this endpoint only
+        self.active_requests = 0
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_local = 0
+        self.ejected = False
+        self.ejected_until = 0.0
+        self.ejection_count = 0
+        self.last_ejected = 0.0
+        self.healthy_since = 0.0
+        self.total_requests = 0
+        self.total_errors = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<ClusterEndpoint {self.cluster.name} {self.address}>"
+
+    # -- pool -------------------------------------------------------------
+
+    def acquire(self, stream: Any) -> UpstreamConnection | object | None:
+        """A ready connection now; or None when ``stream`` was queued (it will
+        be called with ``on_upstream_connected`` or ``on_upstream_connect_failed``);
+        or OVERFLOW when a circuit breaker refuses it."""
+        cluster = self.cluster
+        now = cluster.loop.time()
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since > cluster.settings.idle_timeout:
+                conn.close()
+                continue
+            return conn
+        stats = cluster.stats
+        if stats.upstream_rq_pending_active >= cluster.settings.max_pending:
+            stats.upstream_rq_pending_overflow += 1
+            return OVERFLOW
+        self.pending.append(stream)
+        stats.upstream_rq_pending_active += 1
+        stats.upstream_rq_pending_total += 1
+        self._maybe_connect()
+        return None
+
+    def cancel_pending(self, stream: Any) -> None:
+        try:
+            self.pending.remove(stream)
+        except ValueError:
+            return
+        self.cluster.stats.upstream_rq_pending_active -= 1
+
+    def _maybe_connect(self) -> None:
+        if len(self.pending) <= self.connecting:
+            return
+        cluster = self.cluster
+        stats = cluster.stats
+        if stats.upstream_cx_active >= cluster.settings.max_connections:
+            stats.upstream_cx_overflow += 1
+            # Envoy still opens one connection when this endpoint has none at
+            # all, so queued requests can never be stranded here.
+            if self.connections > 0:
+                return
+        self.connecting += 1
+        self.connections += 1
+        stats.upstream_cx_active += 1
+        stats.upstream_cx_total += 1
+        cluster.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        cluster = self.cluster
+        conn = UpstreamConnection(self)
+        conn.created = cluster.loop.time()
+        reason = "connection failure"
+        try:
+            host = cluster.resolve(self.host)
+            if host.startswith("unix://"):
+                coro = cluster.loop.create_unix_connection(lambda: conn, host[len("unix://"):])
+            else:
+                coro = cluster.loop.create_connection(lambda: conn, host, self.port)
+            await asyncio.wait_for(coro, cluster.settings.connect_timeout)
+        except asyncio.CancelledError:
+            conn.abort()
+            self._connect_done(None if conn.transport is None else conn)
+            raise
+        except asyncio.TimeoutError:
+            cluster.stats.upstream_cx_connect_timeout += 1
+            reason = "connection timeout"
+            conn.abort()
+            self._connect_done(None if conn.transport is None else conn, reason)
+            return
+        except (OSError, socket.gaierror, ValueError) as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("connect to %s for %s failed: %s", self.address, cluster.name, exc)
+            self._connect_done(None if conn.transport is None else conn, reason)
+            return
+        self._connect_done(conn)
+
+    def _connect_done(self, conn: UpstreamConnection | None, reason: str = "connection failure") -> None:
+        self.connecting -= 1
+        cluster = self.cluster
+        if conn is None or conn.closed:
+            if conn is None:
+                # Never connected, so on_connection_closed never ran for it.
+                self.connections -= 1
+                cluster.stats.upstream_cx_active -= 1
+            cluster.stats.upstream_cx_connect_fail += 1
+            if self.pending:
+                stream = self.pending.popleft()
+                cluster.stats.upstream_rq_pending_active -= 1
+                stream.on_upstream_connect_failed(self, reason)
+            if self.pending:
+                self._maybe_connect()
+            return
+        if cluster.draining:
+            conn.close()
+            self._fail_all_pending("connection termination")
+            return
+        self.hand_over(conn)
+
+    def _fail_all_pending(self, reason: str) -> None:
+        while self.pending:
+            stream = self.pending.popleft()
+            self.cluster.stats.upstream_rq_pending_active -= 1
+            stream.on_upstream_connect_failed(self, reason)
+
+    def hand_over(self, conn: UpstreamConnection) -> None:
+        """A connection became free (new or released): serve the oldest
+        queued request, or park it as idle."""
+        if self.pending:
+            stream = self.pending.popleft()
+            self.cluster.stats.upstream_rq_pending_active -= 1
+            stream.on_upstream_connected(conn)
+        else:
+            conn.idle_since = self.cluster.loop.time()
+            self.idle.append(conn)
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """The stream is done with ``conn``. Reuse it only when the exchange
+        completed cleanly on both sides."""
+        conn.stream = None
+        cluster = self.cluster
+        limit = cluster.settings.max_requests_per_connection
+        if (
+            not reusable
+            or not conn.reusable
+            or conn.closed
+            or cluster.draining
+            or (limit and conn.requests >= limit)
+        ):
+            conn.close()  # on_connection_closed opens a replacement if requests wait
+            return
+        self.hand_over(conn)
+
+    def on_connection_closed(self, conn: UpstreamConnection) -> None:
+        if conn.counted:
+            conn.counted = False
+            self.connections -= 1
+            self.cluster.stats.upstream_cx_active -= 1
+            self.cluster.stats.upstream_cx_destroy += 1
+            try:
+                self.idle.remove(conn)
+            except ValueError:
+                pass
+            if self.pending and not self.cluster.draining:
+                self._maybe_connect()
+
+    def close_idle(self, older_than: float | None = None) -> None:
+        now = self.cluster.loop.time()
+        for conn in list(self.idle):
+            if older_than is None or now - conn.idle_since > older_than:
+                conn.close()
+
+
+class Cluster:
+    """A set of endpoints with shared limits, balancing and health."""
+
+    __slots__ = (
+        "name",
+        "kind",
+        "service",
+        "service_port",
+        "subset",
+        "settings",
+        "fingerprint",
+        "endpoints",
+        "healthy",
+        "lb",
+        "outlier",
+        "stats",
+        "loop",
+        "rng",
+        "resolver",
+        "draining",
+        "metric_labels",
+        "metric_cache",
+        "dest_info",
+        "retries_active",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        settings: ClusterSettings,
+        fingerprint: Any,
+        loop: asyncio.AbstractEventLoop,
+        rng: random.Random,
+        resolver: Callable[[str], str] | None = None,
+        kind: str = "outbound",
+        service: Any = None,
+        service_port: int = 0,
+        subset: str = "",
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.service = service
+        self.service_port = service_port
+        self.subset = subset
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.loop = loop
+        self.rng = rng
+        self.resolver = resolver
+        self.endpoints: list[ClusterEndpoint] = []
+        self.healthy: list[ClusterEndpoint] = []
+        self.stats = ClusterStats()
+        self.draining = False
+        self.lb: LoadBalancer = None  # type: ignore[assignment]  # set by build()
+        self.outlier: OutlierDetector = None  # type: ignore[assignment]
+        # Filled by the metrics module: label values and bound children.
+        self.metric_labels: Any = None
+        self.metric_cache: dict = {}
+        self.dest_info: Any = None
+        # Retries in progress (scheduled or running), bounded by maxRetries.
+        self.retries_active = 0
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} endpoints={len(self.endpoints)}>"
+
+    def resolve(self, host: str) -> str:
+        if self.resolver is None:
+            return host
+        return self.resolver(host)
+
+    def set_endpoints(self, endpoints: list[ClusterEndpoint]) -> None:
+        self.endpoints = endpoints
+        self.refresh_healthy()
+
+    def refresh_healthy(self) -> None:
+        """Recompute the set the load balancer picks from (background only)."""
+        self.healthy = [ep for ep in self.endpoints if not ep.ejected]
+        if self.lb is not None:
+            self.lb.on_hosts_changed(self.healthy)
+
+    def drain(self) -> None:
+        """This cluster was replaced by a reload: stop reusing connections."""
+        self.draining = True
+        for ep in self.endpoints:
+            ep.close_idle()
+        if self.outlier is not None:
+            self.outlier.stop()
+
+    def sweep(self, now: float) -> None:
+        """Periodic housekeeping: close connections idle past idleTimeout."""
+        idle_timeout = self.settings.idle_timeout
+        for ep in self.endpoints:
+            if ep.idle:
+                ep.close_idle(idle_timeout)
+
+
+class PassthroughCluster(Cluster):
+    """Envoy's PassthroughCluster: the destination is the request's original
+    address (SO_ORIGINAL_DST or the authority). Endpoints are created on
+    demand and kept while they have connections."""
+
+    __slots__ = ("by_address",)
+
+    MAX_ENDPOINTS = 4096
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.by_address: dict[tuple[str, int], ClusterEndpoint] = {}
+
+    def endpoint_for(self, host: str, port: int) -> ClusterEndpoint:
+        key = (host, port)
+        ep = self.by_address.get(key)
+        if ep is None:
+            if len(self.by_address) >= self.MAX_ENDPOINTS:
+                self._forget_unused()
+            ep = ClusterEndpoint(self, host, port)
+            self.by_address[key] = ep
+        return ep
+
+    def _forget_unused(self) -> None:
+        for key, ep in list(self.by_address.items()):
+            if ep.connections == 0 and not ep.pending:
+                del self.by_address[key]
+
+    def sweep(self, now: float) -> None:
+        idle_timeout = self.settings.idle_timeout
+        for ep in self.by_address.values():
+            if ep.idle:
+                ep.close_idle(idle_timeout)
+
+    def drain(self) -> None:
+        self.draining = True
+        for ep in self.by_address.values():
+            ep.close_idle()
+
+
+__all__ = ["Cluster", "ClusterEndpoint", "ClusterStats", "PassthroughCluster", "OVERFLOW", "UpstreamStream"]

@@ -1,0 +1,243 @@
+"""One HTTP/1.1 connection to an upstream endpoint.
+
+The connection parses responses with httptools and hands every event to the
+stream currently attached to it (an object with the ``on_upstream_*``
+methods, see ``UpstreamStream``). A connection serves one request at a time
+(no upstream pipelining, like Envoy) and goes back to its endpoint's pool only
+when a response was read completely and both sides agreed to keep it alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+if TYPE_CHECKING:
+    from .cluster import ClusterEndpoint
+
+
+class UpstreamStream(Protocol):
+    """What a connection calls back into (an Exchange or a mirror request)."""
+
+    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list, keep_alive: bool) -> None: ...
+    def on_upstream_body(self, data: bytes) -> None: ...
+    def on_upstream_complete(self, conn: UpstreamConnection) -> None: ...
+    def on_upstream_reset(self, conn: UpstreamConnection, reason: str) -> None: ...
+    def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def on_upstream_write_paused(self) -> None: ...
+    def on_upstream_write_resumed(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "endpoint",
+        "transport",
+        "parser",
+        "stream",
+        "headers",
+        "idle_since",
+        "requests",
+        "closed",
+        "reusable",
+        "skip_informational",
+        "tunnel",
+        "bytes_received",
+        "counted",
+        "created",
+        "head_request",
+        "close_delimited",
+    )
+
+    def __init__(self, endpoint: ClusterEndpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.stream: UpstreamStream | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.idle_since = 0.0
+        self.requests = 0
+        self.closed = False
+        self.reusable = True
+        self.skip_informational = False
+        self.tunnel: asyncio.Transport | None = None  # set once upgraded to a raw tunnel
+        self.bytes_received = 0  # for this response; 0 means "reset before any byte"
+        self.counted = True  # counted in the cluster's active-connection gauge
+        self.created = 0.0
+        self.head_request = False
+        # The current response has neither Content-Length nor chunked framing:
+        # its body ends when the upstream closes the connection.
+        self.close_delimited = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        stream = self.stream
+        if stream is None:
+            # Bytes from an idle connection cannot belong to any request: the
+            # connection is out of sync, so it must never be reused.
+            self.close()
+            return
+        self.bytes_received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            rest = data[offset:]
+            if self.stream is not None:
+                self.stream.on_upstream_upgrade(self, rest)
+        except httptools.HttpParserError:
+            self.reusable = False
+            if self.stream is not None:
+                s = self.stream
+                self.stream = None
+                s.on_upstream_reset(self, "protocol_error")
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        # httptools has no "finish" call: a close-delimited body ends at EOF,
+        # which only this protocol can see. Any other EOF with a stream
+        # attached is a reset, reported by connection_lost.
+        stream = self.stream
+        if stream is not None and self.tunnel is None and self.close_delimited:
+            self.stream = None
+            self.reusable = False
+            stream.on_upstream_complete(self)
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        self.endpoint.on_connection_closed(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.on_upstream_reset(self, "connection_termination")
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.on_upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.on_upstream_write_resumed()
+
+    # -- httptools callbacks --------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # 100 Continue / 103 Early Hints: the proxy answers Expect itself
+            # and does not forward interim responses (Envoy's default).
+            self.skip_informational = True
+            return
+        keep_alive = self.parser.should_keep_alive()
+        if not keep_alive:
+            self.reusable = False
+        self.close_delimited = False
+        if status != 204 and status != 304 and not self.head_request:
+            framed = False
+            for name, _ in self.headers:
+                if name == b"content-length" or name == b"transfer-encoding":
+                    framed = True
+                    break
+            if not framed:
+                self.close_delimited = True
+                self.reusable = False
+        stream = self.stream
+        if stream is not None:
+            stream.on_upstream_headers(self, status, self.headers, keep_alive)
+            if self.head_request and self.stream is stream:
+                # A response to HEAD has no body whatever its Content-Length says,
+                # but httptools cannot be told the request method, so the
+                # message ends here and the connection is not reused.
+                self.reusable = False
+                self.stream = None
+                stream.on_upstream_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        if body and self.stream is not None:
+            self.stream.on_upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.skip_informational:
+            self.skip_informational = False
+            return
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.on_upstream_complete(self)
+
+    # -- used by the pool and the stream -------------------------------
+
+    def attach(self, stream: UpstreamStream, head_request: bool = False) -> None:
+        self.stream = stream
+        self.requests += 1
+        self.bytes_received = 0
+        self.head_request = head_request
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def detach(self) -> None:
+        """Forget the stream without telling it (it is the one leaving)."""
+        self.stream = None
+
+    def close(self) -> None:
+        """Close without reuse. The stream, if any, is not called back."""
+        self.stream = None
+        self.reusable = False
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.endpoint.on_connection_closed(self)
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.stream = None
+        self.reusable = False
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.endpoint.on_connection_closed(self)
+                self.transport.abort()

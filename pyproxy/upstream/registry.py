@@ -1,0 +1,165 @@
+"""The service registry: Istio ServiceEntry / WorkloadEntry resources turned
+into services with endpoints, plus host-name canonicalisation shared by every
+resource kind.
+
+Names: Istio expands a short host (``reviews``) written in a VirtualService or
+DestinationRule to ``reviews.<namespace>.svc.cluster.local``. pyproxy applies
+the same expansion to ServiceEntry hosts too, so a registry can be written
+with short names (a documented difference: Istio takes ServiceEntry hosts
+literally). Everything is keyed by the canonical FQDN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..config.model import Pairs, ServiceEntry, ServicePort, WorkloadEntry
+
+CLUSTER_DOMAIN = "svc.cluster.local"
+
+
+def canonical_host(host: str, namespace: str) -> str:
+    """Expand a short name the way Istio does; leave FQDNs, IPs and wildcards."""
+    host = host.strip().lower().rstrip(".")
+    if host == "*" or "." in host or ":" in host:
+        return host
+    return f"{host}.{namespace}.{CLUSTER_DOMAIN}"
+
+
+def host_aliases(fqdn: str, proxy_namespace: str) -> list[str]:
+    """Names an application may use for a service (Istio's virtual-host domains).
+
+    ``reviews.default.svc.cluster.local`` is also reachable as
+    ``reviews.default.svc``, ``reviews.default`` and, from the same namespace,
+    ``reviews``.
+    """
+    names = [fqdn]
+    suffix = "." + CLUSTER_DOMAIN
+    if fqdn.endswith(suffix):
+        short = fqdn[: -len(suffix)]  # name.ns
+        parts = short.split(".")
+        if len(parts) == 2:
+            name, ns = parts
+            names += [f"{name}.{ns}.svc", f"{name}.{ns}"]
+            if ns == proxy_namespace:
+                names.append(name)
+    return names
+
+
+def is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def labels_match(selector: Pairs, labels: Pairs) -> bool:
+    """True when every selector label is present with the same value."""
+    if not selector:
+        return True
+    have = dict(labels)
+    return all(have.get(k) == v for k, v in selector)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEndpoint:
+    """One workload instance behind a service, as configured (not resolved)."""
+
+    address: str  # IP, DNS name, or unix:///path
+    ports: tuple[tuple[str, int], ...]
+    labels: Pairs
+    weight: int
+    workload: str  # workload name for telemetry ("unknown" if not known)
+    namespace: str
+
+    def port_for(self, port: ServicePort) -> int:
+        for name, number in self.ports:
+            if name == port.name:
+                return number
+        return port.target_port or port.number
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    hostname: str  # canonical FQDN (or wildcard)
+    namespace: str
+    ports: tuple[ServicePort, ...]
+    resolution: str
+    location: str
+    endpoints: tuple[ServiceEndpoint, ...]
+    source: str  # "file#doc" of the ServiceEntry
+
+    def port(self, number: int) -> ServicePort | None:
+        for p in self.ports:
+            if p.number == number:
+                return p
+        return None
+
+
+def _workload_name(we: WorkloadEntry, fallback_labels: Pairs) -> str:
+    if we.meta is not None:
+        return we.meta.name
+    labels = dict(fallback_labels)
+    app = labels.get("app")
+    if app:
+        version = labels.get("version")
+        return f"{app}-{version}" if version else app
+    return "unknown"
+
+
+def build_registry(
+    service_entries: list[ServiceEntry], workload_entries: list[WorkloadEntry]
+) -> dict[str, Service]:
+    """Services keyed by canonical host. When two ServiceEntries claim the same
+    host, their endpoints are merged (Istio merges ServiceEntries for one host
+    into a single service)."""
+    services: dict[str, Service] = {}
+    for se in service_entries:
+        ns = se.meta.namespace
+        endpoints: list[ServiceEndpoint] = []
+        for ep in se.endpoints:
+            endpoints.append(
+                ServiceEndpoint(
+                    address=ep.address,
+                    ports=ep.ports,
+                    labels=ep.labels,
+                    weight=ep.weight or 1,
+                    workload=_workload_name(ep, ep.labels),
+                    namespace=ns,
+                )
+            )
+        if se.workload_selector is not None:
+            for we in workload_entries:
+                if we.meta is not None and we.meta.namespace == ns and labels_match(
+                    se.workload_selector, we.labels
+                ):
+                    endpoints.append(
+                        ServiceEndpoint(
+                            address=we.address,
+                            ports=we.ports,
+                            labels=we.labels,
+                            weight=we.weight or 1,
+                            workload=_workload_name(we, we.labels),
+                            namespace=we.meta.namespace,
+                        )
+                    )
+        for raw_host in se.hosts:
+            host = canonical_host(raw_host, ns)
+            eps = list(endpoints)
+            if not eps and se.resolution in ("DNS", "DNS_ROUND_ROBIN") and "*" not in host:
+                # DNS resolution without endpoints: the host name itself is the endpoint.
+                eps.append(ServiceEndpoint(raw_host.strip().rstrip("."), (), (), 1, "unknown", ns))
+            existing = services.get(host)
+            if existing is not None:
+                ports = existing.ports + tuple(p for p in se.ports if existing.port(p.number) is None)
+                services[host] = Service(
+                    host, existing.namespace, ports, existing.resolution, existing.location,
+                    existing.endpoints + tuple(eps), existing.source,
+                )
+            else:
+                services[host] = Service(
+                    host, ns, se.ports, se.resolution, se.location, tuple(eps), str(se.meta.source)
+                )
+    return services

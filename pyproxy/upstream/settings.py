@@ -1,0 +1,138 @@
+"""Effective per-cluster settings: a DestinationRule's traffic policy merged
+for one (port, subset) and filled with Istio's defaults.
+
+Merging follows Istio: the subset's trafficPolicy replaces the DestinationRule's
+top-level blocks one whole block at a time (loadBalancer, connectionPool,
+outlierDetection), never field by field; then port-level settings for the
+cluster's port replace the corresponding block again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.model import (
+    ConnectionPoolSettings,
+    ConsistentHashLB,
+    LoadBalancerSettings,
+    OutlierDetection,
+    TrafficPolicy,
+)
+
+# Istio programs Envoy's circuit breakers with 2^32-1 when a limit is unset.
+UNLIMITED = 2**32 - 1
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierSettings:
+    consecutive_5xx: int  # 0 = off
+    consecutive_gateway: int  # 0 = off
+    consecutive_local_origin: int
+    split_local_origin: bool
+    interval: float
+    base_ejection_time: float
+    max_ejection_percent: int
+    min_health_percent: int
+
+
+MAX_EJECTION_TIME = 300.0
+
+
+def outlier_settings(od: OutlierDetection | None) -> OutlierSettings | None:
+    """Istio enables outlier detection only when the block exists; inside it
+    Envoy's defaults apply to every unset field."""
+    if od is None:
+        return None
+    return OutlierSettings(
+        consecutive_5xx=5 if od.consecutive_5xx_errors is None else od.consecutive_5xx_errors,
+        consecutive_gateway=od.consecutive_gateway_errors or 0,
+        consecutive_local_origin=(
+            5 if od.consecutive_local_origin_failures is None else od.consecutive_local_origin_failures
+        ),
+        split_local_origin=od.split_external_local_origin_errors,
+        interval=10.0 if od.interval is None else od.interval,
+        base_ejection_time=30.0 if od.base_ejection_time is None else od.base_ejection_time,
+        max_ejection_percent=10 if od.max_ejection_percent is None else od.max_ejection_percent,
+        min_health_percent=0 if od.min_health_percent is None else od.min_health_percent,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    lb_policy: str = "LEAST_REQUEST"  # Istio's default when unset
+    consistent_hash: ConsistentHashLB | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = UNLIMITED
+    max_pending: int = UNLIMITED
+    max_requests: int = UNLIMITED
+    max_requests_per_connection: int = 0  # 0 = unlimited keep-alive
+    max_retries: int = UNLIMITED
+    max_connection_duration: float | None = None
+    outlier: OutlierSettings | None = None
+
+
+def _pick_blocks(
+    policy: TrafficPolicy | None, port: int
+) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None, OutlierDetection | None, bool]:
+    """The (lb, pool, outlier) blocks a policy sets for ``port``; the last
+    element tells whether the policy exists at all."""
+    if policy is None:
+        return None, None, None, False
+    lb, pool, od = policy.load_balancer, policy.connection_pool, policy.outlier_detection
+    for pls in policy.port_level_settings:
+        if pls.port == port:
+            lb = pls.load_balancer or lb
+            pool = pls.connection_pool or pool
+            od = pls.outlier_detection or od
+    return lb, pool, od, True
+
+
+def merge_policy(
+    top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int
+) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None, OutlierDetection | None]:
+    lb, pool, od, _ = _pick_blocks(top, port)
+    s_lb, s_pool, s_od, has_subset = _pick_blocks(subset, port)
+    if has_subset:
+        lb = s_lb or lb
+        pool = s_pool or pool
+        od = s_od or od
+    return lb, pool, od
+
+
+def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> ClusterSettings:
+    lb, pool, od = merge_policy(top, subset, port)
+    kwargs: dict = {}
+    if lb is not None:
+        if lb.consistent_hash is not None:
+            kwargs["lb_policy"] = "CONSISTENT_HASH"
+            kwargs["consistent_hash"] = lb.consistent_hash
+        elif lb.simple and lb.simple not in ("UNSPECIFIED",):
+            kwargs["lb_policy"] = lb.simple
+    if pool is not None:
+        if pool.tcp is not None:
+            t = pool.tcp
+            if t.max_connections is not None:
+                kwargs["max_connections"] = t.max_connections or UNLIMITED
+            if t.connect_timeout is not None:
+                kwargs["connect_timeout"] = t.connect_timeout
+            if t.max_connection_duration is not None:
+                kwargs["max_connection_duration"] = t.max_connection_duration
+        if pool.http is not None:
+            h = pool.http
+            # Istio maps 0 ("unset" in proto3) to unlimited for every limit.
+            if h.http1_max_pending_requests:
+                kwargs["max_pending"] = h.http1_max_pending_requests
+            if h.http2_max_requests:
+                kwargs["max_requests"] = h.http2_max_requests
+            if h.max_requests_per_connection:
+                kwargs["max_requests_per_connection"] = h.max_requests_per_connection
+            if h.max_retries:
+                kwargs["max_retries"] = h.max_retries
+            if h.idle_timeout is not None:
+                kwargs["idle_timeout"] = h.idle_timeout
+    kwargs["outlier"] = outlier_settings(od)
+    return ClusterSettings(**kwargs)
