@@ -1,0 +1,312 @@
+"""DestinationRule parsing and validation (internal to the loader).
+
+Field lists follow istio/api networking/v1/destination_rule.proto; the checks
+follow Istio's validation webhook.
+"""
+
+from __future__ import annotations
+
+from . import _common as c
+from ._reader import UINT32_MAX, UINT64_MAX, Node, is_dns1123_label, message
+from .model import (
+    ConnectionPoolSettings,
+    ConsistentHashLB,
+    DestinationRule,
+    HTTPCookie,
+    HTTPSettings,
+    LoadBalancerSettings,
+    Meta,
+    OutlierDetection,
+    PortTrafficPolicy,
+    Subset,
+    TCPSettings,
+    TrafficPolicy,
+)
+
+DESTINATION_RULE = message("DestinationRule", "host trafficPolicy subsets exportTo workloadSelector")
+TRAFFIC_POLICY = message(
+    "TrafficPolicy",
+    "loadBalancer connectionPool outlierDetection portLevelSettings",
+    ignored="tls tunnel proxyProtocol",
+)
+PORT_TRAFFIC_POLICY = message(
+    "TrafficPolicy.PortTrafficPolicy", "port loadBalancer connectionPool outlierDetection", ignored="tls"
+)
+SUBSET = message("Subset", "name labels trafficPolicy")
+LOAD_BALANCER = message(
+    "LoadBalancerSettings", "simple consistentHash", ignored="localityLbSetting warmupDurationSecs warmup"
+)
+CONSISTENT_HASH = message(
+    "LoadBalancerSettings.ConsistentHashLB",
+    "httpHeaderName httpCookie useSourceIp httpQueryParameterName ringHash maglev minimumRingSize",
+    ignored="httpHeaderRegexRewrite",
+)
+RING_HASH = message("ConsistentHashLB.RingHash", "minimumRingSize")
+MAGLEV = message("ConsistentHashLB.MagLev", "tableSize")
+HTTP_COOKIE = message("ConsistentHashLB.HTTPCookie", "name path ttl")
+CONNECTION_POOL = message("ConnectionPoolSettings", "tcp http")
+TCP_SETTINGS = message(
+    "ConnectionPoolSettings.TCPSettings",
+    "maxConnections connectTimeout maxConnectionDuration idleTimeout",
+    ignored="tcpKeepalive",
+)
+HTTP_SETTINGS = message(
+    "ConnectionPoolSettings.HTTPSettings",
+    "http1MaxPendingRequests http2MaxRequests maxRequestsPerConnection maxRetries idleTimeout "
+    "maxConcurrentStreams",
+    ignored="h2UpgradePolicy useClientProtocol",
+)
+OUTLIER_DETECTION = message(
+    "OutlierDetection",
+    "consecutiveErrors consecutive5xxErrors consecutiveGatewayErrors consecutiveLocalOriginFailures "
+    "splitExternalLocalOriginErrors interval baseEjectionTime maxEjectionPercent minHealthPercent",
+)
+
+SIMPLE_LB = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+MAGLEV_MAX_TABLE = 5000011  # Envoy's limit (exclusive)
+
+
+def parse_destination_rule(meta: Meta, spec: Node) -> DestinationRule:
+    host = spec.string("host", required=True, nonempty=True) or ""
+    selector = c.selector_labels(spec, "workloadSelector", match_labels=True)
+    if selector is not None:
+        spec.warn(
+            "workloadSelector",
+            "parsed, but workload selection is not implemented by pyproxy: the rule applies to every workload",
+        )
+    return DestinationRule(
+        meta=meta,
+        host=host,
+        traffic_policy=_traffic_policy(spec, "trafficPolicy"),
+        subsets=_subsets(spec),
+        workload_selector=selector,
+        export_to=c.export_to(spec),
+    )
+
+
+def _subsets(spec: Node) -> tuple[Subset, ...]:
+    result = []
+    seen: set[str] = set()
+    for node in spec.children("subsets", SUBSET):
+        name = node.string("name", required=True, nonempty=True)
+        if name is not None and not is_dns1123_label(name):
+            node.error("name", f"{name!r} is not a valid subset name (must be a DNS-1123 label)")
+        if name is not None and name in seen:
+            node.error("name", f"duplicate subset name {name!r}")
+        if name is not None:
+            seen.add(name)
+        result.append(
+            Subset(
+                name=name or "",
+                labels=node.string_map("labels"),
+                traffic_policy=_traffic_policy(node, "trafficPolicy"),
+            )
+        )
+    return tuple(result)
+
+
+def _nonempty(node: Node, fields: tuple[str, ...], what: str) -> bool:
+    # Istio refuses policies with nothing in them ("must have at least one field").
+    if any(node.has(k) for k in fields):
+        return True
+    node.rep.error(node.path, f"{what} must set at least one of {', '.join(fields)}")
+    return False
+
+
+def _traffic_policy(parent: Node, key: str) -> TrafficPolicy | None:
+    node = parent.child(key, TRAFFIC_POLICY)
+    if node is None:
+        return None
+    _nonempty(node, tuple(sorted(TRAFFIC_POLICY.parsed | TRAFFIC_POLICY.ignored)), "trafficPolicy")
+    return TrafficPolicy(
+        load_balancer=_load_balancer(node),
+        connection_pool=_connection_pool(node),
+        outlier_detection=_outlier_detection(node),
+        port_level_settings=_port_level_settings(node),
+    )
+
+
+def _port_level_settings(parent: Node) -> tuple[PortTrafficPolicy, ...]:
+    result = []
+    for node in parent.children("portLevelSettings", PORT_TRAFFIC_POLICY):
+        port = c.port_selector(node, "port")
+        if not node.has("port"):
+            node.error("port", "is required")
+        _nonempty(node, ("loadBalancer", "connectionPool", "outlierDetection", "tls"), "port traffic policy")
+        result.append(
+            PortTrafficPolicy(
+                port=port or 0,
+                load_balancer=_load_balancer(node),
+                connection_pool=_connection_pool(node),
+                outlier_detection=_outlier_detection(node),
+            )
+        )
+    return tuple(result)
+
+
+# -- load balancer ------------------------------------------------------------
+
+
+def _load_balancer(parent: Node) -> LoadBalancerSettings | None:
+    node = parent.child("loadBalancer", LOAD_BALANCER)
+    if node is None:
+        return None
+    simple = node.enum("simple", SIMPLE_LB)
+    if simple == "LEAST_CONN":
+        node.warn("simple", "LEAST_CONN is deprecated: use LEAST_REQUEST (treated as LEAST_REQUEST)")
+        simple = "LEAST_REQUEST"
+    if node.has("simple") and node.has("consistentHash"):
+        node.rep.error(node.path, "only one of simple or consistentHash may be set")
+    return LoadBalancerSettings(simple=simple, consistent_hash=_consistent_hash(node))
+
+
+def _consistent_hash(parent: Node) -> ConsistentHashLB | None:
+    node = parent.child("consistentHash", CONSISTENT_HASH)
+    if node is None:
+        return None
+    keys = [
+        k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName") if node.get(k)
+    ]
+    if len(keys) > 1:
+        node.rep.error(node.path, f"only one hash key may be set, got {', '.join(keys)}")
+    elif not keys:
+        node.rep.warn(
+            node.path,
+            "no hash key (httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName): "
+            "requests will not have session affinity",
+        )
+    algorithms = [k for k in ("ringHash", "maglev") if node.has(k)]
+    if len(algorithms) > 1:
+        node.rep.error(node.path, "only one of ringHash or maglev may be set")
+    ring_size = _ring_size(node, bool(algorithms))
+    return ConsistentHashLB(
+        http_header_name=node.string("httpHeaderName", nonempty=True),
+        http_cookie=_http_cookie(node),
+        use_source_ip=node.boolean("useSourceIp") or False,
+        http_query_parameter_name=node.string("httpQueryParameterName", nonempty=True),
+        minimum_ring_size=ring_size,
+        maglev_table_size=_maglev(node),
+    )
+
+
+def _ring_size(node: Node, algorithm_set: bool) -> int | None:
+    ring = node.child("ringHash", RING_HASH)
+    size = ring.integer("minimumRingSize", lo=0, hi=UINT64_MAX) if ring is not None else None
+    if node.has("minimumRingSize"):
+        node.warn("minimumRingSize", "deprecated: use ringHash.minimumRingSize")
+        if algorithm_set:
+            node.error("minimumRingSize", "cannot be set together with ringHash or maglev")
+            return size
+        return node.integer("minimumRingSize", lo=0, hi=UINT64_MAX)
+    return size
+
+
+def _maglev(parent: Node) -> int | None:
+    node = parent.child("maglev", MAGLEV)
+    if node is None:
+        return None
+    size = node.integer("tableSize", lo=1, hi=UINT64_MAX, required=True)
+    if size is None:
+        return None
+    if size >= MAGLEV_MAX_TABLE:
+        node.error("tableSize", f"must be less than {MAGLEV_MAX_TABLE}")
+        return None
+    if not _is_prime(size):
+        node.error("tableSize", "must be a prime number")
+        return None
+    return size
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n < 4:
+        return True
+    if n % 2 == 0:
+        return False
+    factor = 3
+    while factor * factor <= n:
+        if n % factor == 0:
+            return False
+        factor += 2
+    return True
+
+
+def _http_cookie(parent: Node) -> HTTPCookie | None:
+    node = parent.child("httpCookie", HTTP_COOKIE)
+    if node is None:
+        return None
+    name = node.string("name", required=True, nonempty=True)
+    # A zero TTL is meaningful here (a session cookie), so no 1ms minimum.
+    ttl = node.duration("ttl", istio_min=False)
+    return HTTPCookie(name=name or "", path=node.string("path") or "", ttl=ttl)
+
+
+# -- connection pool, outlier detection ---------------------------------------
+
+
+def _connection_pool(parent: Node) -> ConnectionPoolSettings | None:
+    node = parent.child("connectionPool", CONNECTION_POOL)
+    if node is None:
+        return None
+    _nonempty(node, ("tcp", "http"), "connectionPool")
+    return ConnectionPoolSettings(tcp=_tcp_settings(node), http=_http_settings(node))
+
+
+def _tcp_settings(parent: Node) -> TCPSettings | None:
+    node = parent.child("tcp", TCP_SETTINGS)
+    if node is None:
+        return None
+    return TCPSettings(
+        max_connections=node.integer("maxConnections", lo=0),
+        connect_timeout=node.duration("connectTimeout"),
+        max_connection_duration=node.duration("maxConnectionDuration"),
+        idle_timeout=node.duration("idleTimeout"),
+    )
+
+
+def _http_settings(parent: Node) -> HTTPSettings | None:
+    node = parent.child("http", HTTP_SETTINGS)
+    if node is None:
+        return None
+    return HTTPSettings(
+        http1_max_pending_requests=node.integer("http1MaxPendingRequests", lo=0),
+        http2_max_requests=node.integer("http2MaxRequests", lo=0),
+        max_requests_per_connection=node.integer("maxRequestsPerConnection", lo=0),
+        max_retries=node.integer("maxRetries", lo=0),
+        idle_timeout=node.duration("idleTimeout"),
+        max_concurrent_streams=node.integer("maxConcurrentStreams", lo=0),
+    )
+
+
+def _outlier_detection(parent: Node) -> OutlierDetection | None:
+    node = parent.child("outlierDetection", OUTLIER_DETECTION)
+    if node is None:
+        return None
+    split = node.boolean("splitExternalLocalOriginErrors") or False
+    local_failures = node.integer("consecutiveLocalOriginFailures", lo=0, hi=UINT32_MAX)
+    if local_failures and not split:
+        node.error(
+            "consecutiveLocalOriginFailures", "has no effect unless splitExternalLocalOriginErrors is true"
+        )
+    return OutlierDetection(
+        consecutive_5xx_errors=_consecutive_5xx(node),
+        consecutive_gateway_errors=node.integer("consecutiveGatewayErrors", lo=0, hi=UINT32_MAX),
+        consecutive_local_origin_failures=local_failures,
+        split_external_local_origin_errors=split,
+        interval=node.duration("interval"),
+        base_ejection_time=node.duration("baseEjectionTime"),
+        max_ejection_percent=node.integer("maxEjectionPercent", lo=0, hi=100),
+        min_health_percent=node.integer("minHealthPercent", lo=0, hi=100),
+    )
+
+
+def _consecutive_5xx(node: Node) -> int | None:
+    value = node.integer("consecutive5xxErrors", lo=0, hi=UINT32_MAX)
+    if not node.has("consecutiveErrors"):
+        return value
+    if node.has("consecutive5xxErrors"):
+        node.warn("consecutiveErrors", "deprecated, and ignored because consecutive5xxErrors is set")
+        return value
+    node.warn("consecutiveErrors", "deprecated: use consecutive5xxErrors (treated as consecutive5xxErrors)")
+    return node.integer("consecutiveErrors", lo=0)

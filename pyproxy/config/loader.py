@@ -1,0 +1,312 @@
+"""Load Istio YAML (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry,
+Sidecar) from files and directories into the typed model.
+
+Loading never raises: every problem becomes a located :class:`Diagnostic`
+(``FILE#N: spec.http[0].route[1].weight: must be >= 0``), and all problems
+in all files are collected in one pass. Errors are what Istio would reject
+(or what pyproxy cannot honour); warnings are things that load but may not
+do what the author expects (unimplemented fields, unknown fields, other
+kinds, deprecated names, overridden duplicates).
+
+Documents with errors are left out of ``LoadedConfig.resources``; callers
+should refuse a config whose ``errors`` is not empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ._destination_rule import DESTINATION_RULE, parse_destination_rule
+from ._duration import parse_duration
+from ._reader import NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
+from ._service_entry import SERVICE_ENTRY, WORKLOAD_ENTRY, parse_service_entry, parse_workload_entry
+from ._sidecar import SIDECAR, parse_sidecar
+from ._virtual_service import VIRTUAL_SERVICE, parse_virtual_service
+from ._yaml import read_documents
+from .model import Diagnostic, LoadedConfig, Meta, Resource, Source
+
+__all__ = ["expand_paths", "load_paths", "load_text", "parse_duration"]
+
+log = logging.getLogger(__name__)
+
+API_GROUP = "networking.istio.io"
+API_VERSIONS = frozenset(f"{API_GROUP}/{v}" for v in ("v1alpha3", "v1beta1", "v1"))
+YAML_SUFFIXES = (".yaml", ".yml")
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+# Top-level fields of a Kubernetes object; "status" appears in `kubectl get -o yaml`.
+OBJECT = message("object", "apiVersion kind metadata spec status")
+# All of Kubernetes' ObjectMeta, so that only typos are reported; pyproxy uses
+# name, namespace and labels.
+OBJECT_META = message(
+    "ObjectMeta",
+    "name namespace labels annotations generateName selfLink uid resourceVersion generation "
+    "creationTimestamp deletionTimestamp deletionGracePeriodSeconds ownerReferences finalizers "
+    "managedFields clusterName",
+)
+
+Parser = Callable[[Report, str, Meta, Node], Resource]
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    spec: Message
+    parse: Parser
+
+
+KINDS: dict[str, _Kind] = {
+    "VirtualService": _Kind(VIRTUAL_SERVICE, parse_virtual_service),
+    "DestinationRule": _Kind(
+        DESTINATION_RULE, lambda rep, src, meta, spec: parse_destination_rule(meta, spec)
+    ),
+    "ServiceEntry": _Kind(SERVICE_ENTRY, lambda rep, src, meta, spec: parse_service_entry(meta, spec)),
+    "WorkloadEntry": _Kind(WORKLOAD_ENTRY, lambda rep, src, meta, spec: parse_workload_entry(meta, spec)),
+    "Sidecar": _Kind(SIDECAR, lambda rep, src, meta, spec: parse_sidecar(meta, spec)),
+}
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """One valid resource, before de-duplication."""
+
+    resource: Resource
+    meta: Meta
+    raw: dict
+    path: str  # "" for a document, "items[i]" for an item of a List
+
+
+@dataclass(slots=True)
+class _Collector:
+    errors: list[Diagnostic]
+    warnings: list[Diagnostic]
+    loaded: list[_Loaded]
+
+
+# -- public API ------------------------------------------------------------------
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """The files :func:`load_paths` reads, in order: files as given, and for a
+    directory its ``*.yaml``/``*.yml`` files (not recursive), sorted by name,
+    skipping names that start with "." (ConfigMap mounts keep their real files
+    under ``..data``; the visible names are symlinks, which are followed).
+    Paths that do not exist are left out (load_paths reports them)."""
+    return _expand(paths)[0]
+
+
+def load_paths(paths: Sequence[str]) -> LoadedConfig:
+    """Load files and directories; later paths override earlier ones."""
+    files, problems = _expand(paths)
+    out = _Collector(list(problems), [], [])
+    read: list[str] = []
+    for file in files:
+        text = _read_file(file, out)
+        if text is not None:
+            read.append(file)
+            _load_file(text, file, out)
+    return _finish(out, read)
+
+
+def load_text(text: str, file: str = "<string>") -> LoadedConfig:
+    """Load one file's content (for tests and fuzzing)."""
+    out = _Collector([], [], [])
+    _load_file(text, file, out)
+    return _finish(out, [file])
+
+
+# -- files ------------------------------------------------------------------------
+
+
+def _expand(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
+    files: list[str] = []
+    problems: list[Diagnostic] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as exc:
+                problems.append(Diagnostic(path, None, "", f"cannot list directory: {exc.strerror or exc}"))
+                continue
+            for name in names:
+                full = os.path.join(path, name)
+                if not name.startswith(".") and name.endswith(YAML_SUFFIXES) and os.path.isfile(full):
+                    files.append(full)
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            problems.append(Diagnostic(path, None, "", "no such file or directory"))
+    return files, problems
+
+
+def _read_file(file: str, out: _Collector) -> str | None:
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        out.errors.append(Diagnostic(file, None, "", f"cannot read file: {exc.strerror or exc}"))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        out.errors.append(Diagnostic(file, None, "", f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"))
+        return None
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        out.errors.append(Diagnostic(file, None, "", f"not valid UTF-8 text (byte {exc.start})"))
+        return None
+
+
+def _load_file(text: str, file: str, out: _Collector) -> None:
+    documents, problems = read_documents(text, file)
+    out.errors.extend(problems)
+    for document in documents:
+        rep = Report(file, document.index)
+        for line, key in document.duplicate_keys:
+            rep.warn("", f"line {line}: duplicate key {key!r}; the last value is used (kubectl rejects this)")
+        if document.data is not None:  # empty documents ("---" alone) are skipped
+            _load_document(rep, document.data, out)
+        out.errors.extend(rep.errors)
+        out.warnings.extend(rep.warnings)
+
+
+# -- documents --------------------------------------------------------------------
+
+
+def _load_document(rep: Report, data: object, out: _Collector) -> None:
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if isinstance(kind, str) and _is_list(kind) and isinstance(data, dict):
+        _load_list(rep, data, kind, out)
+    else:
+        _load_guarded(rep, "", data, None, out)
+
+
+def _is_list(kind: str) -> bool:
+    # "List" from `kubectl get -o yaml`; "<Kind>List" from the API server.
+    return kind == "List" or (kind.endswith("List") and kind[: -len("List")] in KINDS)
+
+
+def _load_list(rep: Report, data: dict, kind: str, out: _Collector) -> None:
+    items = data.get("items")
+    if not isinstance(items, list):
+        rep.error("items", f"must be a list, got {describe(items)}")
+        return
+    # Items of a typed list (VirtualServiceList) may omit kind and apiVersion.
+    defaults = (
+        None if kind == "List" else {"kind": kind[: -len("List")], "apiVersion": data.get("apiVersion")}
+    )
+    for i, item in enumerate(items):
+        _load_guarded(rep, f"items[{i}]", item, defaults, out)
+
+
+def _load_guarded(rep: Report, path: str, data: object, defaults: dict | None, out: _Collector) -> None:
+    """Load one object; whatever happens, the outcome is diagnostics, not exceptions."""
+    before = len(rep.errors)
+    try:
+        loaded = _load_object(rep, path, data, defaults)
+    except BudgetExceeded:
+        rep.error(path, f"document too large: more than {NODE_BUDGET} values once YAML aliases are expanded")
+        return
+    except Exception as exc:  # a bug in the loader must not take the proxy down
+        log.exception("internal error while loading %s#%s %s", rep.file, rep.doc, path)
+        rep.error(path, f"internal error while loading this document: {type(exc).__name__}: {exc}")
+        return
+    if loaded is not None and len(rep.errors) == before:
+        out.loaded.append(loaded)
+
+
+def _load_object(rep: Report, path: str, data: object, defaults: dict | None) -> _Loaded | None:
+    if not isinstance(data, dict):
+        rep.error(path, f"a Kubernetes object must be a mapping, got {describe(data)}")
+        return None
+    fields = {**defaults, **{k: v for k, v in data.items() if v is not None}} if defaults else data
+    kind = fields.get("kind")
+    if kind is None:
+        rep.error(join(path, "kind"), "is required")
+    elif not isinstance(kind, str):
+        rep.error(join(path, "kind"), f"must be a string, got {describe(kind)}")
+    name, namespace, labels = _metadata(rep, path, data)
+    if not isinstance(kind, str) or name is None:
+        return None
+    api_version = fields.get("apiVersion")
+    handler = KINDS.get(kind)
+    if handler is None:
+        version = api_version if isinstance(api_version, str) else describe(api_version)
+        rep.warn(path, f"kind {kind} ({version}) is not used by pyproxy; {namespace}/{name} ignored")
+        return None
+    if api_version not in API_VERSIONS:
+        rep.warn(
+            join(path, "apiVersion"),
+            f"{kind} {namespace}/{name}: apiVersion {describe(api_version)} is not supported "
+            f"(use {API_GROUP}/v1, v1beta1 or v1alpha3); ignored",
+        )
+        return None
+    Node(rep, path, data, OBJECT)  # reports unknown top-level fields
+    source = Source(rep.file, rep.doc if rep.doc is not None else 0)
+    meta = Meta(kind, str(api_version), name, namespace, source, labels)
+    spec = data.get("spec")
+    spec_path = join(path, "spec")
+    if spec is None:
+        spec = {}
+    elif not isinstance(spec, dict):
+        rep.error(spec_path, f"must be a mapping, got {describe(spec)}")
+        return None
+    resource = handler.parse(rep, str(source), meta, Node(rep, spec_path, spec, handler.spec))
+    return _Loaded(resource, meta, data, path)
+
+
+def _metadata(rep: Report, path: str, data: dict) -> tuple[str | None, str, tuple[tuple[str, str], ...]]:
+    """(name, namespace, labels); name is None when missing (reported)."""
+    md_path = join(path, "metadata")
+    metadata = data.get("metadata")
+    if metadata is None:
+        rep.error(join(md_path, "name"), "is required")
+        return None, "default", ()
+    if not isinstance(metadata, dict):
+        rep.error(md_path, f"must be a mapping, got {describe(metadata)}")
+        return None, "default", ()
+    md = Node(rep, md_path, metadata, OBJECT_META)
+    name = md.string("name", required=True, nonempty=True)
+    namespace = md.string("namespace") or "default"
+    return name, namespace, md.string_map("labels")
+
+
+# -- de-duplication ----------------------------------------------------------------
+
+
+def _finish(out: _Collector, files: list[str]) -> LoadedConfig:
+    """Keep the last definition of each kind/namespace/name, in load order."""
+    effective: dict[tuple[str, str, str], _Loaded] = {}
+    for item in out.loaded:
+        previous = effective.pop(item.meta.key, None)
+        if previous is not None:
+            out.warnings.append(_override_warning(previous, item))
+        effective[item.meta.key] = item
+    return LoadedConfig(
+        resources=tuple(item.resource for item in effective.values()),
+        errors=tuple(out.errors),
+        warnings=tuple(out.warnings),
+        files=tuple(files),
+        raw=tuple((item.meta.source, item.raw) for item in effective.values()),
+    )
+
+
+def _where(item: _Loaded) -> str:
+    return f"{item.meta.source} {item.path}" if item.path else str(item.meta.source)
+
+
+def _override_warning(previous: _Loaded, item: _Loaded) -> Diagnostic:
+    kind, namespace, name = item.meta.key
+    if previous.meta.source.file == item.meta.source.file:
+        rule = "the later document in the file wins"
+    else:
+        rule = "the file loaded later wins"
+    return Diagnostic(
+        item.meta.source.file,
+        item.meta.source.doc,
+        join(item.path, "metadata.name"),
+        f"{kind} {namespace}/{name} is defined twice: {_where(previous)} and {_where(item)}; {rule}",
+    )
