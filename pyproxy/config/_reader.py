@@ -23,9 +23,12 @@ INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
-# Values visited per document. YAML aliases share structure, so a small text
-# can expand into millions of values when walked; this keeps loading bounded.
-NODE_BUDGET = 200_000
+# Values visited per document: at least this many, and more for big files.
+# YAML aliases share structure, so a small text can expand into millions of
+# values when walked; without aliases a document cannot hold more values than
+# its file has characters, so a budget of twice the file size (each value may
+# be counted twice: as a list element and as a mapping) never stops real files.
+MIN_NODE_BUDGET = 200_000
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _ONE_MS = 1_000_000
@@ -40,12 +43,12 @@ class Report:
 
     __slots__ = ("budget", "doc", "errors", "file", "warnings")
 
-    def __init__(self, file: str, doc: int | None) -> None:
+    def __init__(self, file: str, doc: int | None, budget: int = MIN_NODE_BUDGET) -> None:
         self.file = file
         self.doc = doc
         self.errors: list[Diagnostic] = []
         self.warnings: list[Diagnostic] = []
-        self.budget = NODE_BUDGET
+        self.budget = budget
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(Diagnostic(self.file, self.doc, path, message))

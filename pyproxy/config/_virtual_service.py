@@ -183,8 +183,10 @@ def _warn_unreachable(rep: Report, routes: list[tuple[str, HTTPRoute]]) -> None:
 def _http_route(ctx: _Context, node: Node) -> HTTPRoute | None:
     rep = ctx.rep
     matches = tuple(_match(ctx, m) for m in node.children("match", HTTP_MATCH))
+    errors_before = len(rep.errors)
     route = tuple(_route_destination(d) for d in node.children("route", ROUTE_DESTINATION))
-    _check_weights(node, route)
+    if len(rep.errors) == errors_before:  # a bad weight already explains a zero total
+        _check_weights(node, route)
     redirect = _redirect(node)
     direct = _direct_response(node)
     rewrite = _rewrite(node)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ._destination_rule import DESTINATION_RULE, parse_destination_rule
 from ._duration import parse_duration
-from ._reader import NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
+from ._reader import MIN_NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
 from ._service_entry import SERVICE_ENTRY, WORKLOAD_ENTRY, parse_service_entry, parse_workload_entry
 from ._sidecar import SIDECAR, parse_sidecar
 from ._virtual_service import VIRTUAL_SERVICE, parse_virtual_service
@@ -163,8 +163,9 @@ def _read_file(file: str, out: _Collector) -> str | None:
 def _load_file(text: str, file: str, out: _Collector) -> None:
     documents, problems = read_documents(text, file)
     out.errors.extend(problems)
+    budget = max(MIN_NODE_BUDGET, 2 * len(text))
     for document in documents:
-        rep = Report(file, document.index)
+        rep = Report(file, document.index, budget)
         for line, key in document.duplicate_keys:
             rep.warn("", f"line {line}: duplicate key {key!r}; the last value is used (kubectl rejects this)")
         if document.data is not None:  # empty documents ("---" alone) are skipped
@@ -208,7 +209,7 @@ def _load_guarded(rep: Report, path: str, data: object, defaults: dict | None, o
     try:
         loaded = _load_object(rep, path, data, defaults)
     except BudgetExceeded:
-        rep.error(path, f"document too large: more than {NODE_BUDGET} values once YAML aliases are expanded")
+        rep.error(path, "document too large: it expands to too many values (YAML aliases?)")
         return
     except Exception as exc:  # a bug in the loader must not take the proxy down
         log.exception("internal error while loading %s#%s %s", rep.file, rep.doc, path)
@@ -234,14 +235,15 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
     api_version = fields.get("apiVersion")
     handler = KINDS.get(kind)
     if handler is None:
-        version = api_version if isinstance(api_version, str) else describe(api_version)
-        rep.warn(path, f"kind {kind} ({version}) is not used by pyproxy; {namespace}/{name} ignored")
+        rep.warn(
+            path, f"kind {kind} ({_shown(api_version)}) is not used by pyproxy; {namespace}/{name} ignored"
+        )
         return None
-    if api_version not in API_VERSIONS:
+    if not isinstance(api_version, str) or api_version not in API_VERSIONS:
         rep.warn(
             join(path, "apiVersion"),
-            f"{kind} {namespace}/{name}: apiVersion {describe(api_version)} is not supported "
-            f"(use {API_GROUP}/v1, v1beta1 or v1alpha3); ignored",
+            f"{_shown(api_version)} is not supported for {kind} (use {API_GROUP}/v1, v1beta1 or v1alpha3); "
+            f"{namespace}/{name} ignored",
         )
         return None
     Node(rep, path, data, OBJECT)  # reports unknown top-level fields
@@ -256,6 +258,10 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
         return None
     resource = handler.parse(rep, str(source), meta, Node(rep, spec_path, spec, handler.spec))
     return _Loaded(resource, meta, data, path)
+
+
+def _shown(api_version: object) -> str:
+    return api_version if isinstance(api_version, str) else f"apiVersion {describe(api_version)}"
 
 
 def _metadata(rep: Report, path: str, data: dict) -> tuple[str | None, str, tuple[tuple[str, str], ...]]:
