@@ -124,7 +124,8 @@ class _Context:
     applies_to_mesh: bool
 
 
-def parse_virtual_service(rep: Report, source: str, meta: Meta, spec: Node) -> VirtualService:
+def parse_virtual_service(meta: Meta, spec: Node) -> VirtualService:
+    rep = spec.rep
     hosts = spec.strings("hosts")
     gateways = spec.strings("gateways")
     applies_to_mesh = not gateways or "mesh" in gateways
@@ -137,7 +138,7 @@ def parse_virtual_service(rep: Report, source: str, meta: Meta, spec: Node) -> V
     _check_hosts(spec, hosts, applies_to_mesh)
     if not any(spec.get(k) for k in ("http", "tcp", "tls")):
         spec.rep.error(spec.path, "one of http, tcp or tls must be provided")
-    ctx = _Context(rep, source, applies_to_mesh)
+    ctx = _Context(rep, str(meta.source), applies_to_mesh)
     routes = [(node.path, _http_route(ctx, node)) for node in spec.children("http", HTTP_ROUTE)]
     kept = [(path, route) for path, route in routes if route is not None]
     _warn_unreachable(rep, kept)
@@ -194,7 +195,7 @@ def _http_route(ctx: _Context, node: Node) -> HTTPRoute | None:
     headers = c.headers(node, "headers")
     _check_authority(node, rewrite, headers)
     _check_conflicts(node)
-    route_result = HTTPRoute(
+    result = HTTPRoute(
         name=node.string("name") or "",
         match=matches,
         route=route,
@@ -210,13 +211,17 @@ def _http_route(ctx: _Context, node: Node) -> HTTPRoute | None:
         origin=f"{ctx.source} {node.path}",
     )
     if node.has("delegate"):
-        delegate = node.child("delegate", DELEGATE)
-        if delegate is not None:
-            delegate.string("name", required=True, nonempty=True)
-            delegate.string("namespace")
-        rep.warn(node.at("delegate"), "delegation is not implemented by pyproxy; this rule is ignored")
-        return None
-    return route_result
+        _delegate(node)
+        return None  # pyproxy cannot route it: leave it out rather than half-apply it
+    return result
+
+
+def _delegate(parent: Node) -> None:
+    node = parent.child("delegate", DELEGATE)
+    if node is not None:
+        node.string("name", required=True, nonempty=True)
+        node.string("namespace")
+    parent.warn("delegate", "delegation is not implemented by pyproxy; this rule is ignored")
 
 
 def _check_conflicts(node: Node) -> None:

@@ -6,6 +6,7 @@ becomes a Diagnostic; documents read before a syntax error are kept.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -15,6 +16,7 @@ from .model import Diagnostic
 # libyaml is ~7x faster than the pure-Python parser; fall back when absent.
 _BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_DOCUMENT_START = re.compile(r"^---", re.MULTILINE)
 
 # libyaml's composer recurses in C without a depth check and crashes the
 # process on absurdly deep nesting, so such text is refused before composing.
@@ -37,6 +39,13 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
         self.duplicates: list[tuple[int, str]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # Fast path first: this runs for every mapping of every file.
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+        if len(set(keys)) != len(keys):
+            self._record_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _record_duplicates(self, node: yaml.MappingNode) -> None:
         seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
@@ -44,7 +53,6 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
                 if ident in seen:
                     self.duplicates.append((key_node.start_mark.line + 1, str(key_node.value)[:60]))
                 seen.add(ident)
-        return super().construct_mapping(node, deep=deep)
 
 
 def read_documents(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
@@ -88,11 +96,12 @@ def _describe_error(exc: BaseException) -> str:
 def _too_deep(text: str, file: str) -> Diagnostic | None:
     """Refuse text nested deeper than MAX_DEPTH, cheaply in the common case."""
     # Upper bound on nesting: block nesting needs a new column (or "- "/"? "
-    # on the same line; indentless sequences double it), flow nesting needs a
-    # bracket. Only when the bound is high do we count depth exactly.
+    # on the same line; indentless sequences double it), flow nesting needs an
+    # opening bracket in the same document (a "---" line ends any document,
+    # flow collections included). Only a high bound costs an exact count.
     longest = max((len(line) for line in text.splitlines()), default=0)
-    bound = 2 * (longest + 1) + text.count("[") + text.count("{")
-    if bound <= MAX_DEPTH:
+    brackets = max((c.count("[") + c.count("{") for c in _DOCUMENT_START.split(text)), default=0)
+    if 2 * (longest + 1) + brackets <= MAX_DEPTH:
         return None
     depth = 0
     doc = -1

@@ -48,7 +48,7 @@ OBJECT_META = message(
     "managedFields clusterName",
 )
 
-Parser = Callable[[Report, str, Meta, Node], Resource]
+Parser = Callable[[Meta, Node], Resource]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +59,10 @@ class _Kind:
 
 KINDS: dict[str, _Kind] = {
     "VirtualService": _Kind(VIRTUAL_SERVICE, parse_virtual_service),
-    "DestinationRule": _Kind(
-        DESTINATION_RULE, lambda rep, src, meta, spec: parse_destination_rule(meta, spec)
-    ),
-    "ServiceEntry": _Kind(SERVICE_ENTRY, lambda rep, src, meta, spec: parse_service_entry(meta, spec)),
-    "WorkloadEntry": _Kind(WORKLOAD_ENTRY, lambda rep, src, meta, spec: parse_workload_entry(meta, spec)),
-    "Sidecar": _Kind(SIDECAR, lambda rep, src, meta, spec: parse_sidecar(meta, spec)),
+    "DestinationRule": _Kind(DESTINATION_RULE, parse_destination_rule),
+    "ServiceEntry": _Kind(SERVICE_ENTRY, parse_service_entry),
+    "WorkloadEntry": _Kind(WORKLOAD_ENTRY, parse_workload_entry),
+    "Sidecar": _Kind(SIDECAR, parse_sidecar),
 }
 
 
@@ -256,7 +254,7 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
     elif not isinstance(spec, dict):
         rep.error(spec_path, f"must be a mapping, got {describe(spec)}")
         return None
-    resource = handler.parse(rep, str(source), meta, Node(rep, spec_path, spec, handler.spec))
+    resource = handler.parse(meta, Node(rep, spec_path, spec, handler.spec))
     return _Loaded(resource, meta, data, path)
 
 

@@ -1058,6 +1058,23 @@ def test_error_message_format_matches_the_documented_example() -> None:
     assert [r.meta.name for r in cfg.resources] == ["a", "b"]
 
 
+def test_metadata_namespace_and_labels() -> None:
+    head = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nspec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}\n"
+    cfg = ok(head + "metadata: {name: s, namespace: prod, labels: {team: a, tier: '1'}, annotations: {x: y}}\n")
+    meta = cfg.resources[0].meta
+    assert meta is not None
+    assert (meta.key, meta.labels) == (("Sidecar", "prod", "s"), (("team", "a"), ("tier", "1")))
+    bad = load(head + "metadata: {name: s, namespace: 5, labels: {tier: 1}}\n")
+    assert has_diag(bad.errors, "t.yaml#0: metadata.namespace", "must be a string")
+    assert has_diag(bad.errors, "t.yaml#0: metadata.labels.tier", "must be a string")
+
+
+def test_load_text_defaults_and_empty_input() -> None:
+    cfg = load_text("")
+    assert cfg == LoadedConfig(files=("<string>",))
+    assert cfg.ok
+
+
 def test_document_that_is_not_a_mapping_is_an_error() -> None:
     cfg = load("- just\n- a list\n---\nplain scalar\n")
     assert strs(cfg.errors) == [
