@@ -308,5 +308,11 @@ def _consecutive_5xx(node: Node) -> int | None:
     if node.has("consecutive5xxErrors"):
         node.warn("consecutiveErrors", "deprecated, and ignored because consecutive5xxErrors is set")
         return value
-    node.warn("consecutiveErrors", "deprecated: use consecutive5xxErrors (treated as consecutive5xxErrors)")
+    # Note: Istio itself mapped this field to gateway errors (502/503/504) only;
+    # pyproxy's model contract maps it to consecutive_5xx_errors.
+    node.warn(
+        "consecutiveErrors",
+        "deprecated: use consecutive5xxErrors (treated as consecutive5xxErrors; "
+        "Istio counted only 502/503/504 for this field)",
+    )
     return node.integer("consecutiveErrors", lo=0)

@@ -91,7 +91,8 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
     directory its ``*.yaml``/``*.yml`` files (not recursive), sorted by name,
     skipping names that start with "." (ConfigMap mounts keep their real files
     under ``..data``; the visible names are symlinks, which are followed).
-    Paths that do not exist are left out (load_paths reports them)."""
+    Paths that do not exist or are not regular files are left out (load_paths
+    reports them as errors)."""
     return _expand(paths)[0]
 
 
@@ -132,8 +133,10 @@ def _expand(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
                 full = os.path.join(path, name)
                 if not name.startswith(".") and name.endswith(YAML_SUFFIXES) and os.path.isfile(full):
                     files.append(full)
-        elif os.path.exists(path):
+        elif os.path.isfile(path):
             files.append(path)
+        elif os.path.exists(path):  # a FIFO or device would block or never end
+            problems.append(Diagnostic(path, None, "", "not a regular file or directory"))
         else:
             problems.append(Diagnostic(path, None, "", "no such file or directory"))
     return files, problems

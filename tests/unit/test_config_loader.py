@@ -1060,7 +1060,9 @@ def test_error_message_format_matches_the_documented_example() -> None:
 
 def test_metadata_namespace_and_labels() -> None:
     head = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nspec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}\n"
-    cfg = ok(head + "metadata: {name: s, namespace: prod, labels: {team: a, tier: '1'}, annotations: {x: y}}\n")
+    cfg = ok(
+        head + "metadata: {name: s, namespace: prod, labels: {team: a, tier: '1'}, annotations: {x: y}}\n"
+    )
     meta = cfg.resources[0].meta
     assert meta is not None
     assert (meta.key, meta.labels) == (("Sidecar", "prod", "s"), (("team", "a"), ("tier", "1")))
@@ -1311,6 +1313,13 @@ def test_missing_path_is_an_error_and_not_expanded(tmp_path: Path) -> None:
     assert expand_paths([missing]) == []
     cfg = load_paths([missing])
     assert strs(cfg.errors) == [f"{missing}: no such file or directory"]
+
+
+def test_special_file_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    assert expand_paths([str(fifo), str(tmp_path)]) == []
+    assert strs(load_paths([str(fifo)]).errors) == [f"{fifo}: not a regular file or directory"]
 
 
 def test_invalid_utf8_file_is_an_error(tmp_path: Path) -> None:
