@@ -119,6 +119,7 @@ class Worker:
             app_port=options.app.port,
             outbound_port=options.outbound.port,
             inbound_port=options.inbound.port,
+            gateway=options.gateway,
         )
         self.stats = WorkerStats()
         self.resolver = Resolver(self.loop)

@@ -12,7 +12,7 @@ import os
 import sys
 
 from . import __version__
-from .options import Limits, RunOptions, parse_address, parse_labels
+from .options import Limits, RunOptions, parse_address, parse_gateway, parse_labels
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -28,6 +28,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--namespace", default=_env("namespace", "default"), help="this proxy's namespace")
     p.add_argument("--labels", default=_env("labels", ""), metavar="k=v,k=v",
                    help="this proxy's labels (sourceLabels match against them)")
+    p.add_argument("--gateway", default=_env("gateway", ""), metavar="[NAMESPACE/]NAME",
+                   help="run as this gateway: apply the VirtualServices bound to it (not those bound to "
+                        "mesh); the --outbound listener is where clients connect")
     p.add_argument("--inbound", default=_env("inbound", "0.0.0.0:15006"), metavar="HOST:PORT")
     p.add_argument("--app", default=_env("app", "127.0.0.1:9080"), metavar="HOST:PORT",
                    help="where inbound traffic goes")
@@ -67,6 +70,7 @@ def parse_run_options(args: argparse.Namespace) -> RunOptions:
         workload=args.workload,
         namespace=args.namespace or "default",
         labels=parse_labels(args.labels or ""),
+        gateway=parse_gateway(args.gateway or "", args.namespace or "default"),
         inbound=parse_address(args.inbound),
         app=parse_address(args.app, "127.0.0.1"),
         outbound=parse_address(args.outbound, "127.0.0.1"),

@@ -31,6 +31,19 @@ def parse_address(value: str, default_host: str = "0.0.0.0") -> Address:
     return Address(host or default_host, int(port))
 
 
+def parse_gateway(value: str, namespace: str) -> str:
+    """``NAME`` or ``NAMESPACE/NAME`` → ``namespace/name`` ("" stays "")."""
+    value = value.strip()
+    if not value:
+        return ""
+    ns, sep, name = value.rpartition("/")
+    if not sep:
+        ns = namespace
+    if not name or not ns or "/" in ns or name == "mesh":
+        raise ValueError(f"invalid --gateway {value!r}: expected NAME or NAMESPACE/NAME (and not 'mesh')")
+    return f"{ns}/{name}"
+
+
 def parse_labels(value: str) -> tuple[tuple[str, str], ...]:
     """``k=v,k=v`` → pairs, in order."""
     out: list[tuple[str, str]] = []
@@ -69,6 +82,8 @@ class RunOptions:
     workload: str = ""
     namespace: str = "default"
     labels: tuple[tuple[str, str], ...] = ()
+    # "namespace/name" of the Gateway this proxy serves (--gateway); "" = sidecar.
+    gateway: str = ""
     inbound: Address = Address("0.0.0.0", 15006)
     app: Address = Address("127.0.0.1", 9080)
     outbound: Address = Address("127.0.0.1", 15001)

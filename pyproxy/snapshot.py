@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from .config.model import (
     DestinationRule,
+    Gateway,
     HTTPRoute,
     LoadedConfig,
     ServiceEntry,
@@ -63,6 +64,8 @@ class ProxyIdentity:
     app_port: int = 9080
     outbound_port: int = 15001
     inbound_port: int = 15006
+    # "namespace/name" when this proxy runs as a gateway (--gateway), else "".
+    gateway: str = ""
 
     @property
     def label_dict(self) -> dict[str, str]:
@@ -115,6 +118,41 @@ def vs_applies_to_mesh(vs: VirtualService) -> bool:
     return not vs.gateways or "mesh" in vs.gateways
 
 
+def binds_to(gateways: tuple[str, ...], namespace: str, gateway: str) -> bool:
+    """Whether a VirtualService's (or match entry's) ``gateways`` list selects
+    this proxy. ``gateway`` is "" for a sidecar (the reserved name ``mesh``,
+    also what an empty list means) or "ns/name" for a gateway proxy; a
+    reference without a namespace names a gateway in the VirtualService's
+    own namespace, as in Istio."""
+    if not gateway:
+        return not gateways or "mesh" in gateways
+    for ref in gateways:
+        if ref == "mesh":
+            continue
+        if ("/" in ref and ref == gateway) or f"{namespace}/{ref}" == gateway:
+            return True
+    return False
+
+
+def _host_pattern_match(pattern: str, host: str) -> bool:
+    """``pattern`` (exact, ``*.suffix`` or ``*``) covers every name ``host`` covers."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*"):
+        return host.endswith(pattern[1:])
+    return pattern == host
+
+
+def intersect_hosts(vs_host: str, gw_host: str) -> str | None:
+    """The narrower of two host patterns when one covers the other (Istio
+    serves a VirtualService host on a gateway only where they overlap)."""
+    if _host_pattern_match(gw_host, vs_host):
+        return vs_host
+    if _host_pattern_match(vs_host, gw_host):
+        return gw_host
+    return None
+
+
 class _Builder:
     def __init__(self, loaded: LoadedConfig, identity: ProxyIdentity, ctx: BuildContext,
                  previous: Snapshot | None) -> None:
@@ -130,6 +168,7 @@ class _Builder:
         self.drs: list[DestinationRule] = []
         self.vss: list[VirtualService] = []
         self.sidecars: list[Sidecar] = []
+        self.gateways: list[Gateway] = []
         for r in loaded.resources:
             if isinstance(r, ServiceEntry):
                 self.ses.append(r)
@@ -141,6 +180,8 @@ class _Builder:
                 self.vss.append(r)
             elif isinstance(r, Sidecar):
                 self.sidecars.append(r)
+            elif isinstance(r, Gateway):
+                self.gateways.append(r)
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -281,8 +322,9 @@ class _Builder:
         # they are decided here, not per request.
         proxy_labels = self.identity.labels
         kept = []
+        gateway = self.identity.gateway
         for m in rule.match:
-            if m.gateways and "mesh" not in m.gateways:
+            if m.gateways and not binds_to(m.gateways, vs.meta.namespace, gateway):
                 continue
             if m.source_labels and not labels_match(m.source_labels, proxy_labels):
                 continue
@@ -359,12 +401,51 @@ class _Builder:
         route.retry = compile_retry(None)
         return route
 
+    def gateway_hosts(self) -> list[tuple[str, str]] | None:
+        """(namespace filter, host) pairs of this gateway's HTTP servers, or
+        None when the Gateway resource is not in the config (then the hosts
+        of the bound VirtualServices are used as written, with a warning)."""
+        ns, _, name = self.identity.gateway.partition("/")
+        gw = next((g for g in self.gateways if g.meta.namespace == ns and g.meta.name == name), None)
+        if gw is None:
+            self.warn(f"Gateway {ns}/{name} (--gateway) is not in the config: the VirtualServices "
+                      f"bound to it are served with their own hosts")
+            return None
+        out = []
+        for server in gw.servers:
+            for h in server.hosts:
+                vs_ns, sep, host = h.rpartition("/")
+                out.append((vs_ns if sep else "*", host))
+        if not out:
+            self.warn(f"Gateway {ns}/{name} has no HTTP server: nothing is routed")
+        return out
+
+    def bound_hosts(self, vs: VirtualService, gw_hosts: list[tuple[str, str]] | None) -> list[str]:
+        hosts = [canonical_host(h, vs.meta.namespace) for h in vs.hosts]
+        if gw_hosts is None:
+            return hosts
+        gw_ns = self.identity.gateway.partition("/")[0]
+        out = []
+        for h in hosts:
+            for ns_filter, gh in gw_hosts:
+                if ns_filter not in ("*", vs.meta.namespace) and not (ns_filter == "." and vs.meta.namespace == gw_ns):
+                    continue
+                narrowed = intersect_hosts(h, canonical_host(gh, vs.meta.namespace))
+                if narrowed is not None and narrowed not in out:
+                    out.append(narrowed)
+        if not out:
+            self.warn(f"{vs.meta.source}: VirtualService {vs.meta.namespace}/{vs.meta.name}: none of its hosts "
+                      f"is served by Gateway {self.identity.gateway}")
+        return out
+
     def build_hosts(self) -> HostIndex:
         by_host: dict[str, list[VirtualService]] = defaultdict(list)
+        gateway = self.identity.gateway
+        gw_hosts = self.gateway_hosts() if gateway else None
         for vs in self.vss:
-            if not vs_applies_to_mesh(vs):
+            if not binds_to(vs.gateways, vs.meta.namespace, gateway):
                 continue
-            for h in vs.hosts:
+            for h in (self.bound_hosts(vs, gw_hosts) if gateway else vs.hosts):
                 by_host[canonical_host(h, vs.meta.namespace)].append(vs)
         for host, vss in by_host.items():
             if len(vss) > 1:
@@ -386,6 +467,8 @@ class _Builder:
                     if pattern == "*" or svc.hostname.endswith(pattern[1:]):
                         vss = wvss
                         break
+            if not vss and gateway:
+                continue  # a gateway routes only the hosts bound to it
             routes = self.compile_routes(vss) if vss else (self.default_route(svc),)
             vh = VirtualHost(svc.hostname, routes, svc, has_vs=bool(vss))
             for alias in host_aliases(svc.hostname, ns):
@@ -402,6 +485,10 @@ class _Builder:
                 for alias in host_aliases(host, ns):
                     exact.setdefault(alias.encode(), vh)
         wildcards.sort(key=lambda e: -len(e[0]))
+        if gateway and catch_all is None:
+            # Envoy's gateway: a host no VirtualService serves gets 404 NR,
+            # never the sidecar's passthrough to the original destination.
+            catch_all = VirtualHost("*", (), None, has_vs=False)
         return HostIndex(exact, wildcards, catch_all)
 
     # -- sidecar ------------------------------------------------------------------

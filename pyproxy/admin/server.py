@@ -64,6 +64,7 @@ class AdminServer:
             "workload": w.identity.workload,
             "namespace": w.identity.namespace,
             "labels": dict(w.identity.labels),
+            "gateway": w.identity.gateway or None,
             "config_version": w.version,
         }
         return web.json_response(info, dumps=lambda o: json.dumps(o, indent=2))

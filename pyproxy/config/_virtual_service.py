@@ -132,8 +132,8 @@ def parse_virtual_service(meta: Meta, spec: Node) -> VirtualService:
     if gateways and not applies_to_mesh:
         spec.warn(
             "gateways",
-            f"bound only to gateways {', '.join(gateways)}; does not apply to sidecar traffic "
-            "(add 'mesh' to apply it to sidecars)",
+            f"bound only to gateways {', '.join(gateways)}; does not apply to sidecar traffic, only "
+            "to a proxy run with --gateway (add 'mesh' to apply it to sidecars)",
         )
     _check_hosts(spec, hosts, applies_to_mesh)
     if not any(spec.get(k) for k in ("http", "tcp", "tls")):

@@ -1,5 +1,5 @@
 """Load Istio YAML (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry,
-Sidecar) from files and directories into the typed model.
+Sidecar, Gateway) from files and directories into the typed model.
 
 Loading never raises: every problem becomes a located :class:`Diagnostic`
 (``FILE#N: spec.http[0].route[1].weight: must be >= 0``), and all problems
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ._destination_rule import DESTINATION_RULE, parse_destination_rule
 from ._duration import parse_duration
+from ._gateway import GATEWAY, parse_gateway
 from ._reader import MIN_NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
 from ._service_entry import SERVICE_ENTRY, WORKLOAD_ENTRY, parse_service_entry, parse_workload_entry
 from ._sidecar import SIDECAR, parse_sidecar
@@ -63,6 +64,7 @@ KINDS: dict[str, _Kind] = {
     "ServiceEntry": _Kind(SERVICE_ENTRY, parse_service_entry),
     "WorkloadEntry": _Kind(WORKLOAD_ENTRY, parse_workload_entry),
     "Sidecar": _Kind(SIDECAR, parse_sidecar),
+    "Gateway": _Kind(GATEWAY, parse_gateway),
 }
 
 

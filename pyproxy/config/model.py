@@ -365,7 +365,32 @@ class Sidecar:
     outbound_traffic_policy_mode: str | None = None  # ALLOW_ANY | REGISTRY_ONLY; None = unset
 
 
-Resource = VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar
+# --------------------------------------------------------------------------
+# Gateway
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    port_number: int
+    port_name: str = ""
+    protocol: str = "HTTP"
+    # As written: "host", "*", "ns/host", "*/host", "./host".
+    hosts: tuple[str, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A gateway definition. A proxy started with ``--gateway NAME`` takes the
+    VirtualServices bound to it; ``servers[].hosts`` narrow their hosts."""
+
+    meta: Meta
+    selector: Pairs = ()
+    servers: tuple[GatewayServer, ...] = ()
+
+
+Resource = VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
 
 
 # --------------------------------------------------------------------------
