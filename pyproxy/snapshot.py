@@ -48,11 +48,23 @@ from .routing.table import (
 from .upstream.cluster import Cluster, ClusterEndpoint, PassthroughCluster
 from .upstream.lb import make_balancer
 from .upstream.outlier import NULL_OUTLIER, OutlierDetector, can_ever_eject
-from .upstream.registry import Service, build_registry, canonical_host, host_aliases, is_ip, labels_match
+from .upstream.registry import (
+    Service,
+    address_host,
+    build_registry,
+    canonical_host,
+    host_aliases,
+    is_ip,
+    labels_match,
+)
 from .upstream.retry import NO_RETRY, compile_retry
 from .upstream.settings import ClusterSettings, cluster_settings
 
 log = logging.getLogger("pyproxy.config")
+
+# Istio's config root namespace: a Sidecar there without a workloadSelector is
+# the mesh-wide default.
+ROOT_NAMESPACE = "istio-system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +236,11 @@ class _Builder:
                      kind: str = "outbound", service: Service | None = None, port: int = 0,
                      subset: str = "", cls: type[Cluster] = Cluster) -> Cluster:
         fingerprint = (cls.__name__, settings, tuple(endpoints))
+        # Collected before the carry-over check: a cluster kept from the
+        # previous snapshot still needs its names re-resolved in the background.
+        for spec in endpoints:
+            if not is_ip(spec[0]) and not spec[0].startswith("unix://"):
+                self.dns_names.add(spec[0])
         if self.previous is not None:
             for old in self.previous.all_clusters():
                 if old.name == name and old.fingerprint == fingerprint:
@@ -233,9 +250,6 @@ class _Builder:
         cluster = cls(name, settings, fingerprint, ctx.loop, ctx.rng, ctx.resolver,
                       kind=kind, service=service, service_port=port, subset=subset)
         eps = [ClusterEndpoint(cluster, *spec) for spec in endpoints]
-        for spec in endpoints:
-            if not is_ip(spec[0]) and not spec[0].startswith("unix://"):
-                self.dns_names.add(spec[0])
         cluster.lb = make_balancer(settings, [], ctx.rng)
         cluster.set_endpoints(eps)
         if settings.outlier is not None:
@@ -254,9 +268,10 @@ class _Builder:
         return cluster
 
     def build_service_clusters(self) -> None:
+        # Wildcard ServiceEntry hosts (``*.example.com``) get clusters too:
+        # with resolution NONE they pass requests through to the original
+        # destination, so REGISTRY_ONLY admits the hosts they declare.
         for svc in self.registry.values():
-            if "*" in svc.hostname:
-                continue
             dr = self.dr_for(svc.hostname)
             top = dr.traffic_policy if dr else None
             subsets: list[Subset | None] = [None, *(dr.subsets if dr else ())]
@@ -457,10 +472,12 @@ class _Builder:
         wildcards: list[tuple[bytes, VirtualHost]] = []
         catch_all: VirtualHost | None = None
         ns = self.identity.namespace
+        # Names written in config (service FQDNs, VirtualService hosts) beat
+        # the short aliases generated for another service.
+        written: set[bytes] = set()
+        service_hosts: list[VirtualHost] = []
 
         for svc in self.registry.values():
-            if "*" in svc.hostname:
-                continue
             vss = by_host.get(svc.hostname)
             if vss is None:
                 for pattern, wvss in wild_vs:
@@ -471,8 +488,24 @@ class _Builder:
                 continue  # a gateway routes only the hosts bound to it
             routes = self.compile_routes(vss) if vss else (self.default_route(svc),)
             vh = VirtualHost(svc.hostname, routes, svc, has_vs=bool(vss))
-            for alias in host_aliases(svc.hostname, ns):
-                exact[alias.encode()] = vh
+            if svc.is_wildcard:
+                wildcards.append((svc.hostname[1:].encode(), vh))
+            else:
+                service_hosts.append(vh)
+        for vh in service_hosts:
+            written.add(vh.name.encode())
+            exact[vh.name.encode()] = vh
+        for vh in service_hosts:
+            for alias in host_aliases(vh.name, ns):
+                key = alias.encode()
+                if key not in written:
+                    exact[key] = vh
+            # Istio adds a service's single-IP addresses as virtual-host
+            # domains, so a request whose Host is the VIP selects the service.
+            for address in vh.service.addresses:
+                name = address_host(address)
+                if name is not None:
+                    exact.setdefault(name.encode(), vh)
         for host, vss in by_host.items():
             if host in self.registry:
                 continue
@@ -483,7 +516,12 @@ class _Builder:
                 wildcards.append((host[1:].encode(), vh))
             else:
                 for alias in host_aliases(host, ns):
-                    exact.setdefault(alias.encode(), vh)
+                    key = alias.encode()
+                    if alias == host and key not in written:
+                        exact[key] = vh
+                        written.add(key)
+                    else:
+                        exact.setdefault(key, vh)
         wildcards.sort(key=lambda e: -len(e[0]))
         if gateway and catch_all is None:
             # Envoy's gateway: a host no VirtualService serves gets 404 NR,
@@ -493,21 +531,40 @@ class _Builder:
 
     # -- sidecar ------------------------------------------------------------------
 
-    def registry_only(self) -> bool:
-        best: Sidecar | None = None
+    def sidecar(self) -> Sidecar | None:
+        """The Sidecar resource that applies to this proxy, by Istio's
+        precedence: one in the proxy's namespace whose workloadSelector
+        matches its labels, else the namespace's one without a selector, else
+        the root namespace's (``istio-system``) one without a selector, the
+        mesh-wide default. Within a level the first in load order wins (Istio
+        takes the oldest), with a warning."""
+        ns = self.identity.namespace
+        levels: tuple[list[Sidecar], list[Sidecar], list[Sidecar]] = ([], [], [])
         for sc in self.sidecars:
-            if sc.meta.namespace != self.identity.namespace:
-                continue
-            if sc.workload_selector is not None:
-                if labels_match(sc.workload_selector, self.identity.labels):
-                    best = sc
-                    break
-            elif best is None:
-                best = sc
+            scope = sc.meta.namespace
+            if scope == ns:
+                if sc.workload_selector is None:
+                    levels[1].append(sc)
+                elif labels_match(sc.workload_selector, self.identity.labels):
+                    levels[0].append(sc)
+            elif scope == ROOT_NAMESPACE and sc.workload_selector is None:
+                levels[2].append(sc)
+        for candidates in levels:
+            if candidates:
+                chosen = candidates[0]
+                if len(candidates) > 1:
+                    others = ", ".join(f"{c.meta.namespace}/{c.meta.name} ({c.meta.source})" for c in candidates[1:])
+                    self.warn(f"{chosen.meta.source}: several Sidecars apply to this proxy; using "
+                              f"{chosen.meta.namespace}/{chosen.meta.name}, ignoring {others}")
+                return chosen
+        return None
+
+    def registry_only(self) -> bool:
+        best = self.sidecar()
         return best is not None and best.outbound_traffic_policy_mode == "REGISTRY_ONLY"
 
     def build(self, version: int) -> Snapshot:
-        self.registry = build_registry(self.ses, self.wes)
+        self.registry = build_registry(self.ses, self.wes, self.warn)
         self.index_destination_rules()
         self.build_service_clusters()
         hosts = self.build_hosts()

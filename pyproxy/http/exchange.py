@@ -262,8 +262,7 @@ class Exchange:
             if vh is None:
                 self._passthrough()
                 return
-            self.port = vh.effective_port(self.port if self.port > 0 and self.port != self.conn.listen_port
-                                          else None)
+            self.port = self.service_port(vh)
             route = vh.match(self)
             if route is None:
                 self.send_reply(errors.NR_404)
@@ -287,6 +286,19 @@ class Exchange:
             if self._fault_abort():
                 return
         self._forward()
+
+    def service_port(self, vh: Any) -> int:
+        """The service port this outbound request addresses on ``vh``."""
+        orig = self.conn.original_dst
+        if orig is not None and (orig[1] in vh.ports or not vh.ports):
+            # Redirected by iptables: like Istio's per-port listeners, the
+            # port the app connected to selects the service port (a Host
+            # header often carries none).
+            return orig[1]
+        port = self.port
+        # No port, or the sidecar's own listener port (an app configured to
+        # call ``details:15001``): that names the service, not one of its ports.
+        return vh.effective_port(port if port > 0 and port != self.conn.listen_port else None)
 
     def _validate(self) -> tuple[int, bytes] | None:
         """RFC 9112 checks the parser leaves to us. (status, body) or None."""

@@ -12,6 +12,7 @@ literally). Everything is keyed by the canonical FQDN.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config.model import Pairs, ServiceEntry, ServicePort, WorkloadEntry
@@ -55,6 +56,20 @@ def is_ip(address: str) -> bool:
     return True
 
 
+def address_host(address: str) -> str | None:
+    """The Host-header form of a ServiceEntry ``addresses`` entry that names
+    one IP (``10.0.0.5``, ``10.0.0.5/32``, ``[fd00::5]``); None for a CIDR
+    block, which Istio does not turn into an HTTP domain either."""
+    try:
+        net = ipaddress.ip_network(address.strip(), strict=False)
+    except ValueError:
+        return None
+    if net.num_addresses != 1:
+        return None
+    ip = net.network_address
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
 def labels_match(selector: Pairs, labels: Pairs) -> bool:
     """True when every selector label is present with the same value."""
     if not selector:
@@ -90,6 +105,11 @@ class Service:
     location: str
     endpoints: tuple[ServiceEndpoint, ...]
     source: str  # "file#doc" of the ServiceEntry
+    addresses: tuple[str, ...] = ()  # ServiceEntry ``addresses`` (VIPs / CIDRs), as written
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.hostname.startswith("*")
 
     def port(self, number: int) -> ServicePort | None:
         for p in self.ports:
@@ -110,11 +130,15 @@ def _workload_name(we: WorkloadEntry, fallback_labels: Pairs) -> str:
 
 
 def build_registry(
-    service_entries: list[ServiceEntry], workload_entries: list[WorkloadEntry]
+    service_entries: list[ServiceEntry],
+    workload_entries: list[WorkloadEntry],
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Service]:
     """Services keyed by canonical host. When two ServiceEntries claim the same
-    host, their endpoints are merged (Istio merges ServiceEntries for one host
-    into a single service)."""
+    host, their ports, endpoints and addresses are merged (Istio merges
+    ServiceEntries for one host into a single service); the first one's
+    resolution and location are kept, with a warning through ``warn`` when
+    the later one disagrees."""
     services: dict[str, Service] = {}
     for se in service_entries:
         ns = se.meta.namespace
@@ -153,13 +177,21 @@ def build_registry(
                 eps.append(ServiceEndpoint(raw_host.strip().rstrip("."), (), (), 1, "unknown", ns))
             existing = services.get(host)
             if existing is not None:
+                if warn is not None and (existing.resolution, existing.location) != (se.resolution, se.location):
+                    warn(
+                        f"{se.meta.source}: ServiceEntry {ns}/{se.meta.name} declares host {host} with "
+                        f"resolution {se.resolution}/{se.location}, but {existing.source} declared it with "
+                        f"{existing.resolution}/{existing.location}; merged, keeping the first"
+                    )
                 ports = existing.ports + tuple(p for p in se.ports if existing.port(p.number) is None)
+                addresses = existing.addresses + tuple(a for a in se.addresses if a not in existing.addresses)
                 services[host] = Service(
                     host, existing.namespace, ports, existing.resolution, existing.location,
-                    existing.endpoints + tuple(eps), existing.source,
+                    existing.endpoints + tuple(eps), existing.source, addresses,
                 )
             else:
                 services[host] = Service(
-                    host, ns, se.ports, se.resolution, se.location, tuple(eps), str(se.meta.source)
+                    host, ns, se.ports, se.resolution, se.location, tuple(eps), str(se.meta.source),
+                    se.addresses,
                 )
     return services
