@@ -10,90 +10,164 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from . import __version__
 from .options import Limits, RunOptions, parse_address, parse_gateway, parse_labels
 
+T = TypeVar("T")
+
+
+ENV_PREFIX = "PYPROXY_"
+
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+def env_name(flag: str) -> str:
+    """``--log-level`` → ``PYPROXY_LOG_LEVEL``."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get("PYPROXY_" + name.upper().replace("-", "_"), default)
+    return os.environ.get(env_name(name), default)
 
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the sidecar", description="Run the sidecar proxy.")
+def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    # Defaults are applied in parse_run_options (command line, else
+    # PYPROXY_<FLAG>, else the default shown here), so that a bad value can be
+    # reported with where it came from; argparse only collects strings.
+    p = sub.add_parser("run", help="run the sidecar", description="Run the sidecar proxy.",
+                       epilog="Every flag can also be set as PYPROXY_<FLAG> in the environment "
+                              "(PYPROXY_CONFIG: comma-separated paths); the command line wins.")
     p.add_argument("--config", action="append", metavar="PATH",
-                   help="config file or directory (*.yaml/*.yml, sorted); repeatable "
-                        "[env PYPROXY_CONFIG, comma-separated]")
-    p.add_argument("--workload", default=_env("workload", ""), help="this proxy's workload name")
-    p.add_argument("--namespace", default=_env("namespace", "default"), help="this proxy's namespace")
-    p.add_argument("--labels", default=_env("labels", ""), metavar="k=v,k=v",
-                   help="this proxy's labels (sourceLabels match against them)")
-    p.add_argument("--gateway", default=_env("gateway", ""), metavar="[NAMESPACE/]NAME",
+                   help="config file or directory (*.yaml/*.yml, sorted); repeatable")
+    p.add_argument("--workload", metavar="NAME", help="this proxy's workload name (default: app-version label)")
+    p.add_argument("--namespace", metavar="NS", help="this proxy's namespace (default: default)")
+    p.add_argument("--labels", metavar="k=v,k=v", help="this proxy's labels (sourceLabels match against them)")
+    p.add_argument("--gateway", metavar="[NAMESPACE/]NAME",
                    help="run as this gateway: apply the VirtualServices bound to it (not those bound to "
                         "mesh); the --outbound listener is where clients connect")
-    p.add_argument("--inbound", default=_env("inbound", "0.0.0.0:15006"), metavar="HOST:PORT")
-    p.add_argument("--app", default=_env("app", "127.0.0.1:9080"), metavar="HOST:PORT",
-                   help="where inbound traffic goes")
-    p.add_argument("--outbound", default=_env("outbound", "127.0.0.1:15001"), metavar="HOST:PORT")
-    p.add_argument("--admin", default=_env("admin", "127.0.0.1:15000"), metavar="HOST:PORT")
-    p.add_argument("--stats", default=_env("stats", "0.0.0.0:15090"), metavar="HOST:PORT",
-                   help="/stats/prometheus and /healthz/ready")
-    p.add_argument("--workers", type=int, default=int(_env("workers", "1") or 1))
-    p.add_argument("--log-level", default=_env("log_level", "info"),
-                   choices=["trace", "debug", "info", "warning", "warn", "error", "critical", "off"])
-    p.add_argument("--access-log", default=_env("access_log", "off"), metavar="PATH|-|off")
-    p.add_argument("--access-log-format", default=_env("access_log_format", "text"), choices=["text", "json"])
-    p.add_argument("--tracing", default=_env("tracing", "on"), choices=["on", "off"])
-    p.add_argument("--trace-sampling", type=float, default=float(_env("trace_sampling", "100") or 100),
-                   metavar="PERCENT", help="sampling percentage for new traces (default 100)")
-    p.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", "5") or 5),
-                   metavar="SECONDS")
-    p.add_argument("--max-request-body", type=int, default=int(_env("max_request_body", "0") or 0),
-                   metavar="BYTES", help="reject larger request bodies with 413 (0 = no limit)")
+    p.add_argument("--inbound", metavar="HOST:PORT", help="inbound listener (default: 0.0.0.0:15006)")
+    p.add_argument("--app", metavar="HOST:PORT", help="where inbound traffic goes (default: 127.0.0.1:9080)")
+    p.add_argument("--outbound", metavar="HOST:PORT", help="outbound listener (default: 127.0.0.1:15001)")
+    p.add_argument("--admin", metavar="HOST:PORT", help="admin API (default: 127.0.0.1:15000)")
+    p.add_argument("--stats", metavar="HOST:PORT",
+                   help="/stats/prometheus and /healthz/ready (default: 0.0.0.0:15090)")
+    p.add_argument("--workers", metavar="N", help="worker processes (default: 1)")
+    p.add_argument("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)} (default: info)")
+    p.add_argument("--access-log", metavar="PATH|-|off", help="access log destination (default: off)")
+    p.add_argument("--access-log-format", metavar="text|json", help="access log format (default: text)")
+    p.add_argument("--tracing", metavar="on|off", help="OpenTelemetry tracing (default: on)")
+    p.add_argument("--trace-sampling", metavar="PERCENT", help="sampling percentage for new traces (default: 100)")
+    p.add_argument("--drain-timeout", metavar="SECONDS", help="graceful drain on SIGTERM (default: 5)")
+    p.add_argument("--max-request-body", metavar="BYTES",
+                   help="reject larger request bodies with 413 (default: 0 = no limit)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    return p
 
 
-def parse_run_options(args: argparse.Namespace) -> RunOptions:
-    configs = args.config
+class _Flags:
+    """One ``run`` flag's value: the command line, else ``PYPROXY_<FLAG>``
+    (an empty variable counts as unset), else the default. Errors name the
+    flag or the variable the bad value came from."""
+
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        self.args = args
+        self.environ = environ
+
+    def raw(self, flag: str, default: str) -> tuple[str, str]:
+        value = getattr(self.args, flag.replace("-", "_"), None)
+        if value is not None:
+            return value, f"--{flag}"
+        name = env_name(flag)
+        env = self.environ.get(name)
+        if env is not None and env.strip():
+            return env, name
+        return default, f"--{flag}"
+
+    def text(self, flag: str, default: str) -> str:
+        return self.raw(flag, default)[0].strip()
+
+    def integer(self, flag: str, default: str, lo: int) -> int:
+        value, source = self.raw(flag, default)
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{source}: {value!r} is not an integer") from None
+        if number < lo:
+            raise ValueError(f"{source}: must be >= {lo}, got {number}")
+        return number
+
+    def number(self, flag: str, default: str, lo: float, hi: float | None = None) -> float:
+        value, source = self.raw(flag, default)
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{source}: {value!r} is not a number") from None
+        if not (lo <= number and (hi is None or number <= hi)) or number != number:
+            bound = f"within {lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
+            raise ValueError(f"{source}: must be {bound}, got {value.strip()}")
+        return number
+
+    def choice(self, flag: str, default: str, choices: Sequence[str]) -> str:
+        value, source = self.raw(flag, default)
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"{source}: {value!r} is not one of {', '.join(choices)}")
+        return lowered
+
+    def parsed(self, flag: str, default: str, parse: Callable[[str], T]) -> T:
+        value, source = self.raw(flag, default)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunOptions:
+    """Resolve every ``run`` flag; raises ValueError with a message naming
+    the flag (or PYPROXY_ variable) for the first bad value."""
+    env = os.environ if environ is None else environ
+    f = _Flags(args, env)
+    configs = [c.strip() for c in args.config or () if c.strip()]
     if not configs:
-        env = _env("config")
-        configs = [c for c in (env or "").split(",") if c]
+        configs = [c.strip() for c in env.get(env_name("config"), "").split(",") if c.strip()]
     if not configs:
-        raise ValueError("at least one --config PATH is required (or PYPROXY_CONFIG)")
-    level = {"warn": "warning", "trace": "debug", "off": "critical"}.get(args.log_level, args.log_level)
-    if args.workers < 1:
-        raise ValueError("--workers must be >= 1")
-    if not 0 <= args.trace_sampling <= 100:
-        raise ValueError("--trace-sampling must be within 0..100")
+        raise ValueError(f"at least one --config PATH is required (or {env_name('config')}=PATH,PATH)")
+    namespace = f.text("namespace", "default") or "default"
+    log_level = f.choice("log-level", "info", LOG_LEVELS)
+    log_level = {"warn": "warning", "trace": "debug", "off": "critical"}.get(log_level, log_level)
     return RunOptions(
         config=tuple(configs),
-        workload=args.workload,
-        namespace=args.namespace or "default",
-        labels=parse_labels(args.labels or ""),
-        gateway=parse_gateway(args.gateway or "", args.namespace or "default"),
-        inbound=parse_address(args.inbound),
-        app=parse_address(args.app, "127.0.0.1"),
-        outbound=parse_address(args.outbound, "127.0.0.1"),
-        admin=parse_address(args.admin, "127.0.0.1"),
-        stats=parse_address(args.stats),
-        workers=args.workers,
-        log_level=level,
-        access_log=args.access_log,
-        access_log_format=args.access_log_format,
-        tracing=args.tracing,
-        trace_sampling=args.trace_sampling / 100.0,
-        drain_timeout=args.drain_timeout,
-        limits=Limits(max_request_body=args.max_request_body),
-        worker_index=int(os.environ.get("PYPROXY_WORKER_INDEX", "0")),
+        workload=f.text("workload", ""),
+        namespace=namespace,
+        labels=f.parsed("labels", "", parse_labels),
+        gateway=f.parsed("gateway", "", lambda v: parse_gateway(v, namespace)),
+        inbound=f.parsed("inbound", "0.0.0.0:15006", parse_address),
+        app=f.parsed("app", "127.0.0.1:9080", lambda v: parse_address(v, "127.0.0.1")),
+        outbound=f.parsed("outbound", "127.0.0.1:15001", lambda v: parse_address(v, "127.0.0.1")),
+        admin=f.parsed("admin", "127.0.0.1:15000", lambda v: parse_address(v, "127.0.0.1")),
+        stats=f.parsed("stats", "0.0.0.0:15090", parse_address),
+        workers=f.integer("workers", "1", lo=1),
+        log_level=log_level,
+        access_log=f.text("access-log", "off") or "off",
+        access_log_format=f.choice("access-log-format", "text", ("text", "json")),
+        tracing=f.choice("tracing", "on", ("on", "off")),
+        trace_sampling=f.number("trace-sampling", "100", 0.0, 100.0) / 100.0,
+        drain_timeout=f.number("drain-timeout", "5", 0.0),
+        limits=Limits(max_request_body=f.integer("max-request-body", "0", lo=0)),
+        worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``pyproxy`` parser and its ``run`` subparser."""
     parser = argparse.ArgumentParser(prog="pyproxy", description="An Envoy-like sidecar proxy driven by Istio YAML.")
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    run_parser = _run_parser(sub)
     v = sub.add_parser("validate", help="validate Istio config files")
     v.add_argument("paths", nargs="+", metavar="PATH")
     ipt = sub.add_parser("iptables", help="print (or apply) the traffic-capture rules for a pod network namespace")
@@ -105,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--config-dir", default=None, help="mesh config directory (default: a fresh temp dir)")
     demo.add_argument("--ingress", default="127.0.0.1:9080", metavar="HOST:PORT")
     demo.add_argument("--log-level", default="warning")
+    return parser, run_parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser, run_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":
         from .config.validate import main as validate_main
@@ -122,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_run_options(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        run_parser.error(str(exc))  # usage + "pyproxy run: error: ...", exit status 2
     from .app import run
 
     return run(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 
@@ -22,12 +23,20 @@ def parse_address(value: str, default_host: str = "0.0.0.0") -> Address:
         if end == -1 or value[end + 1:end + 2] != ":":
             raise ValueError(f"invalid address {value!r}: expected [IPv6]:PORT")
         host, port = value[1:end], value[end + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid address {value!r}: {host!r} is not an IPv6 address") from None
     elif ":" in value:
         host, _, port = value.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"invalid address {value!r}: write IPv6 addresses in brackets, [::1]:PORT")
     else:
         host, port = "", value
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"invalid port in address {value!r}")
+    if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in address {value!r}: expected HOST:PORT with PORT in 0..65535")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"invalid address {value!r}: the host contains whitespace")
     return Address(host or default_host, int(port))
 
 
@@ -40,7 +49,7 @@ def parse_gateway(value: str, namespace: str) -> str:
     if not sep:
         ns = namespace
     if not name or not ns or "/" in ns or name == "mesh":
-        raise ValueError(f"invalid --gateway {value!r}: expected NAME or NAMESPACE/NAME (and not 'mesh')")
+        raise ValueError(f"invalid gateway {value!r}: expected NAME or NAMESPACE/NAME (and not 'mesh')")
     return f"{ns}/{name}"
 
 
