@@ -57,7 +57,7 @@ from .upstream.registry import (
     is_ip,
     labels_match,
 )
-from .upstream.retry import NO_RETRY, compile_retry
+from .upstream.retry import INBOUND_DEFAULT, compile_retry
 from .upstream.settings import ClusterSettings, cluster_settings
 
 log = logging.getLogger("pyproxy.config")
@@ -256,7 +256,7 @@ class _Builder:
             clock = ctx.clock or ctx.loop.time
             cluster.outlier = OutlierDetector(cluster, settings.outlier, clock, ctx.loop.call_soon,
                                               ctx.loop.call_later)
-            if not can_ever_eject(settings.outlier, len(eps)):
+            if eps and not can_ever_eject(settings.outlier, len(eps)):
                 self.warn(
                     f"cluster {name}: maxEjectionPercent {settings.outlier.max_ejection_percent}% of "
                     f"{len(eps)} endpoint(s) can never eject anyone"
@@ -372,7 +372,7 @@ class _Builder:
                 self.warn(f"{route.origin}: every destination has weight 0; using the first")
             route.set_targets(targets)
         route.timeout = rule.timeout if rule.timeout else None
-        route.retry = compile_retry(rule.retries)
+        route.retry = compile_retry(rule.retries, route.timeout, _hashes(route))
         route.fault = compile_fault(rule.fault)
         if rule.headers is not None:
             route.request_ops = _ops(rule.headers.request)
@@ -413,7 +413,7 @@ class _Builder:
         t = RouteTarget(svc.hostname, "", None, 0, None, None)
         self.resolve_target(t, svc.namespace, route.origin)
         route.set_targets([t])
-        route.retry = compile_retry(None)
+        route.retry = compile_retry(None, None, _hashes(route))
         return route
 
     def gateway_hosts(self) -> list[tuple[str, str]] | None:
@@ -579,7 +579,8 @@ class _Builder:
         t = RouteTarget(ident.app_host, "", ident.app_port, 0, None, None)
         t.cluster = inbound
         inbound_route.set_targets([t])
-        inbound_route.retry = NO_RETRY  # Istio configures no retries on the inbound side
+        # Istio >= 1.24: retry a request that never reached the app (reset-before-request, 2 retries).
+        inbound_route.retry = INBOUND_DEFAULT
         passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(), [], kind="passthrough",
                                         cls=PassthroughCluster)
         assert isinstance(passthrough, PassthroughCluster)
@@ -597,6 +598,16 @@ class _Builder:
             warnings=self.warnings,
             dns_names=frozenset(self.dns_names),
         )
+
+
+def _hashes(route: CompiledRoute) -> bool:
+    """Does a destination of this route balance by consistent hash? (Istio
+    then leaves the previous-hosts retry predicate off.)"""
+    for t in route.targets or ():
+        for c in (t.cluster, *t.by_port.values()):
+            if c is not None and c.settings.lb_policy == "CONSISTENT_HASH":
+                return True
+    return False
 
 
 def _ops(ops: Any) -> HeaderOps | None:

@@ -289,9 +289,10 @@ def _outlier_detection(parent: Node) -> OutlierDetection | None:
         node.error(
             "consecutiveLocalOriginFailures", "has no effect unless splitExternalLocalOriginErrors is true"
         )
+    consecutive_5xx, consecutive_gateway = _consecutive_errors(node)
     return OutlierDetection(
-        consecutive_5xx_errors=_consecutive_5xx(node),
-        consecutive_gateway_errors=node.integer("consecutiveGatewayErrors", lo=0, hi=UINT32_MAX),
+        consecutive_5xx_errors=consecutive_5xx,
+        consecutive_gateway_errors=consecutive_gateway,
         consecutive_local_origin_failures=local_failures,
         split_external_local_origin_errors=split,
         interval=node.duration("interval"),
@@ -301,18 +302,31 @@ def _outlier_detection(parent: Node) -> OutlierDetection | None:
     )
 
 
-def _consecutive_5xx(node: Node) -> int | None:
-    value = node.integer("consecutive5xxErrors", lo=0, hi=UINT32_MAX)
+def _consecutive_errors(node: Node) -> tuple[int | None, int | None]:
+    """(consecutive_5xx_errors, consecutive_gateway_errors).
+
+    The deprecated ``consecutiveErrors: N`` counted only gateway errors
+    (502/503/504): Istio translated it to Envoy's consecutive_gateway_failure
+    = N with 5xx-based ejection switched off (istio/api#617). The explicit
+    fields, when also present, win over it field by field, as in Istio's
+    translation where they were applied afterwards.
+    """
+    five = node.integer("consecutive5xxErrors", lo=0, hi=UINT32_MAX)
+    gateway = node.integer("consecutiveGatewayErrors", lo=0, hi=UINT32_MAX)
     if not node.has("consecutiveErrors"):
-        return value
-    if node.has("consecutive5xxErrors"):
-        node.warn("consecutiveErrors", "deprecated, and ignored because consecutive5xxErrors is set")
-        return value
-    # Note: Istio itself mapped this field to gateway errors (502/503/504) only;
-    # pyproxy's model contract maps it to consecutive_5xx_errors.
+        return five, gateway
+    legacy = node.integer("consecutiveErrors", lo=0)  # int32 in the proto
+    if node.has("consecutive5xxErrors") and node.has("consecutiveGatewayErrors"):
+        node.warn(
+            "consecutiveErrors",
+            "deprecated, and ignored because consecutive5xxErrors and consecutiveGatewayErrors are set",
+        )
+        return five, gateway
     node.warn(
         "consecutiveErrors",
-        "deprecated: use consecutive5xxErrors (treated as consecutive5xxErrors; "
-        "Istio counted only 502/503/504 for this field)",
+        "deprecated: use consecutiveGatewayErrors (treated as consecutiveGatewayErrors with "
+        "5xx-based ejection off, as Istio translated it: only 502, 503 and 504 count)",
     )
-    return node.integer("consecutiveErrors", lo=0)
+    if not legacy:
+        return five, gateway  # 0 (or invalid) was "unset" for this int32 field
+    return (0 if five is None else five), (legacy if gateway is None else gateway)

@@ -55,7 +55,10 @@ HTTP_BODY = message("HTTPBody", "string bytes")
 DELEGATE = message("Delegate", "name namespace")
 REWRITE = message("HTTPRewrite", "uri authority uriRegexRewrite")
 REGEX_REWRITE = message("RegexRewrite", "match rewrite")
-RETRY = message("HTTPRetry", "attempts perTryTimeout retryOn retryRemoteLocalities")
+# backoff and retryIgnorePreviousHosts exist since Istio 1.26.
+RETRY = message(
+    "HTTPRetry", "attempts perTryTimeout retryOn retryRemoteLocalities retryIgnorePreviousHosts backoff"
+)
 FAULT = message("HTTPFaultInjection", "delay abort")
 DELAY = message("HTTPFaultInjection.Delay", "fixedDelay percentage percent", ignored="exponentialDelay")
 # Abort's integer "percent" was removed from Istio; old files still use it.
@@ -489,7 +492,12 @@ def _retries(parent: Node) -> HTTPRetry | None:
         # any other retry setting is a mistake.
         node.error("attempts", f"is 0 or unset (retries disabled), but {', '.join(others)} is set")
     return HTTPRetry(
-        attempts=attempts, per_try_timeout=per_try, retry_on=retry_on, retry_remote_localities=remote
+        attempts=attempts,
+        per_try_timeout=per_try,
+        retry_on=retry_on,
+        retry_remote_localities=remote,
+        retry_ignore_previous_hosts=node.boolean("retryIgnorePreviousHosts"),
+        backoff=node.duration("backoff"),
     )
 
 

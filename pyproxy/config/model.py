@@ -165,6 +165,8 @@ class HTTPRetry:
     per_try_timeout: float | None = None
     retry_on: str | None = None
     retry_remote_localities: bool | None = None
+    retry_ignore_previous_hosts: bool | None = None  # None: Istio's default (true, except consistent hash)
+    backoff: float | None = None  # base interval; None: Envoy's 25 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,8 @@ class ConnectionPoolSettings:
 
 @dataclass(frozen=True, slots=True)
 class OutlierDetection:
-    consecutive_5xx_errors: int | None = None  # also from deprecated consecutiveErrors
+    consecutive_5xx_errors: int | None = None  # deprecated consecutiveErrors: N sets this to 0 ...
+    # ... and consecutive_gateway_errors to N (Istio counted only 502/503/504 for it)
     consecutive_gateway_errors: int | None = None
     consecutive_local_origin_failures: int | None = None
     split_external_local_origin_errors: bool = False

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 from ..config.model import HTTPFaultInjection
 
-# gRPC status names Istio accepts in ``abort.grpcStatus``, mapped to the HTTP
-# status Envoy would use for a non-gRPC HTTP/1.1 request.
-GRPC_TO_HTTP = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
-    "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+# gRPC status names Istio accepts in ``abort.grpcStatus`` and their codes.
+GRPC_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
 }
 
 
@@ -28,6 +27,10 @@ class FaultPolicy:
     delay_fraction: float  # 0..1
     abort_status: int  # 0 = none
     abort_fraction: float
+    # grpcStatus aborts: Envoy replies HTTP 200; a gRPC request (content-type
+    # application/grpc) gets these headers instead of the text body.
+    abort_grpc: int | None = None
+    grpc_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def draw_delay(self, rng: random.Random) -> float:
         if self.delay > 0 and self.delay_fraction > 0 and (
@@ -50,6 +53,8 @@ def compile_fault(fault: HTTPFaultInjection | None) -> FaultPolicy | None:
     delay = fraction_d = 0.0
     status = 0
     fraction_a = 0.0
+    grpc: int | None = None
+    grpc_headers: tuple[tuple[bytes, bytes], ...] = ()
     if fault.delay is not None:
         delay = fault.delay.fixed_delay
         fraction_d = fault.delay.percentage / 100.0
@@ -57,8 +62,10 @@ def compile_fault(fault: HTTPFaultInjection | None) -> FaultPolicy | None:
         if fault.abort.http_status:
             status = fault.abort.http_status
         elif fault.abort.grpc_status:
-            status = GRPC_TO_HTTP.get(fault.abort.grpc_status.upper(), 500)
+            grpc = GRPC_CODES.get(fault.abort.grpc_status.upper(), 2)
+            status = 200
+            grpc_headers = ((b"grpc-status", str(grpc).encode()), (b"grpc-message", b"fault filter abort"))
         fraction_a = fault.abort.percentage / 100.0
     if (delay <= 0 or fraction_d <= 0) and (not status or fraction_a <= 0):
         return None  # a fault that can never fire costs nothing on the request path
-    return FaultPolicy(delay, fraction_d, status, fraction_a)
+    return FaultPolicy(delay, fraction_d, status, fraction_a, grpc, grpc_headers)

@@ -330,10 +330,18 @@ class Exchange:
     def _fault_abort(self) -> bool:
         route = self.route
         assert route is not None and route.fault is not None
-        status = route.fault.draw_abort(self.worker.rng)
+        fault = route.fault
+        status = fault.draw_abort(self.worker.rng)
         if not status:
             return False
         self.flags.append(errors.FAULT_INJECTED)
+        if fault.abort_grpc is not None:
+            # Envoy answers a gRPC abort with HTTP 200; a gRPC client reads
+            # the status from the (trailers-only) grpc-status header.
+            ctype = self.hdict.get(b"content-type", b"")
+            if ctype.startswith(b"application/grpc"):
+                self.send_local_reply(200, b"", extra=fault.grpc_headers, content_type=ctype)
+                return True
         self.send_local_reply(status, errors.FI_BODY)
         return True
 
@@ -345,7 +353,6 @@ class Exchange:
         self.cluster = snap.passthrough
         self.route = None
         self._prepare_upstream(None)
-        self._arm_global_timer(None)
         self._attempt()
 
     def _forward(self) -> None:
@@ -358,13 +365,11 @@ class Exchange:
             self.send_reply(errors.NC_503)
             return
         self.cluster = cluster
-        stats = cluster.stats
-        if stats.upstream_rq_active >= cluster.settings.max_requests:
-            stats.upstream_rq_pending_overflow += 1
-            self.send_reply(errors.UO_503)
-            return
         self._prepare_upstream(route)
-        self._arm_global_timer(route.timeout)
+        if self.request_complete:
+            # Envoy's route timeout starts when the router has the whole
+            # request (after any fault delay); else on_request_complete arms it.
+            self._arm_global_timer()
         self._attempt()
 
     # ------------------------------------------------------------------
@@ -434,16 +439,29 @@ class Exchange:
     # ------------------------------------------------------------------
     # timers
 
-    def _arm_global_timer(self, timeout: float | None) -> None:
-        if timeout and self.global_timer is None:
-            self.global_timer = self.loop.call_later(timeout, self._on_global_timeout)
+    def _arm_global_timer(self) -> None:
+        """The route timeout: from the end of the downstream request to the
+        end of the response, across every attempt and back-off."""
+        route = self.route
+        if route is not None and route.timeout and self.global_timer is None and not self.finished:
+            self.global_timer = self.loop.call_later(route.timeout, self._on_global_timeout)
+
+    def _arm_per_try_timer(self) -> None:
+        """Envoy starts an attempt's timer once it has a connection and the
+        downstream request is complete, whichever comes last."""
+        route = self.route
+        if route is not None and route.retry.per_try_timeout and self.per_try_timer is None:
+            self.per_try_timer = self.loop.call_later(route.retry.per_try_timeout, self._on_per_try_timeout)
 
     def _on_global_timeout(self) -> None:
         self.global_timer = None
         if self.finished:
             return
-        if self.cluster is not None:
-            self.cluster.stats.upstream_rq_timeout += 1
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.stats.upstream_rq_timeout += 1
+            if self.upconn is not None and not self.response_started and self.endpoint is not None:
+                cluster.outlier.on_local_failure(self.endpoint, True)
         self.flags.append(errors.UPSTREAM_REQUEST_TIMEOUT)
         self._abort_attempt(reusable=False)
         if self.response_started:
@@ -461,7 +479,7 @@ class Exchange:
         cluster.stats.upstream_rq_per_try_timeout += 1
         ep = self.endpoint
         if ep is not None:
-            cluster.outlier.on_local_failure(ep)
+            cluster.outlier.on_local_failure(ep, True)
         self._abort_attempt(reusable=False)
         self._on_attempt_failed(PER_TRY_TIMEOUT, errors.UT_504)
 
@@ -484,22 +502,24 @@ class Exchange:
                 self.send_reply(errors.NR_404)
                 return
         else:
-            ep = cluster.lb.pick(self, self.tried)
+            route = self.route
+            ep = cluster.lb.pick(self, self.tried if route is None or route.retry.avoid_previous_hosts else None)
             if ep is None:
                 self._give_up(errors.UH_503)
                 return
+        stats = cluster.stats
+        if stats.upstream_rq_active >= cluster.settings.max_requests:
+            # http2MaxRequests (Envoy's max_requests): Envoy applies it to
+            # HTTP/1.1 pools too, counted as a pending overflow.
+            stats.upstream_rq_pending_overflow += 1
+            self._give_up(errors.UO_503)
+            return
         self.attempt += 1
         self.endpoint = ep
         self.tried.append(ep)
         self.attempt_started = self.loop.time()
         self.head_sent = False
         ep.active_requests += 1
-        stats = cluster.stats
-        stats.upstream_rq_active += 1
-        stats.upstream_rq_total += 1
-        route = self.route
-        if route is not None and route.retry.per_try_timeout:
-            self.per_try_timer = self.loop.call_later(route.retry.per_try_timeout, self._on_per_try_timeout)
         result = ep.acquire(self)
         if result is None:
             self.waiting_pending = True
@@ -525,8 +545,9 @@ class Exchange:
         if ep is not None:
             ep.active_requests -= 1
             self.endpoint = None
-            assert self.cluster is not None
-            self.cluster.stats.upstream_rq_active -= 1
+            if self.head_sent:  # counted active once a connection took it
+                assert self.cluster is not None
+                self.cluster.stats.upstream_rq_active -= 1
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
@@ -554,6 +575,13 @@ class Exchange:
             return
         self.upconn = conn
         conn.attach(self, head_request=self.method == b"HEAD")
+        cluster = conn.endpoint.cluster
+        stats = cluster.stats
+        stats.upstream_rq_total += 1
+        stats.upstream_rq_active += 1
+        cluster.outlier.on_local_success(conn.endpoint)
+        if self.request_complete:
+            self._arm_per_try_timer()
         head = self.upstream_head + b"x-envoy-attempt-count: " + str(self.attempt).encode() + b"\r\n"
         expected = self._expected_timeout_ms()
         if expected:
@@ -583,18 +611,18 @@ class Exchange:
                 self.conn.resume_reading_for(self)
 
     def _expected_timeout_ms(self) -> bytes:
+        """Envoy's x-envoy-expected-rq-timeout-ms: the per-try timeout, else
+        the route timeout, never more than what is left of the route timeout
+        (at least 1 ms)."""
         route = self.route
         if route is None:
             return b""
-        remaining = None
-        if self.global_timer is not None:
-            remaining = self.global_timer.when() - self.loop.time()
-        ptt = route.retry.per_try_timeout
-        if ptt and (remaining is None or ptt < remaining):
-            remaining = ptt
-        if remaining is None:
+        expected = route.retry.per_try_timeout or route.timeout
+        if not expected:
             return b""
-        return str(max(0, int(remaining * 1000))).encode()
+        if route.timeout and self.global_timer is not None:
+            expected = min(expected, self.global_timer.when() - self.loop.time())
+        return str(max(1, int(expected * 1000))).encode()
 
     def on_upstream_connect_failed(self, ep: ClusterEndpoint, reason: str) -> None:
         self.waiting_pending = False
@@ -609,33 +637,32 @@ class Exchange:
         """An attempt ended without a response: retry or reply locally."""
         self.last_failure = reply
         route = self.route
-        if route is not None and route.retry.retries_failure(kind):
-            if self._schedule_retry():
-                return
-        elif route is None and kind == CONNECT_FAILURE and self.retries_done < 2:
-            # Passthrough traffic gets the mesh default policy too.
-            if self._schedule_retry():
-                return
+        if route is not None and route.retry.retries_failure(kind) and self._schedule_retry():
+            return
         self._give_up(reply)
 
     def _retry_allowed(self) -> bool:
-        """May this failed attempt be retried? Counts why not (Envoy's stats)."""
+        """The retry policy wants to retry this attempt's outcome: may it?
+        Sets the flags and counts the reasons Envoy does."""
         route = self.route
-        max_retries = route.retry.num_retries if route is not None else 2
         cluster = self.cluster
         assert cluster is not None
+        # A retry needs the whole request at hand (Envoy skips it otherwise)
+        # and a body that fitted the replay buffer (retry_or_shadow_abandoned
+        # was counted when it did not).
+        if self.replay is None or self.response_started or self.conn.closed or not self.request_complete:
+            return False
+        max_retries = route.retry.num_retries if route is not None else 0
         if self.retries_done >= max_retries:
             if max_retries:
                 self.flags.append(errors.UPSTREAM_RETRY_LIMIT_EXCEEDED)
                 cluster.stats.upstream_rq_retry_limit_exceeded += 1
             return False
-        if self.replay is None:
-            cluster.stats.upstream_rq_retry_body_too_large += 1
-            return False
-        if self.response_started or self.conn.closed or not self.request_complete:
-            return False
+        # maxRetries bounds retries in progress per cluster; a request keeps
+        # its slot from one retry to the next (Envoy releases and re-takes it).
         if not self.retry_active and cluster.retries_active >= cluster.settings.max_retries:
             cluster.stats.upstream_rq_retry_overflow += 1
+            self.flags.append(errors.UPSTREAM_OVERFLOW)
             return False
         return True
 
@@ -683,7 +710,8 @@ class Exchange:
         if ep is not None:
             cluster.outlier.on_response(ep, status)
         route = self.route
-        if route is not None and status >= 400 and route.retry.retries_status(status) and self._retry_allowed():
+        if route is not None and route.retry.flags and route.retry.retries_response(status, headers) \
+                and self._retry_allowed():
             # Discard this response: the connection cannot be reused with an
             # unread body, exactly as Envoy resets the upstream stream.
             self.upconn = None
@@ -692,6 +720,11 @@ class Exchange:
             self._end_attempt_counters()
             self._schedule_retry()
             return
+        if self.retry_active:
+            # The retried attempt got its answer: the retry is over (Envoy
+            # counts it a success whenever no further retry is wanted).
+            cluster.stats.upstream_rq_retry_success += 1
+            self._release_retry_slot()
         self.upstream_latency = self.loop.time() - self.attempt_started
         self.status = status
         if status == 101 and self.upgrade:
@@ -803,9 +836,6 @@ class Exchange:
         ep.release(conn, self.request_complete and self.head_sent)
         if cluster is not None:
             cluster.stats.upstream_rq_completed += 1
-            cluster.outlier.on_local_success(ep)
-        if self.retries_done and cluster is not None:
-            cluster.stats.upstream_rq_retry_success += 1
         self._end_attempt_counters()
         self.response_complete = True
         if self.response_chunked:
@@ -888,6 +918,9 @@ class Exchange:
                 # Too big to replay: this request will not be retried. Chunks
                 # not yet sent upstream must still be kept until they are.
                 self.replay = None
+                route = self.route
+                if route is not None and route.retry.num_retries and self.cluster is not None:
+                    self.cluster.stats.retry_or_shadow_abandoned += 1
                 if self.upconn is None or not self.head_sent:
                     self.unsent = replay
                     self.unsent_bytes = self.request_bytes - len(data)
@@ -914,6 +947,13 @@ class Exchange:
             conn.write(LAST_CHUNK)
         if self.response_complete and not self.finished:
             self._finish()
+            return
+        if self.cluster is not None and not self.finished:
+            # Forwarding began while the body streamed in: the route timeout
+            # (and the attempt's per-try timeout) start now, as in Envoy.
+            self._arm_global_timer()
+            if conn is not None and self.head_sent and not self.response_started:
+                self._arm_per_try_timer()
 
     def on_downstream_write_paused(self) -> None:
         if self.upconn is not None:

@@ -35,38 +35,53 @@ OVERFLOW = object()
 
 
 class ClusterStats:
-    """Envoy-named cluster counters and gauges, plain ints on the request path;
-    the metrics module reads them at scrape time."""
+    """Envoy-named cluster counters and gauges, plain ints on the request
+    path; the metrics module reads them at scrape time.
 
-    __slots__ = (
-        "upstream_cx_total",
-        "upstream_cx_active",
-        "upstream_cx_connect_fail",
-        "upstream_cx_connect_timeout",
-        "upstream_cx_overflow",
-        "upstream_cx_destroy",
-        "upstream_rq_total",
-        "upstream_rq_active",
-        "upstream_rq_pending_total",
-        "upstream_rq_pending_active",
-        "upstream_rq_pending_overflow",
-        "upstream_rq_retry",
-        "upstream_rq_retry_success",
-        "upstream_rq_retry_overflow",
-        "upstream_rq_retry_limit_exceeded",
-        "upstream_rq_retry_body_too_large",
-        "upstream_rq_timeout",
-        "upstream_rq_per_try_timeout",
-        "upstream_rq_rx_reset",
-        "upstream_rq_tx_reset",
-        "upstream_rq_completed",
-        "outlier_ejections_active",
-        "outlier_ejections_total",
-        "outlier_ejections_overflow",
-        "outlier_ejections_consecutive_5xx",
-        "outlier_ejections_consecutive_gateway_failure",
-        "outlier_ejections_consecutive_local_origin_failure",
-    )
+    Names are Envoy's ``cluster.<name>.<stat>`` with ``.`` replaced by ``_``
+    (so ``outlier_detection.ejections_active`` is
+    ``outlier_detection_ejections_active``, as in Envoy's Prometheus output).
+    Gauges: ``upstream_cx_active``, ``upstream_rq_active``,
+    ``upstream_rq_pending_active``, ``outlier_detection_ejections_active``.
+    ``upstream_rq_active``/``upstream_rq_total`` count requests assigned to a
+    connection (Envoy counts them when the pool attaches the stream), so
+    requests waiting in the pending queue are only in ``upstream_rq_pending_*``.
+    """
+
+    upstream_cx_total: int
+    upstream_cx_active: int
+    upstream_cx_connect_fail: int
+    upstream_cx_connect_timeout: int
+    upstream_cx_overflow: int
+    upstream_cx_destroy: int
+    upstream_cx_max_requests: int
+    upstream_cx_max_duration_reached: int
+    upstream_cx_idle_timeout: int
+    upstream_rq_total: int
+    upstream_rq_active: int
+    upstream_rq_pending_total: int
+    upstream_rq_pending_active: int
+    upstream_rq_pending_overflow: int
+    upstream_rq_cancelled: int
+    upstream_rq_retry: int
+    upstream_rq_retry_success: int
+    upstream_rq_retry_overflow: int
+    upstream_rq_retry_limit_exceeded: int
+    retry_or_shadow_abandoned: int
+    upstream_rq_timeout: int
+    upstream_rq_per_try_timeout: int
+    upstream_rq_rx_reset: int
+    upstream_rq_tx_reset: int
+    upstream_rq_completed: int
+    outlier_detection_ejections_active: int
+    outlier_detection_ejections_total: int
+    outlier_detection_ejections_overflow: int
+    outlier_detection_ejections_enforced_total: int
+    outlier_detection_ejections_enforced_consecutive_5xx: int
+    outlier_detection_ejections_enforced_consecutive_gateway_failure: int
+    outlier_detection_ejections_enforced_consecutive_local_origin_failure: int
+
+    __slots__ = tuple(__annotations__)
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -158,17 +173,26 @@ class ClusterEndpoint:
         be called with ``on_upstream_connected`` or ``on_upstream_connect_failed``);
         or OVERFLOW when a circuit breaker refuses it."""
         cluster = self.cluster
-        now = cluster.loop.time()
         idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if conn.closed:
-                continue
-            if now - conn.idle_since > cluster.settings.idle_timeout:
-                conn.close()
-                continue
-            return conn
+        if idle:
+            now = cluster.loop.time()
+            settings = cluster.settings
+            while idle:
+                conn = idle.pop()
+                if conn.closed:
+                    continue
+                if now - conn.idle_since > settings.idle_timeout:
+                    cluster.stats.upstream_cx_idle_timeout += 1
+                    conn.close()
+                    continue
+                if settings.max_connection_duration and now - conn.created >= settings.max_connection_duration:
+                    cluster.stats.upstream_cx_max_duration_reached += 1
+                    conn.close()
+                    continue
+                return conn
         stats = cluster.stats
+        # Envoy checks the pending limit only when no connection is ready;
+        # over it the request fails at once (never waits for a slot).
         if stats.upstream_rq_pending_active >= cluster.settings.max_pending:
             stats.upstream_rq_pending_overflow += 1
             return OVERFLOW
@@ -179,11 +203,14 @@ class ClusterEndpoint:
         return None
 
     def cancel_pending(self, stream: Any) -> None:
+        """The stream gave up waiting (timeout, client gone, shutdown)."""
         try:
             self.pending.remove(stream)
         except ValueError:
             return
-        self.cluster.stats.upstream_rq_pending_active -= 1
+        stats = self.cluster.stats
+        stats.upstream_rq_pending_active -= 1
+        stats.upstream_rq_cancelled += 1
 
     def _maybe_connect(self) -> None:
         if len(self.pending) <= self.connecting:
@@ -240,12 +267,10 @@ class ClusterEndpoint:
                 self.connections -= 1
                 cluster.stats.upstream_cx_active -= 1
             cluster.stats.upstream_cx_connect_fail += 1
-            if self.pending:
-                stream = self.pending.popleft()
-                cluster.stats.upstream_rq_pending_active -= 1
-                stream.on_upstream_connect_failed(self, reason)
-            if self.pending:
-                self._maybe_connect()
+            # Like Envoy, a connect failure fails every request queued on this
+            # endpoint, so each can be retried elsewhere instead of waiting
+            # for more connects to a host that refuses them.
+            self._fail_all_pending(reason)
             return
         if cluster.draining:
             conn.close()
@@ -254,9 +279,12 @@ class ClusterEndpoint:
         self.hand_over(conn)
 
     def _fail_all_pending(self, reason: str) -> None:
-        while self.pending:
-            stream = self.pending.popleft()
-            self.cluster.stats.upstream_rq_pending_active -= 1
+        # Detach the queue first: a stream retrying inside its callback may
+        # queue itself on this endpoint again and must not be failed here.
+        streams = list(self.pending)
+        self.pending.clear()
+        self.cluster.stats.upstream_rq_pending_active -= len(streams)
+        for stream in streams:
             stream.on_upstream_connect_failed(self, reason)
 
     def hand_over(self, conn: UpstreamConnection) -> None:
@@ -275,15 +303,19 @@ class ClusterEndpoint:
         completed cleanly on both sides."""
         conn.stream = None
         cluster = self.cluster
-        limit = cluster.settings.max_requests_per_connection
-        if (
-            not reusable
-            or not conn.reusable
-            or conn.closed
-            or cluster.draining
-            or (limit and conn.requests >= limit)
-        ):
+        if not reusable or not conn.reusable or conn.closed or cluster.draining:
             conn.close()  # on_connection_closed opens a replacement if requests wait
+            return
+        settings = cluster.settings
+        limit = settings.max_requests_per_connection
+        if limit and conn.requests >= limit:
+            cluster.stats.upstream_cx_max_requests += 1
+            conn.close()
+            return
+        duration = settings.max_connection_duration
+        if duration and cluster.loop.time() - conn.created >= duration:
+            cluster.stats.upstream_cx_max_duration_reached += 1
+            conn.close()
             return
         self.hand_over(conn)
 
@@ -303,7 +335,10 @@ class ClusterEndpoint:
     def close_idle(self, older_than: float | None = None) -> None:
         now = self.cluster.loop.time()
         for conn in list(self.idle):
-            if older_than is None or now - conn.idle_since > older_than:
+            if older_than is None:
+                conn.close()
+            elif now - conn.idle_since > older_than:
+                self.cluster.stats.upstream_cx_idle_timeout += 1
                 conn.close()
 
 

@@ -1,23 +1,36 @@
-"""Passive health checking (Envoy outlier detection, as Istio configures it).
+"""Passive health checking: Envoy's outlier detection, as Istio configures it.
 
 The request path only updates per-endpoint counters (O(1)). When a counter
 reaches its threshold the ejection decision is scheduled with ``call_soon``
-and taken outside the request; un-ejection and the decay of the ejection
-multiplier run on the ``interval`` timer. Clock and scheduling are injected,
-so tests drive ``tick()`` with a fake clock.
+and taken outside the request (Envoy posts it to the main thread, so an
+ejection is immediate, not delayed to the next interval). Un-ejection and
+the decay of the ejection multiplier run on the ``interval`` timer. Clock and
+scheduling are injected, so tests drive ``tick()`` with a fake clock.
 
-Semantics (Envoy):
-- consecutive 5xx: any 5xx response counts; any other response resets the count.
-  Local-origin failures (connect failure, timeout, reset) count as 5xx unless
-  ``splitExternalLocalOriginErrors`` is set, in which case they feed their own
-  ``consecutiveLocalOriginFailures`` counter.
-- consecutive gateway errors: 502, 503, 504 (and local-origin failures when not split).
-- ejection time = baseEjectionTime x times ejected, capped at 300 s; each
-  interval a non-ejected endpoint has spent healthy decrements its multiplier.
-- maxEjectionPercent is strict: an ejection happens only if the ejected share
-  after it stays <= the limit.
-- minHealthPercent: when the healthy share drops below it, the balancer uses
-  every endpoint (Envoy's panic threshold, which is how Istio maps it).
+Semantics (Envoy ``outlier_detection``; Istio's field names in brackets):
+
+- consecutive 5xx [consecutive5xxErrors, default 5, 0 = off]: every 5xx
+  response counts, any other response resets the count;
+- consecutive gateway failures [consecutiveGatewayErrors, default off]: 502,
+  503 and 504 count, any other response resets the count;
+- local-origin failures (connect failure or timeout, reset, per-try or route
+  timeout): without splitExternalLocalOriginErrors Envoy maps them to 503/504
+  and feeds both counters above; with it they feed only
+  consecutiveLocalOriginFailures (default 5), reset by a successful connect;
+- ejection at the threshold; an ejection is refused (and counted as
+  ``ejections_overflow``) when ejected hosts would then exceed
+  maxEjectionPercent of the cluster (strict: 10% of 3 hosts ejects nobody);
+  the counter that triggered it restarts either way;
+- ejection time = baseEjectionTime x multiplier, at most
+  max(300 s, baseEjectionTime); the multiplier grows by one per ejection
+  (while multiplier x base < 300 s + base) and shrinks by one per interval
+  once the host has been back for a whole interval; un-ejection happens on
+  the interval timer, so an ejection lasts until the first tick after it
+  expires;
+- minHealthPercent is Envoy's healthy_panic_threshold: when the share of
+  healthy endpoints drops below it the balancer uses all of them. Istio's
+  default 0 means no panic mode: with every endpoint ejected requests get
+  503 UH.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ class NullOutlierDetector:
     def on_response(self, ep: ClusterEndpoint, status: int) -> None:
         pass
 
-    def on_local_failure(self, ep: ClusterEndpoint) -> None:
+    def on_local_failure(self, ep: ClusterEndpoint, timeout: bool = False) -> None:
         pass
 
     def on_local_success(self, ep: ClusterEndpoint) -> None:
@@ -62,7 +75,8 @@ NULL_OUTLIER = NullOutlierDetector()
 
 
 class OutlierDetector:
-    __slots__ = ("cluster", "settings", "clock", "call_soon", "call_later", "timer", "stopped", "_queued")
+    __slots__ = ("cluster", "settings", "clock", "call_soon", "call_later", "timer", "stopped", "_queued",
+                 "max_multiplier")
 
     def __init__(
         self,
@@ -80,16 +94,19 @@ class OutlierDetector:
         self.timer: Any = None
         self.stopped = False
         self._queued: set[int] = set()
+        # Envoy raises the multiplier only while base x multiplier < max + base.
+        base = settings.base_ejection_time
+        self.max_multiplier = max(1, int(-(-(MAX_EJECTION_TIME + base) // base))) if base > 0 else 1
 
     # -- request path: record only ---------------------------------------
 
     def on_response(self, ep: ClusterEndpoint, status: int) -> None:
         s = self.settings
-        if status >= 500:
+        if 500 <= status <= 599:
             ep.consecutive_5xx += 1
             if s.consecutive_5xx and ep.consecutive_5xx >= s.consecutive_5xx:
                 self._schedule(ep, REASON_5XX)
-            if status in (502, 503, 504):
+            if status == 502 or status == 503 or status == 504:
                 ep.consecutive_gateway += 1
                 if s.consecutive_gateway and ep.consecutive_gateway >= s.consecutive_gateway:
                     self._schedule(ep, REASON_GATEWAY)
@@ -99,7 +116,7 @@ class OutlierDetector:
             ep.consecutive_5xx = 0
             ep.consecutive_gateway = 0
 
-    def on_local_failure(self, ep: ClusterEndpoint) -> None:
+    def on_local_failure(self, ep: ClusterEndpoint, timeout: bool = False) -> None:
         """Connect failure, timeout or reset: no response from the endpoint."""
         s = self.settings
         if s.split_local_origin:
@@ -107,13 +124,13 @@ class OutlierDetector:
             if s.consecutive_local_origin and ep.consecutive_local >= s.consecutive_local_origin:
                 self._schedule(ep, REASON_LOCAL)
         else:
-            # Without the split, Envoy maps a local-origin failure to a 503
-            # and feeds it to both the 5xx and gateway-failure counters.
-            self.on_response(ep, 503)
+            # Without the split Envoy maps a timeout to 504 and any other
+            # local-origin failure to 503: both count as 5xx and gateway errors.
+            self.on_response(ep, 504 if timeout else 503)
 
     def on_local_success(self, ep: ClusterEndpoint) -> None:
-        if self.settings.split_local_origin:
-            ep.consecutive_local = 0
+        """A connection to the endpoint was obtained (Envoy: LocalOriginConnectSuccess)."""
+        ep.consecutive_local = 0
 
     def _schedule(self, ep: ClusterEndpoint, reason: str) -> None:
         if ep.ejected or id(ep) in self._queued:
@@ -132,35 +149,46 @@ class OutlierDetector:
     def try_eject(self, ep: ClusterEndpoint, reason: str) -> bool:
         cluster = self.cluster
         stats = cluster.stats
+        # The triggering counter restarts whether or not the ejection happens,
+        # so a host that keeps failing is re-evaluated after as many new
+        # failures, not on every single one (Envoy does the same).
+        if reason == REASON_5XX:
+            ep.consecutive_5xx = 0
+        elif reason == REASON_GATEWAY:
+            ep.consecutive_gateway = 0
+        else:
+            ep.consecutive_local = 0
         total = len(cluster.endpoints)
-        ejected_now = sum(1 for e in cluster.endpoints if e.ejected)
+        ejected_now = stats.outlier_detection_ejections_active
         if total == 0 or (ejected_now + 1) * 100 > self.settings.max_ejection_percent * total:
-            stats.outlier_ejections_overflow += 1
-            # Counters restart so a still-failing host is re-evaluated after
-            # as many new failures, not on every single one.
-            ep.consecutive_5xx = ep.consecutive_gateway = ep.consecutive_local = 0
+            stats.outlier_detection_ejections_overflow += 1
             return False
         now = self.clock()
-        ep.ejection_count += 1
+        if ep.ejection_count < self.max_multiplier:
+            ep.ejection_count += 1
         ep.ejected = True
         ep.last_ejected = now
-        duration = min(self.settings.base_ejection_time * ep.ejection_count,
-                       max(MAX_EJECTION_TIME, self.settings.base_ejection_time))
-        ep.ejected_until = now + duration
-        ep.consecutive_5xx = ep.consecutive_gateway = ep.consecutive_local = 0
-        stats.outlier_ejections_active += 1
-        stats.outlier_ejections_total += 1
+        ep.ejected_until = now + self.ejection_duration(ep.ejection_count)
+        stats.outlier_detection_ejections_active += 1
+        stats.outlier_detection_ejections_total += 1
+        stats.outlier_detection_ejections_enforced_total += 1
         if reason == REASON_5XX:
-            stats.outlier_ejections_consecutive_5xx += 1
+            stats.outlier_detection_ejections_enforced_consecutive_5xx += 1
         elif reason == REASON_GATEWAY:
-            stats.outlier_ejections_consecutive_gateway_failure += 1
+            stats.outlier_detection_ejections_enforced_consecutive_gateway_failure += 1
         else:
-            stats.outlier_ejections_consecutive_local_origin_failure += 1
-        log.info("outlier: ejected %s from %s for %.1fs (%s)", ep.address, cluster.name, duration, reason)
+            stats.outlier_detection_ejections_enforced_consecutive_local_origin_failure += 1
+        log.info("outlier: ejected %s from %s for %.3fs (%s, multiplier %d)", ep.address, cluster.name,
+                 ep.ejected_until - now, reason, ep.ejection_count)
         self.refresh()
         return True
 
+    def ejection_duration(self, multiplier: int) -> float:
+        base = self.settings.base_ejection_time
+        return min(base * multiplier, max(MAX_EJECTION_TIME, base))
+
     def refresh(self) -> None:
+        """Recompute the set the balancer picks from (never on the request path)."""
         cluster = self.cluster
         healthy = [e for e in cluster.endpoints if not e.ejected]
         min_pct = self.settings.min_health_percent
@@ -172,21 +200,24 @@ class OutlierDetector:
 
     def tick(self) -> None:
         """The interval timer: return endpoints whose ejection expired and
-        decay the multiplier of endpoints that stayed healthy."""
+        decay the multiplier of endpoints back for at least one interval."""
         now = self.clock()
         changed = False
         interval = self.settings.interval
+        stats = self.cluster.stats
         for ep in self.cluster.endpoints:
             if ep.ejected:
                 if now >= ep.ejected_until:
                     ep.ejected = False
                     ep.healthy_since = now
-                    self.cluster.stats.outlier_ejections_active -= 1
+                    # Fresh counters: a host close to a threshold must not be
+                    # ejected again by a handful of new errors.
+                    ep.consecutive_5xx = ep.consecutive_gateway = ep.consecutive_local = 0
+                    stats.outlier_detection_ejections_active -= 1
                     changed = True
                     log.info("outlier: %s back in %s", ep.address, self.cluster.name)
-            elif ep.ejection_count > 0 and now - max(ep.healthy_since, ep.last_ejected) >= interval:
+            elif ep.ejection_count > 0 and now - ep.healthy_since >= interval:
                 ep.ejection_count -= 1
-                ep.healthy_since = now
         if changed:
             self.refresh()
 

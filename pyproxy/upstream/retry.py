@@ -1,17 +1,44 @@
-"""Retry policy, compiled from a VirtualService ``retries`` block.
+"""Retry policy, compiled once per route from a VirtualService ``retries`` block.
 
-Semantics (Envoy's router, as Istio programs it, Istio >= 1.24):
+Semantics follow Envoy's router as Istio (>= 1.24) programs it:
+
 - no ``retries`` block: the mesh default, 2 retries on
   ``connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes``
-  with no retriable status code (503 is no longer included);
-- ``attempts`` omitted or <= 0: no retries;
-- a bare number in ``retryOn`` becomes a retriable status code;
-- ``5xx`` and ``gateway-error`` also retry connect failures, resets and
-  per-try timeouts; ``reset`` retries resets, connect failures and per-try
-  timeouts; a per-try timeout is retried only under ``5xx``, ``gateway-error``
-  or ``reset``;
-- back-off: full jitter, 25 ms base, 250 ms cap (Envoy's defaults);
-- retries prefer an endpoint not yet tried (previous_hosts predicate).
+  with no retriable status code (Istio stopped adding 503 in 1.24:
+  ``EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY`` defaults to true);
+- ``attempts`` omitted or <= 0: no retry policy at all (and so no per-try
+  timeout either: Istio drops the whole Envoy retry policy);
+- ``attempts`` set but no ``retryOn``: the default conditions above;
+- a bare number in ``retryOn`` becomes a retriable status code (and turns on
+  ``retriable-status-codes``);
+- what each condition retries (Envoy ``x-envoy-retry-on``):
+
+  ========================  =============================================
+  ``5xx``                   any 5xx response, connect failure, reset, per-try timeout
+  ``gateway-error``         502/503/504, connect failure, reset, per-try timeout
+  ``reset``                 connect failure, reset, per-try timeout
+  ``reset-before-request``  failures before any request byte was sent:
+                            here, connect failures
+  ``connect-failure``       connect failure (and connect timeout)
+  ``retriable-4xx``         409
+  ``retriable-status-codes`` the configured codes
+  ``refused-stream``        HTTP/2 REFUSED_STREAM: never on HTTP/1.1
+  ``retriable-headers``     response headers named by retriable_headers;
+                            Istio has no field for them, so nothing
+  gRPC conditions           need gRPC status codes: never on HTTP/1.1
+  ========================  =============================================
+
+  A response carrying ``x-envoy-ratelimited`` (from another Envoy) is
+  retried only under ``envoy-ratelimited``, whatever its status;
+- back-off: Envoy's jittered exponential back-off, "full jitter": retry N
+  waits a uniform time in [0, (2^N - 1) x base), capped at 10 x base
+  (base 25 ms unless ``retries.backoff`` sets it);
+- a per-try timeout not shorter than the route timeout is ignored, as Envoy
+  does;
+- retries prefer endpoints not tried yet (Envoy's previous_hosts predicate,
+  up to 5 re-picks), except with consistent hashing unless
+  ``retryIgnorePreviousHosts`` asks for it (Istio leaves the predicate off
+  there so a retry stays on the hashed endpoint).
 """
 
 from __future__ import annotations
@@ -30,36 +57,43 @@ RETRY_REFUSED_STREAM = 1 << 5
 RETRY_RETRIABLE_STATUS_CODES = 1 << 6
 RETRY_RETRIABLE_HEADERS = 1 << 7
 RETRY_GRPC = 1 << 8  # cancelled, unavailable, ...: gRPC statuses, never seen on HTTP/1.1 here
+RETRY_RESET_BEFORE_REQUEST = 1 << 9
+RETRY_ENVOY_RATELIMITED = 1 << 10
 
 _NAMES = {
     "5xx": RETRY_5XX,
     "gateway-error": RETRY_GATEWAY_ERROR,
     "reset": RETRY_RESET,
-    "reset-before-request": RETRY_RESET,
+    "reset-before-request": RETRY_RESET_BEFORE_REQUEST,
     "connect-failure": RETRY_CONNECT_FAILURE,
     "retriable-4xx": RETRY_RETRIABLE_4XX,
     "refused-stream": RETRY_REFUSED_STREAM,
     "retriable-status-codes": RETRY_RETRIABLE_STATUS_CODES,
     "retriable-headers": RETRY_RETRIABLE_HEADERS,
+    "envoy-ratelimited": RETRY_ENVOY_RATELIMITED,
     "cancelled": RETRY_GRPC,
     "unavailable": RETRY_GRPC,
     "deadline-exceeded": RETRY_GRPC,
     "internal": RETRY_GRPC,
     "resource-exhausted": RETRY_GRPC,
-    "envoy-ratelimited": 0,
     "http3-post-connect-failure": 0,
 }
 
 MESH_DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 MESH_DEFAULT_ATTEMPTS = 2
+# Istio >= 1.24 gives inbound routes this policy (ENABLE_INBOUND_RETRY_POLICY).
+INBOUND_RETRY_ON = "reset-before-request"
 
-BASE_INTERVAL = 0.025
-MAX_INTERVAL = 0.250
+BASE_INTERVAL = 0.025  # Envoy's default base interval
+MAX_INTERVAL_FACTOR = 10  # Envoy's default max interval: 10 x base
 
 # Failure kinds an attempt can end with, besides a response status.
 CONNECT_FAILURE = "connect_failure"
 RESET = "reset"
 PER_TRY_TIMEOUT = "per_try_timeout"
+
+_RESPONSE_LESS = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
+_CONNECT = _RESPONSE_LESS | RETRY_CONNECT_FAILURE | RETRY_RESET_BEFORE_REQUEST
 
 
 def parse_retry_on(value: str) -> tuple[int, frozenset[int], list[str]]:
@@ -88,11 +122,13 @@ class RetryPolicy:
     flags: int
     status_codes: frozenset[int]
     base_interval: float = BASE_INTERVAL
-    max_interval: float = MAX_INTERVAL
+    max_interval: float = BASE_INTERVAL * MAX_INTERVAL_FACTOR
+    # Prefer endpoints not tried yet (Envoy's previous_hosts retry predicate).
+    avoid_previous_hosts: bool = True
 
     def retries_status(self, status: int) -> bool:
         f = self.flags
-        if f & RETRY_5XX and status >= 500:
+        if f & RETRY_5XX and 500 <= status <= 599:
             return True
         if f & RETRY_GATEWAY_ERROR and status in (502, 503, 504):
             return True
@@ -102,28 +138,64 @@ class RetryPolicy:
             return True
         return False
 
-    def retries_failure(self, kind: str) -> bool:
+    def retries_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Would this response be retried (limits aside)? The header scan
+        runs only when the status alone would retry, or under envoy-ratelimited."""
         f = self.flags
+        if not f:
+            return False
+        by_status = self.retries_status(status)
+        if by_status or f & RETRY_ENVOY_RATELIMITED:
+            for name, _ in headers:
+                if name == b"x-envoy-ratelimited":
+                    return bool(f & RETRY_ENVOY_RATELIMITED)
+        return by_status
+
+    def retries_failure(self, kind: str) -> bool:
+        """Would an attempt that ended without a response be retried?"""
         if kind == CONNECT_FAILURE:
-            return bool(f & (RETRY_CONNECT_FAILURE | RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET))
-        # resets and per-try timeouts
-        return bool(f & (RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET))
+            return bool(self.flags & _CONNECT)
+        # Resets after the request went out, and per-try timeouts.
+        return bool(self.flags & _RESPONSE_LESS)
+
+    def backoff_bound(self, retry_number: int) -> float:
+        """Upper bound of the wait before retry ``retry_number`` (1-based)."""
+        return min(((1 << min(retry_number, 30)) - 1) * self.base_interval, self.max_interval)
 
     def backoff(self, retry_number: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, (2^n - 1) x base], capped."""
-        upper = ((1 << min(retry_number, 16)) - 1) * self.base_interval
-        return min(rng.random() * upper, self.max_interval)
+        """Full jitter: uniform in [0, bound)."""
+        return rng.random() * self.backoff_bound(retry_number)
 
 
 NO_RETRY = RetryPolicy(0, None, 0, frozenset())
 
 
-def compile_retry(retries: HTTPRetry | None) -> RetryPolicy:
+def _policy(attempts: int, per_try: float | None, retry_on: str, backoff: float | None,
+            avoid_previous_hosts: bool) -> RetryPolicy:
+    flags, codes, _ = parse_retry_on(retry_on)
+    base = backoff if backoff else BASE_INTERVAL
+    return RetryPolicy(attempts, per_try, flags, codes, base, base * MAX_INTERVAL_FACTOR, avoid_previous_hosts)
+
+
+MESH_DEFAULT = _policy(MESH_DEFAULT_ATTEMPTS, None, MESH_DEFAULT_RETRY_ON, None, True)
+INBOUND_DEFAULT = _policy(MESH_DEFAULT_ATTEMPTS, None, INBOUND_RETRY_ON, None, False)
+
+
+def compile_retry(retries: HTTPRetry | None, route_timeout: float | None = None,
+                  consistent_hash: bool = False) -> RetryPolicy:
+    """The route's policy. ``consistent_hash``: the route's destination
+    balances by consistent hash, where Istio omits the previous-hosts
+    predicate unless ``retryIgnorePreviousHosts: true`` asks for it."""
     if retries is None:
-        flags, codes, _ = parse_retry_on(MESH_DEFAULT_RETRY_ON)
-        return RetryPolicy(MESH_DEFAULT_ATTEMPTS, None, flags, codes)
+        if consistent_hash:
+            return _policy(MESH_DEFAULT_ATTEMPTS, None, MESH_DEFAULT_RETRY_ON, None, False)
+        return MESH_DEFAULT
     if retries.attempts <= 0:
-        # Istio: attempts 0 disables retries, but a perTryTimeout still bounds the single attempt.
-        return RetryPolicy(0, retries.per_try_timeout, 0, frozenset())
-    flags, codes, _ = parse_retry_on(retries.retry_on or MESH_DEFAULT_RETRY_ON)
-    return RetryPolicy(retries.attempts, retries.per_try_timeout, flags, codes)
+        return NO_RETRY
+    per_try = retries.per_try_timeout
+    if per_try and route_timeout and per_try >= route_timeout:
+        per_try = None  # Envoy ignores a per-try timeout that cannot fire before the route's
+    avoid = retries.retry_ignore_previous_hosts
+    if avoid is None:
+        avoid = not consistent_hash
+    return _policy(retries.attempts, per_try, retries.retry_on or MESH_DEFAULT_RETRY_ON, retries.backoff, avoid)

@@ -43,20 +43,23 @@ MAX_EJECTION_TIME = 300.0
 
 def outlier_settings(od: OutlierDetection | None) -> OutlierSettings | None:
     """Istio enables outlier detection only when the block exists; inside it
-    Envoy's defaults apply to every unset field."""
+    Envoy's defaults apply to every field Istio leaves unset. Istio cannot
+    tell 0 from unset for the int32 fields, so ``maxEjectionPercent: 0`` gets
+    Envoy's 10%, and ``consecutiveLocalOriginFailures: 0`` Envoy's 5."""
     if od is None:
         return None
     return OutlierSettings(
+        # UInt32Value: unset -> Envoy's 5; an explicit 0 switches it off.
         consecutive_5xx=5 if od.consecutive_5xx_errors is None else od.consecutive_5xx_errors,
+        # Envoy's default threshold is 5 but not enforced unless Istio sets the field.
         consecutive_gateway=od.consecutive_gateway_errors or 0,
-        consecutive_local_origin=(
-            5 if od.consecutive_local_origin_failures is None else od.consecutive_local_origin_failures
-        ),
+        consecutive_local_origin=od.consecutive_local_origin_failures or 5,
         split_local_origin=od.split_external_local_origin_errors,
-        interval=10.0 if od.interval is None else od.interval,
-        base_ejection_time=30.0 if od.base_ejection_time is None else od.base_ejection_time,
-        max_ejection_percent=10 if od.max_ejection_percent is None else od.max_ejection_percent,
-        min_health_percent=0 if od.min_health_percent is None else od.min_health_percent,
+        interval=od.interval or 10.0,
+        base_ejection_time=od.base_ejection_time or 30.0,
+        max_ejection_percent=od.max_ejection_percent or 10,
+        # Istio maps it to Envoy's healthy_panic_threshold; 0 (default) = no panic mode.
+        min_health_percent=od.min_health_percent or 0,
     )
 
 
@@ -134,5 +137,8 @@ def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, po
                 kwargs["max_retries"] = h.max_retries
             if h.idle_timeout is not None:
                 kwargs["idle_timeout"] = h.idle_timeout
+        if "idle_timeout" not in kwargs and pool.tcp is not None and pool.tcp.idle_timeout is not None:
+            # Istio uses tcp.idleTimeout for HTTP connections when http.idleTimeout is unset.
+            kwargs["idle_timeout"] = pool.tcp.idle_timeout
     kwargs["outlier"] = outlier_settings(od)
     return ClusterSettings(**kwargs)

@@ -683,8 +683,11 @@ def test_destination_rule_deprecated_names() -> None:
     assert rule.traffic_policy.load_balancer.consistent_hash == ConsistentHashLB(
         use_source_ip=True, minimum_ring_size=512
     )
-    assert rule.traffic_policy.outlier_detection is not None
-    assert rule.traffic_policy.outlier_detection.consecutive_5xx_errors == 5
+    od = rule.traffic_policy.outlier_detection
+    assert od is not None
+    # Istio's translation: gateway errors (502/503/504) only, 5xx-based ejection off.
+    assert od.consecutive_gateway_errors == 5
+    assert od.consecutive_5xx_errors == 0
     sub = rule.subsets[0].traffic_policy
     assert sub is not None and sub.load_balancer is not None and sub.load_balancer.simple == "LEAST_REQUEST"
     for path in (
@@ -693,6 +696,27 @@ def test_destination_rule_deprecated_names() -> None:
         "spec.subsets[0].trafficPolicy.loadBalancer.simple",
     ):
         assert has_diag(cfg.warnings, f"t.yaml#0: {path}", "deprecated"), path
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ("consecutiveErrors: 3, consecutive5xxErrors: 7", (7, 3)),
+        ("consecutiveErrors: 3, consecutiveGatewayErrors: 2", (0, 2)),
+        ("consecutiveErrors: 3, consecutive5xxErrors: 7, consecutiveGatewayErrors: 2", (7, 2)),
+        ("consecutiveErrors: 0", (None, None)),
+    ],
+)
+def test_destination_rule_deprecated_consecutive_errors_with_explicit_fields(
+    fields: str, expected: tuple[int | None, int | None]
+) -> None:
+    cfg = ok(dr(f"host: r\ntrafficPolicy: {{outlierDetection: {{{fields}}}}}\n"))
+    rule = cfg.resources[0]
+    assert isinstance(rule, DestinationRule) and rule.traffic_policy is not None
+    od = rule.traffic_policy.outlier_detection
+    assert od is not None
+    assert (od.consecutive_5xx_errors, od.consecutive_gateway_errors) == expected
+    assert has_diag(cfg.warnings, "t.yaml#0: spec.trafficPolicy.outlierDetection.consecutiveErrors", "deprecated")
 
 
 def test_destination_rule_workload_selector_is_parsed_and_warned() -> None:
