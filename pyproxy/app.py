@@ -81,16 +81,38 @@ class Listener:
 
     async def start(self, reuse_port: bool) -> None:
         loop = self.worker.loop
-        self.server = await loop.create_server(
-            lambda: DownstreamConnection(self), self.host, self.port,
-            reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
-        )
+        if self.host == "::":
+            # ``[::]`` listens on IPv4 and IPv6 (IPv6-only would be asyncio's
+            # default), so one listener takes both families' redirected
+            # connections. Any other address binds exactly that address.
+            self.server = await loop.create_server(
+                lambda: DownstreamConnection(self), sock=dual_stack_socket(self.port, reuse_port), backlog=1024)
+        else:
+            self.server = await loop.create_server(
+                lambda: DownstreamConnection(self), self.host, self.port,
+                reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
+            )
         if self.port == 0:
             self.port = self.server.sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+def dual_stack_socket(port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass

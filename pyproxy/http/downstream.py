@@ -41,22 +41,38 @@ class _ParseLimit(Exception):
 
 def original_dst(sock: Any) -> tuple[str, int] | None:
     """The pre-DNAT destination of an iptables-redirected connection, or None
-    when the connection was not redirected."""
+    when the connection was not redirected.
+
+    An IPv4 connection accepted on a dual-stack IPv6 socket (``[::]``) has an
+    IPv4 conntrack entry, so it is asked with the IPv4 option; the answer is
+    a plain IPv4 address either way."""
     try:
-        if sock.family == socket.AF_INET:
+        family = sock.family
+        local = sock.getsockname()
+        local_ip = unmap_ipv4(local[0])
+        if family == socket.AF_INET6 and local_ip is not local[0]:
+            family = socket.AF_INET
+        if family == socket.AF_INET:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             addr = (socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big"))
-        elif sock.family == socket.AF_INET6:
+        elif family == socket.AF_INET6:
             raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
             addr = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"))
         else:
             return None
-        local = sock.getsockname()
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, IndexError):
         return None
-    if addr[0] == local[0] and addr[1] == local[1]:
+    if addr[0] == local_ip and addr[1] == local[1]:
         return None
     return addr
+
+
+def unmap_ipv4(ip: str) -> str:
+    """``::ffff:10.0.0.1`` (an IPv4 peer of a dual-stack socket) → ``10.0.0.1``;
+    any other address is returned as the same object."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
 
 
 def simple_response(status: int, body: bytes, close: bool = True) -> bytes:
@@ -119,7 +135,7 @@ class DownstreamConnection:
         self.last_activity = self.worker.loop.time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer_ip = peer[0]
+            self.peer_ip = unmap_ipv4(peer[0])
         self.peer_ip_bytes = self.peer_ip.encode()
         sock = transport.get_extra_info("socket")
         self.sock = sock
