@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config.model import LoadedConfig
+from .filters.mirror import Mirror
 from .http.downstream import DownstreamConnection
 from .http.exchange import INBOUND, OUTBOUND
 from .options import RunOptions
@@ -144,6 +145,8 @@ class Worker:
             gateway=options.gateway,
         )
         self.stats = WorkerStats()
+        # Shadow traffic: in-flight bound and mirror_rq_* counters (filters/mirror.py).
+        self.mirror = Mirror(self.loop, self.rng)
         self.resolver = Resolver(self.loop)
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by load()
         self.loaded: LoadedConfig | None = None

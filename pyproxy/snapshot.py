@@ -24,6 +24,7 @@ from typing import Any, Callable
 from .config.model import (
     DestinationRule,
     Gateway,
+    HTTPMatchRequest,
     HTTPRoute,
     LoadedConfig,
     ServiceEntry,
@@ -32,7 +33,9 @@ from .config.model import (
     VirtualService,
     WorkloadEntry,
 )
+from .filters.cors import compile_cors
 from .filters.fault import compile_fault
+from .filters.mirror import MirrorPolicy
 from .routing.actions import DirectResponse, Redirect, Rewrite
 from .routing.matchers import compile_match
 from .routing.table import (
@@ -327,6 +330,13 @@ class _Builder:
                 if (c := self.clusters.get(f"outbound|{p}|{target.subset}|{host}")) is not None
             }
 
+    def match_applies(self, m: HTTPMatchRequest, namespace: str) -> bool:
+        if m.gateways:
+            return binds_to(m.gateways, namespace, self.identity.gateway)
+        if m.source_labels and not labels_match(m.source_labels, self.identity.labels):
+            return False
+        return not m.source_namespace or m.source_namespace == self.identity.namespace
+
     def compile_rule(self, rule: HTTPRoute, vs: VirtualService) -> CompiledRoute | None:
         route = CompiledRoute()
         route.name = rule.name
@@ -334,25 +344,22 @@ class _Builder:
         route.virtual_host = vs.meta.name
         # Keep only the match entries that apply to this proxy: sourceLabels,
         # sourceNamespace and per-match gateways are fixed for a process, so
-        # they are decided here, not per request.
-        proxy_labels = self.identity.labels
-        kept = []
-        gateway = self.identity.gateway
-        for m in rule.match:
-            if m.gateways and not binds_to(m.gateways, vs.meta.namespace, gateway):
-                continue
-            if m.source_labels and not labels_match(m.source_labels, proxy_labels):
-                continue
-            if m.source_namespace and m.source_namespace != self.identity.namespace:
-                continue
-            kept.append(m)
+        # they are decided here, not per request (Istio's sourceMatchHTTP: an
+        # entry naming gateways applies iff they select this proxy, and then
+        # its sourceLabels/sourceNamespace are not consulted).
+        kept = [m for m in rule.match if self.match_applies(m, vs.meta.namespace)]
         if rule.match and not kept:
             return None  # every entry excludes this proxy: the rule does not exist here
         matches = tuple(kept)
         route.conditions = tuple(compile_match(m) for m in matches)
+        route.names = tuple(f"{rule.name}.{m.name}" if m.name else rule.name for m in matches) or (rule.name,)
+        route.catch_all = not matches or any(_catches_all(m) for m in matches)
         if rule.redirect is not None:
             route.kind = REDIRECT
             route.redirect = Redirect(rule.redirect, matches)
+            if route.redirect.code not in (301, 302, 303, 307, 308):
+                self.warn(f"{route.origin}: redirectCode {route.redirect.code} is not one Envoy supports "
+                          f"(301, 302, 303, 307, 308); Istio would drop this rule, pyproxy sends it as is")
         elif rule.direct_response is not None:
             route.kind = DIRECT_RESPONSE
             route.direct = DirectResponse(rule.direct_response)
@@ -379,19 +386,27 @@ class _Builder:
             route.response_ops = _ops(rule.headers.response)
         if rule.rewrite is not None:
             route.rewrite = Rewrite(rule.rewrite, matches)
+        # Route-level authority: rewrite.authority, else a host/:authority set
+        # in the rule's request headers; it wins over a destination's.
+        authority = route.rewrite.authority if route.rewrite is not None else None
+        if authority is None and route.request_ops is not None:
+            authority = route.request_ops.authority
+        for t in route.targets:
+            t.finalize_ops(route.request_ops, route.response_ops, authority, single=len(rule.route) == 1)
         route.mirrors = self.compile_mirrors(rule, vs)
-        route.cors = rule.cors_policy
+        route.cors = compile_cors(rule.cors_policy)
         return route
 
-    def compile_mirrors(self, rule: HTTPRoute, vs: VirtualService) -> tuple:
+    def compile_mirrors(self, rule: HTTPRoute, vs: VirtualService) -> tuple[MirrorPolicy, ...]:
         out = []
         for mp in rule.mirrors:
             d = mp.destination
+            fraction = 1.0 if mp.percentage is None else mp.percentage / 100.0
+            if fraction <= 0:
+                continue  # Istio: an explicit 0% does not mirror at all
             t = RouteTarget(d.host, d.subset, d.port, 0, None, None)
             self.resolve_target(t, vs.meta.namespace, (rule.origin or str(vs.meta.source)) + " mirror")
-            fraction = 1.0 if mp.percentage is None else mp.percentage / 100.0
-            if fraction > 0:
-                out.append((t, fraction))
+            out.append(MirrorPolicy(t, min(fraction, 1.0)))
         return tuple(out)
 
     def compile_routes(self, vss: list[VirtualService]) -> tuple[CompiledRoute, ...]:
@@ -402,8 +417,8 @@ class _Builder:
                 if compiled is not None:
                     routes.append(compiled)
         for i, r in enumerate(routes[:-1]):
-            if not r.conditions:
-                self.warn(f"{routes[i + 1].origin}: unreachable, {r.origin} has no match and catches everything")
+            if r.catch_all:
+                self.warn(f"{routes[i + 1].origin}: unreachable, {r.origin} catches every request")
                 break
         return tuple(routes)
 
@@ -608,6 +623,17 @@ def _hashes(route: CompiledRoute) -> bool:
             if c is not None and c.settings.lb_policy == "CONSISTENT_HASH":
                 return True
     return False
+
+
+def _catches_all(m: Any) -> bool:
+    """Istio's IsCatchAllRoute for one match entry: URI prefix "/" (or none)
+    or regex ".*", and no other request condition."""
+    uri = m.uri
+    if uri is not None and not ((uri.kind == "prefix" and uri.value in ("", "/"))
+                                or (uri.kind == "regex" and uri.value == ".*")):
+        return False
+    return not (m.headers or m.without_headers or m.query_params or m.method or m.authority or m.scheme
+                or m.port)
 
 
 def _ops(ops: Any) -> HeaderOps | None:

@@ -12,6 +12,8 @@ import binascii
 from dataclasses import dataclass
 from http import HTTPStatus
 
+import re2
+
 from . import _common as c
 from ._reader import INT32_MAX, NOT_IMPLEMENTED, Node, Report, is_dns1123_label, message
 from .model import (
@@ -461,7 +463,31 @@ def _regex_rewrite(parent: Node) -> RegexRewrite | None:
             return None
     if match is None or rewrite is None:
         return None
+    problem = _rewrite_problem(match, rewrite)
+    if problem:
+        # Envoy checks the substitution with RE2 and would reject the route.
+        node.error("rewrite", problem)
+        return None
     return RegexRewrite(match=match, rewrite=rewrite)
+
+
+def _rewrite_problem(match: str, rewrite: str) -> str | None:
+    """Why RE2 rejects ``rewrite`` as a substitution for ``match``: only \\0-\\9
+    (up to the pattern's group count) and \\\\ may follow a backslash."""
+    groups = re2.compile(match, c._RE2_OPTIONS).groups
+    i = 0
+    while i < len(rewrite):
+        if rewrite[i] == "\\":
+            nxt = rewrite[i + 1] if i + 1 < len(rewrite) else ""
+            if nxt.isdigit():
+                if int(nxt) > groups:
+                    return f"\\{nxt} refers to a group the pattern does not have ({groups} group(s))"
+            elif nxt != "\\":
+                return f"invalid escape {rewrite[i:i + 2]!r} (only \\0-\\9 and \\\\ are allowed)"
+            i += 2
+            continue
+        i += 1
+    return None
 
 
 def _check_authority(node: Node, rewrite: HTTPRewrite | None, headers: Headers | None) -> None:

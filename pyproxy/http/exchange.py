@@ -23,12 +23,13 @@ request half way. Everything on this path reads compiled objects only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..errors import STATUS_LINES, LocalReply
-from ..routing.table import DIRECT_RESPONSE, REDIRECT
+from ..routing.table import DIRECT_RESPONSE, REDIRECT, ROUTE
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
 from .headers import (
@@ -82,6 +83,8 @@ class Exchange:
         # bookkeeping
         "start_time", "end_time", "flags", "finished", "downstream_paused_by_us",
         "obs", "hash_cookie",
+        # filters: the allowed CORS origin to echo; live mirror streams
+        "cors_origin", "shadows",
     )
 
     def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
@@ -141,6 +144,8 @@ class Exchange:
         self.downstream_paused_by_us = False
         self.obs: Any = None
         self.hash_cookie: Any = None
+        self.cors_origin: bytes | None = None
+        self.shadows: Any = None
         self._query_params: dict[str, str] | None = None
 
         # Header map for matching: last value wins, duplicates joined with
@@ -213,19 +218,31 @@ class Exchange:
         return qp
 
     def cookie(self, name: str) -> str | None:
-        raw = self.hdict.get(b"cookie")
-        if raw is None:
+        """A request cookie's value as Envoy parses it: every Cookie header,
+        pairs split on ";", a value in double quotes unquoted."""
+        if b"cookie" not in self.hdict:
             return None
-        for part in raw.decode("latin-1").split(";"):
-            k, _, v = part.strip().partition("=")
-            if k == name:
-                return v
+        for hname, raw in self.headers:
+            if hname != b"cookie":
+                continue
+            for part in raw.decode("latin-1").split(";"):
+                k, eq, v = part.strip(" ").partition("=")
+                if eq and k == name:
+                    if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                        v = v[1:-1]
+                    return v
         return None
 
-    def new_hash_cookie(self, name: str) -> str | None:
-        """Consistent-hash cookie absent: generate one, set it on the response."""
+    def new_hash_cookie(self, name: str) -> str:
+        """The consistent-hash cookie is absent and its policy has a ttl:
+        generate a value and set it on the response. Like Envoy, the value is
+        16 hex digits derived from the connection's addresses, so requests
+        racing on one connection get the same cookie."""
         if self.hash_cookie is None:
-            self.hash_cookie = (name, new_request_id().decode())
+            transport = self.conn.transport
+            seed = repr((transport.get_extra_info("peername"), transport.get_extra_info("sockname")))
+            value = hashlib.blake2b(seed.encode(), digest_size=8).hexdigest()
+            self.hash_cookie = (name, value)
         return self.hash_cookie[1]
 
     @property
@@ -269,6 +286,8 @@ class Exchange:
                 return
         self.route = route
         kind = route.kind
+        if kind != ROUTE and route.cors is not None and self._cors_request(route.cors):
+            return
         if kind == REDIRECT:
             loc = route.redirect.location(self, self.match_index)
             self.send_local_reply(route.redirect.code, b"", extra=((b"location", loc),))
@@ -345,6 +364,24 @@ class Exchange:
         self.send_local_reply(status, errors.FI_BODY)
         return True
 
+    def _cors_request(self, cors: Any) -> bool:
+        """Envoy's CORS filter on the request: remember an allowed origin for
+        the response; answer a preflight locally. True when answered."""
+        origin = self.hdict.get(b"origin")
+        if not origin:
+            return False
+        allowed = cors.origin_allowed(origin)
+        if allowed:
+            self.cors_origin = origin
+        if self.method != b"OPTIONS" or not self.hdict.get(b"access-control-request-method"):
+            return False
+        if not allowed and cors.forward_unmatched:
+            return False
+        self.cors_origin = None  # the preflight answer carries its own CORS headers
+        self.send_local_reply(200, b"", extra=cors.preflight_headers(self.hdict, origin if allowed else None),
+                              route_ops=False)
+        return True
+
     def _passthrough(self) -> None:
         snap = self.snapshot
         if snap.registry_only:
@@ -358,6 +395,8 @@ class Exchange:
     def _forward(self) -> None:
         route = self.route
         assert route is not None
+        if route.cors is not None and self._cors_request(route.cors):
+            return
         target = route.pick(self.worker.rng)
         self.target_choice = target
         cluster = target.cluster_for(self.port)
@@ -366,6 +405,8 @@ class Exchange:
             return
         self.cluster = cluster
         self._prepare_upstream(route)
+        if route.mirrors and not self.upgrade:
+            self.shadows = self.worker.mirror.start(self, route)
         if self.request_complete:
             # Envoy's route timeout starts when the router has the whole
             # request (after any fault delay); else on_request_complete arms it.
@@ -379,28 +420,25 @@ class Exchange:
         headers = self.headers
         authority = self.authority
         path = self.path
-        if route is not None:
-            target = self.target_choice
-            if target is not None and target.request_ops is not None:
-                headers = target.request_ops.apply(headers)
-                if target.request_ops.authority is not None:
-                    authority = target.request_ops.authority
-            if route.request_ops is not None:
-                headers = route.request_ops.apply(headers)
-                if route.request_ops.authority is not None:
-                    authority = route.request_ops.authority
+        target = self.target_choice
+        if route is not None and target is not None:
+            # The route's and the destination's operations, combined at load
+            # in Envoy's order, and the authority they (or rewrite) set.
+            ops = target.request_ops
+            if ops is not None:
+                headers = ops.apply(headers)
+            if target.authority is not None:
+                authority = target.authority
             rw = route.rewrite
-            if rw is not None:
+            if rw is not None and rw.rewrites_path:
                 new_path = rw.new_path(path, self.match_index)
-                if new_path is not None and new_path != path:
-                    headers = [*headers, (b"x-envoy-original-path", self.target if self.target[:1] == b"/"
-                                          else path + (b"?" + self.query if self.query else b""))]
+                if new_path is not None:
+                    original = self.target if self.target[:1] == b"/" else path + (b"?" + self.query if self.query
+                                                                                  else b"")
+                    headers = [h for h in headers if h[0] != b"x-envoy-original-path"]
+                    headers.append((b"x-envoy-original-path", original))
                     path = new_path
-                if rw.authority is not None:
-                    authority = rw.authority
-            self.response_ops = route.response_ops
-            if target is not None and target.response_ops is not None:
-                self.response_ops = (target.response_ops, route.response_ops)
+            self.response_ops = target.response_ops
         conn = self.conn
         tokens = None
         conn_hdr = self.hdict.get(b"connection")
@@ -745,12 +783,9 @@ class Exchange:
             headers = obs.on_upstream_response(self, headers)
         ops = self.response_ops
         if ops is not None:
-            if isinstance(ops, tuple):
-                for o in ops:
-                    if o is not None:
-                        headers = o.apply(headers)
-            else:
-                headers = ops.apply(headers)
+            headers = ops.apply(headers)
+        if self.cors_origin is not None:
+            headers = self.route.cors.decorate(headers, self.cors_origin)  # type: ignore[union-attr]
         http10 = self.version == "1.0"
         parts = [STATUS_LINES.get(status) or errors.status_line(status)]
         append = parts.append
@@ -804,6 +839,8 @@ class Exchange:
             self._start_tunnel()
 
     def _hash_cookie_header(self) -> bytes:
+        """Envoy's makeSetCookieValue: name="value"; Max-Age=N (omitted for a
+        zero ttl: a session cookie); Path=P; HttpOnly."""
         name, value = self.hash_cookie
         cfg = None
         cluster = self.cluster
@@ -811,10 +848,10 @@ class Exchange:
             cfg = cluster.settings.consistent_hash.http_cookie
         attrs = ""
         if cfg is not None:
+            if cfg.ttl and int(cfg.ttl):
+                attrs += f"; Max-Age={int(cfg.ttl)}"
             if cfg.path:
                 attrs += f"; Path={cfg.path}"
-            if cfg.ttl:
-                attrs += f"; Max-Age={int(cfg.ttl)}"
         return f"set-cookie: {name}=\"{value}\"{attrs}; HttpOnly\r\n".encode("latin-1")
 
     def on_upstream_body(self, data: bytes) -> None:
@@ -912,6 +949,10 @@ class Exchange:
 
     def on_request_body(self, data: bytes) -> None:
         self.request_bytes += len(data)
+        shadows = self.shadows
+        if shadows is not None:
+            for shadow in shadows:
+                shadow.on_body(data)
         replay = self.replay
         if replay is not None:
             if self.request_bytes > self.worker.limits.retry_buffer:
@@ -942,6 +983,10 @@ class Exchange:
         if not self.started:
             self.start()
             return
+        shadows = self.shadows
+        if shadows is not None:
+            for shadow in shadows:
+                shadow.on_request_complete()
         conn = self.upconn
         if conn is not None and self.head_sent and self.chunked_in:
             conn.write(LAST_CHUNK)
@@ -983,7 +1028,7 @@ class Exchange:
         self.send_local_reply(reply.status, reply.body, extra=reply.extra_headers, content_type=reply.content_type)
 
     def send_local_reply(self, status: int, body: bytes, extra: tuple = (), flag: str | None = None,
-                         content_type: bytes = b"text/plain") -> None:
+                         content_type: bytes = b"text/plain", route_ops: bool = True) -> None:
         if flag:
             self.flags.append(flag)
         if self.finished:
@@ -1004,10 +1049,14 @@ class Exchange:
         for name, value in extra:
             parts.append(name + b": " + value + b"\r\n")
         parts.append(b"date: " + HTTP_DATE.get() + b"\r\nserver: envoy\r\n")
-        ops = self.route.response_ops if self.route is not None else None
-        if ops is not None:
-            # Envoy applies the route's response header mutations to local replies too.
-            mutated = ops.apply([])
+        route = self.route
+        if route is not None and route_ops:
+            # Envoy applies the route's (and the chosen destination's) response
+            # header mutations to the router's local replies too.
+            ops = self.response_ops if self.target_choice is not None else route.response_ops
+            mutated = ops.apply([]) if ops is not None else []
+            if self.cors_origin is not None:
+                mutated = route.cors.decorate(mutated, self.cors_origin)  # type: ignore[union-attr]
             for name, value in mutated:
                 parts.append(name + b": " + value + b"\r\n")
         if not self.keep_alive or not self.request_complete or self.conn.draining or self.close_after:
@@ -1036,6 +1085,12 @@ class Exchange:
             self.close_after = True
         self.finished = True
         self.end_time = self.loop.time()
+        shadows = self.shadows
+        if shadows is not None:
+            self.shadows = None
+            if not self.request_complete:
+                for shadow in shadows:
+                    shadow.abandon()
         self._cancel_timers()
         if self.upconn is not None or self.waiting_pending:
             self._abort_attempt(reusable=False)

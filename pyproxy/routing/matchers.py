@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import re2
 
@@ -26,7 +27,11 @@ ValueMatch = Callable[[bytes], bool]
 # Constructs whose meaning is the same in RE2 and Python's re for ASCII input.
 # Anything outside (\p classes, POSIX [[:x:]], \Q..\E, flags other than (?i),
 # \b, \A, \z ...) goes to RE2 only.
-_SAFE_REGEX = re.compile(r"(?:[A-Za-z0-9 _\-/.*+?|()\[\]{}^$,:;=!@#%&~<>'\"`]|\\[dDwWsS.\-/*+?|()\[\]{}^$\\])*")
+# \s/\S are left out: Python's includes \v, RE2's does not. Braces must form a
+# counted repetition ({n}, {n,}, {n,m}): Python reads "a{,3}" as {0,3}, RE2 as
+# the literal text.
+_SAFE_REGEX = re.compile(r"(?:[A-Za-z0-9 _\-/.*+?|()\[\]{}^$,:;=!@#%&~<>'\"`]|\\[dDwW.\-/*+?|()\[\]{}^$\\])*")
+_ODD_BRACE = re.compile(r"\{(?!\d+(?:,\d*)?\})")
 
 
 def _re2_options() -> Any:
@@ -38,7 +43,7 @@ def _re2_options() -> Any:
 class RegexMatch:
     """Full-match regex with RE2 semantics."""
 
-    __slots__ = ("pattern", "rx2", "rxpy", "ignore_case")
+    __slots__ = ("ignore_case", "pattern", "rx2", "rxpy")
 
     def __init__(self, pattern: str, ignore_case: bool = False) -> None:
         self.pattern = pattern
@@ -49,7 +54,8 @@ class RegexMatch:
             core, flags = pattern[4:], re.IGNORECASE
         else:
             core, flags = pattern, re.IGNORECASE if ignore_case else 0
-        if core.isascii() and _SAFE_REGEX.fullmatch(core) and "(?" not in core.replace("(?:", ""):
+        if (core.isascii() and _SAFE_REGEX.fullmatch(core) and "(?" not in core.replace("(?:", "")
+                and not _ODD_BRACE.search(core)):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")
@@ -100,7 +106,7 @@ def parse_query(query: bytes | None) -> dict[str, str]:
     for part in query.split(b"&"):
         if not part:
             continue
-        name, sep, value = part.partition(b"=")
+        name, _, value = part.partition(b"=")
         key = name.decode("latin-1")
         if key not in params:
             params[key] = value.decode("latin-1")
@@ -119,20 +125,27 @@ def _header_check(name: str, sm: StringMatch) -> Check:
 
 
 def _without_header_check(name: str, sm: StringMatch) -> Check:
+    """Istio's ``withoutHeaders``: Envoy's inverted header matcher with
+    ``treat_missing_header_as_empty`` (except for the presence matcher, where
+    Istio cannot set it). So a missing header is matched against "": it
+    satisfies ``{exact: foo}`` but not ``{regex: ".*"}`` or ``{exact: ""}``."""
     key = name.lower().encode("latin-1")
+    if sm.kind == "present":
+        return lambda ex: key not in ex.hdict
     match = compile_string_match(sm)
 
     def check(ex: Any) -> bool:
-        value = ex.hdict.get(key)
-        return value is None or not match(value)
+        return not match(ex.hdict.get(key, b""))
 
     return check
 
 
 def _query_check(name: str, sm: StringMatch) -> Check:
-    # Istio: ``exact: ""`` (like ``{}``) asks only that the parameter is present.
-    if sm.kind == "exact" and sm.value == "":
-        sm = StringMatch("present")
+    """Envoy's query parameter matcher as Istio programs it: ``{}`` is
+    present_match; ``exact: ""`` is an exact match of the empty value, so it
+    matches ``?name`` and ``?name=`` only (Envoy v2's "empty value means
+    present" is gone in v3). The first occurrence of the name counts; values
+    are compared undecoded."""
     match = compile_string_match(sm)
 
     def check(ex: Any) -> bool:
@@ -146,24 +159,43 @@ def _query_check(name: str, sm: StringMatch) -> Check:
 _IGNORED_HEADER_KEYS = {"uri", "scheme", "method", "authority"}
 
 
+# One factory per request attribute: each check closes over its own matcher
+# (a loop variable shared by several lambdas would bind the last one).
+def _method_check(f: ValueMatch) -> Check:
+    return lambda ex: f(ex.method)
+
+
+def _path_check(f: ValueMatch) -> Check:
+    return lambda ex: f(ex.path)
+
+
+def _scheme_check(f: ValueMatch) -> Check:
+    return lambda ex: f(ex.scheme)
+
+
+def _authority_check(f: ValueMatch) -> Check:
+    return lambda ex: f(ex.authority)
+
+
+def _port_check(port: int) -> Check:
+    return lambda ex: ex.port == port
+
+
 def compile_match(m: HTTPMatchRequest) -> tuple[Check, ...]:
     """The AND-ed checks of one ``match[]`` entry, cheapest first."""
     checks: list[Check] = []
     if m.port is not None:
-        port = m.port
-        checks.append(lambda ex: ex.port == port)
+        checks.append(_port_check(m.port))
     if m.method is not None:
-        f = compile_string_match(m.method)
-        checks.append(lambda ex: f(ex.method))
+        checks.append(_method_check(compile_string_match(m.method)))
     if m.uri is not None:
-        f = compile_string_match(m.uri, ignore_case=m.ignore_uri_case and m.uri.kind != "regex")
-        checks.append(lambda ex: f(ex.path))
+        # ignoreUriCase is Envoy's case_sensitive=false: exact and prefix only.
+        ignore_case = m.ignore_uri_case and m.uri.kind != "regex"
+        checks.append(_path_check(compile_string_match(m.uri, ignore_case=ignore_case)))
     if m.scheme is not None:
-        f = compile_string_match(m.scheme)
-        checks.append(lambda ex: f(ex.scheme))
+        checks.append(_scheme_check(compile_string_match(m.scheme)))
     if m.authority is not None:
-        f = compile_string_match(m.authority)
-        checks.append(lambda ex: f(ex.authority))
+        checks.append(_authority_check(compile_string_match(m.authority)))
     for name, sm in m.headers:
         if name.lower() not in _IGNORED_HEADER_KEYS:
             checks.append(_header_check(name, sm))

@@ -25,44 +25,112 @@ REDIRECT = 1
 DIRECT_RESPONSE = 2
 
 
-class HeaderOps:
-    """Compiled ``headers.request|response`` operations (Envoy order:
-    remove first, then set, then add)."""
+_AUTHORITY_NAMES = (b"host", b":authority")
 
-    __slots__ = ("remove", "set", "add", "set_names", "authority")
+
+class HeaderOps:
+    """Compiled ``headers.request|response`` operations.
+
+    Envoy evaluates one header parser as: every ``remove`` first, then the
+    ``set`` (OVERWRITE_IF_EXISTS_OR_ADD) and ``add`` (APPEND_IF_EXISTS_OR_ADD)
+    entries in order (Istio emits ``set`` before ``add``). Because every
+    operation is static, any chain of parsers reduces at build time to two
+    things: the header names dropped from the incoming list and the entries
+    appended after it. Applying it is one list comprehension.
+
+    ``set`` of ``host``/``:authority`` is not a header operation: Istio turns
+    it into the route's host rewrite (``authority``).
+    """
+
+    __slots__ = ("added", "authority", "drop", "ops", "removes")
 
     def __init__(self, remove: tuple[str, ...] = (), set_: tuple[tuple[str, str], ...] = (),
                  add: tuple[tuple[str, str], ...] = ()) -> None:
-        self.remove = frozenset(n.lower().encode("latin-1") for n in remove)
-        self.set = tuple((n.lower().encode("latin-1"), v.encode("utf-8")) for n, v in set_)
-        self.add = tuple((n.lower().encode("latin-1"), v.encode("utf-8")) for n, v in add)
-        self.set_names = frozenset(n for n, _ in self.set)
-        # ``set`` of host/:authority rewrites the authority (Envoy treats
-        # :authority and Host as the same header on HTTP/1.1).
         authority = None
-        for n, v in self.set:
-            if n in (b"host", b":authority"):
-                authority = v
+        for n, v in add:
+            if n.lower() in ("host", ":authority"):
+                authority = v.encode("utf-8")
+        for n, v in set_:
+            if n.lower() in ("host", ":authority"):
+                authority = v.encode("utf-8")  # Istio: set wins over add
         self.authority = authority
+        self.removes = frozenset(n.lower().encode("latin-1") for n in remove) - set(_AUTHORITY_NAMES)
+        ops: list[tuple[bytes, bytes, bool]] = []
+        for pairs, overwrite in ((set_, True), (add, False)):
+            for n, v in pairs:
+                name = n.lower().encode("latin-1")
+                if name not in _AUTHORITY_NAMES:
+                    ops.append((name, v.encode("utf-8"), overwrite))
+        self.ops = tuple(ops)
+        self.drop, self.added = _reduce(self.removes, self.ops)
+
+    @classmethod
+    def _of(cls, removes: frozenset[bytes], ops: tuple[tuple[bytes, bytes, bool], ...],
+            drop: frozenset[bytes], added: tuple[tuple[bytes, bytes], ...], authority: bytes | None) -> HeaderOps:
+        self = cls.__new__(cls)
+        self.removes, self.ops, self.drop, self.added, self.authority = removes, ops, drop, added, authority
+        return self
+
+    def merged(self, later: HeaderOps | None) -> HeaderOps:
+        """One Envoy header parser holding this parser's entries followed by
+        ``later``'s (Istio's single-destination route: route-level operations,
+        then the destination's, in one list). Removes of both run first."""
+        if later is None:
+            return self
+        removes = self.removes | later.removes
+        ops = self.ops + later.ops
+        drop, added = _reduce(removes, ops)
+        return HeaderOps._of(removes, ops, drop, added, self.authority or later.authority)
+
+    def then(self, later: HeaderOps | None) -> HeaderOps:
+        """This parser evaluated first, then ``later`` on its result (Envoy's
+        weighted cluster headers, then the route's)."""
+        if later is None:
+            return self
+        drop = self.drop | later.drop
+        added = tuple(h for h in self.added if h[0] not in later.drop) + later.added
+        return HeaderOps._of(self.removes | later.removes, self.ops + later.ops, drop, added,
+                             later.authority or self.authority)
 
     def __bool__(self) -> bool:
-        return bool(self.remove or self.set or self.add)
+        return bool(self.drop or self.added)
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        drop = self.remove | self.set_names
+        drop = self.drop
         out = [h for h in headers if h[0] not in drop] if drop else list(headers)
-        for n, v in self.set:
-            if n not in (b"host", b":authority"):
-                out.append((n, v))
-        out.extend(h for h in self.add if h[0] not in (b"host", b":authority"))
+        if self.added:
+            out.extend(self.added)
         return out
+
+
+def _reduce(removes: frozenset[bytes], ops: tuple[tuple[bytes, bytes, bool], ...]
+            ) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
+    """(names dropped from the incoming headers, entries appended) for one parser."""
+    drop = set(removes)
+    added: list[tuple[bytes, bytes]] = []
+    for name, value, overwrite in ops:
+        if overwrite:
+            drop.add(name)
+            added = [h for h in added if h[0] != name]
+        added.append((name, value))
+    return frozenset(drop), tuple(added)
 
 
 class RouteTarget:
     """One weighted destination of a route: a cluster (or None when the
     subset or host is unknown: 503 NC at request time)."""
 
-    __slots__ = ("host", "subset", "port", "cluster", "by_port", "request_ops", "response_ops", "weight")
+    __slots__ = (
+        "authority",
+        "by_port",
+        "cluster",
+        "host",
+        "port",
+        "request_ops",
+        "response_ops",
+        "subset",
+        "weight",
+    )
 
     def __init__(self, host: str, subset: str, port: int | None, weight: int,
                  request_ops: HeaderOps | None, response_ops: HeaderOps | None) -> None:
@@ -74,8 +142,27 @@ class RouteTarget:
         # When the destination has no port and its service has several, the
         # cluster follows the port the request addressed.
         self.by_port: dict[int, Cluster] = {}
+        # Until ``finalize_ops``: this destination's own operations; after it,
+        # everything applied to a request sent to this destination (the
+        # route's operations included) and the authority to send.
         self.request_ops = request_ops
         self.response_ops = response_ops
+        self.authority: bytes | None = None
+
+    def finalize_ops(self, route_req: HeaderOps | None, route_resp: HeaderOps | None,
+                     route_authority: bytes | None, single: bool) -> None:
+        """Combine the route's and this destination's operations the way
+        Istio programs Envoy: a rule with one destination puts both in the
+        route's header lists (route entries first, so the destination's
+        ``set`` wins); with several destinations the destination's go on the
+        weighted cluster, which Envoy evaluates before the route's (so the
+        route's ``set``/``remove`` win). A route-level authority (rewrite or
+        ``set: {host: ...}``) always wins over the destination's."""
+        own_req, own_resp = self.request_ops, self.response_ops
+        own_authority = own_req.authority if own_req is not None else None
+        self.request_ops = _combine(route_req, own_req, single)
+        self.response_ops = _combine(route_resp, own_resp, single)
+        self.authority = route_authority or own_authority
 
     def cluster_for(self, port: int) -> Cluster | None:
         if self.by_port:
@@ -83,25 +170,37 @@ class RouteTarget:
         return self.cluster
 
 
+def _combine(route: HeaderOps | None, dest: HeaderOps | None, single: bool) -> HeaderOps | None:
+    if route is None:
+        ops = dest
+    elif dest is None:
+        ops = route
+    else:
+        ops = route.merged(dest) if single else dest.then(route)
+    return ops if ops else None
+
+
 class CompiledRoute:
     __slots__ = (
-        "name",
-        "origin",
+        "catch_all",
         "conditions",
-        "kind",
-        "targets",
-        "cumulative",
-        "total",
-        "timeout",
-        "retry",
-        "fault",
-        "mirrors",
         "cors",
+        "cumulative",
+        "direct",
+        "fault",
+        "kind",
+        "mirrors",
+        "name",
+        "names",
+        "origin",
+        "redirect",
         "request_ops",
         "response_ops",
+        "retry",
         "rewrite",
-        "redirect",
-        "direct",
+        "targets",
+        "timeout",
+        "total",
         "virtual_host",
     )
 
@@ -124,6 +223,14 @@ class CompiledRoute:
         self.redirect: Any = None
         self.direct: Any = None
         self.virtual_host = ""
+        # Envoy route name per match entry: "<rule name>.<match name>" as
+        # Istio builds it (one Envoy route per entry).
+        self.names: tuple[str, ...] = ("",)
+        self.catch_all = False  # some match entry accepts every request (later rules unreachable)
+
+    def name_for(self, match_index: int) -> str:
+        names = self.names
+        return names[match_index] if 0 <= match_index < len(names) else self.name
 
     def match_index(self, ex: Any) -> int:
         """Index of the first ``match[]`` entry the request satisfies (0 for a
@@ -131,14 +238,12 @@ class CompiledRoute:
         conditions = self.conditions
         if not conditions:
             return 0
-        i = 0
-        for checks in conditions:
+        for i, checks in enumerate(conditions):
             for check in checks:
                 if not check(ex):
                     break
             else:
                 return i
-            i += 1
         return -1
 
     def set_targets(self, targets: list[RouteTarget]) -> None:
@@ -163,7 +268,7 @@ class CompiledRoute:
 
 
 class VirtualHost:
-    __slots__ = ("name", "routes", "service", "default_port", "ports", "has_vs")
+    __slots__ = ("default_port", "has_vs", "name", "ports", "routes", "service")
 
     def __init__(self, name: str, routes: tuple[CompiledRoute, ...], service: Any,
                  has_vs: bool) -> None:

@@ -60,8 +60,8 @@ class RoundRobin(LoadBalancer):
         weights = [max(1, h.weight) for h in hosts]
         table: list[ClusterEndpoint] = []
         if weights and len(set(weights)) > 1:
-            from math import gcd
             from functools import reduce
+            from math import gcd
 
             g = reduce(gcd, weights)
             counts = [w // g for w in weights]
@@ -100,10 +100,17 @@ class Random(LoadBalancer):
 
 
 class LeastRequest(LoadBalancer):
-    """Envoy's LEAST_REQUEST: power of two random choices, fewer active
-    requests wins (ties go to the first draw)."""
+    """Envoy's LEAST_REQUEST. Equal endpoint weights: power of two random
+    choices, the one with fewer active requests wins (ties go to the first
+    draw), exactly Envoy's unweighted pick. Unequal weights: Envoy schedules
+    by weight / (active + 1) (active_request_bias 1.0) with an EDF scheduler;
+    here the same effective weights drive a weighted random draw."""
 
-    __slots__ = ()
+    __slots__ = ("weighted",)
+
+    def on_hosts_changed(self, hosts: list[ClusterEndpoint]) -> None:
+        self.hosts = hosts
+        self.weighted = len({h.weight for h in hosts}) > 1
 
     def choose(self, ex: Any) -> ClusterEndpoint | None:
         hosts = self.hosts
@@ -111,13 +118,32 @@ class LeastRequest(LoadBalancer):
         if n == 1:
             return hosts[0]
         rnd = self.rng.random
+        if self.weighted:
+            return self._weighted(hosts, rnd)
         a = hosts[int(rnd() * n)]
         b = hosts[int(rnd() * n)]
         return b if b.active_requests < a.active_requests else a
 
+    @staticmethod
+    def _weighted(hosts: list[ClusterEndpoint], rnd: Any) -> ClusterEndpoint:
+        effective = [max(1, h.weight) / (h.active_requests + 1) for h in hosts]
+        point = rnd() * sum(effective)
+        for h, w in zip(hosts, effective):
+            point -= w
+            if point < 0:
+                return h
+        return hosts[-1]
+
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+# Envoy's default minimum ring size; its maximum (8M entries) is far more than
+# a Python process should build, so rings are capped lower (same stickiness,
+# coarser balance only for huge requested sizes).
+DEFAULT_RING_SIZE = 1024
+MAX_RING_SIZE = 65536
 
 
 class RingHash(LoadBalancer):
@@ -126,15 +152,17 @@ class RingHash(LoadBalancer):
 
     The hash key comes from the request (header, cookie, query parameter or
     source IP) via ``key_fn``; a request without a key gets a random endpoint,
-    as in Envoy. Ring positions depend only on endpoint addresses, so the
-    same key maps to the same endpoint across reloads that keep the endpoints.
+    as in Envoy. Ring positions depend only on endpoint addresses and weights,
+    so the same key maps to the same endpoint across reloads that keep the
+    endpoints.
     """
 
-    __slots__ = ("ring", "points", "key_fn", "min_ring_size")
+    __slots__ = ("key_fn", "min_ring_size", "points", "ring")
 
-    def __init__(self, hosts: list[ClusterEndpoint], rng: random.Random, key_fn: Any, min_ring_size: int = 1024) -> None:
+    def __init__(self, hosts: list[ClusterEndpoint], rng: random.Random, key_fn: Any,
+                 min_ring_size: int = DEFAULT_RING_SIZE) -> None:
         self.key_fn = key_fn
-        self.min_ring_size = max(1, min_ring_size)
+        self.min_ring_size = min(max(1, min_ring_size), MAX_RING_SIZE)
         self.ring: list[int] = []
         self.points: list[ClusterEndpoint] = []
         super().__init__(hosts, rng)
@@ -145,7 +173,7 @@ class RingHash(LoadBalancer):
             self.ring, self.points = [], []
             return
         total_weight = sum(max(1, h.weight) for h in hosts)
-        per_unit = max(1, -(-self.min_ring_size // total_weight))
+        per_unit = max(1, min(-(-self.min_ring_size // total_weight), MAX_RING_SIZE // total_weight))
         entries: list[tuple[int, ClusterEndpoint]] = []
         for h in hosts:
             addr = h.address.encode()
@@ -159,21 +187,30 @@ class RingHash(LoadBalancer):
         key = self.key_fn(ex) if ex is not None else None
         if key is None:
             return self.hosts[int(self.rng.random() * len(self.hosts))]
-        return self.lookup(_hash64(key))
+        return self.points[self._index(_hash64(key))]
+
+    def _index(self, h: int) -> int:
+        i = bisect.bisect_left(self.ring, h)
+        return 0 if i == len(self.ring) else i
 
     def lookup(self, h: int) -> ClusterEndpoint:
-        i = bisect.bisect_left(self.ring, h)
-        if i == len(self.ring):
-            i = 0
-        return self.points[i]
+        return self.points[self._index(h)]
 
     def pick(self, ex: Any, exclude: Any = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None
-        ep = self.choose(ex)
+        key = self.key_fn(ex) if ex is not None else None
+        if key is None:
+            return LoadBalancer.pick(self, None, exclude)
+        i = self._index(_hash64(key))
+        points = self.points
+        ep = points[i]
         if exclude and ep in exclude:
-            # Walk the ring for the next distinct endpoint, as Envoy does on retry.
-            for candidate in self.hosts:
+            # A retry walks the ring to the next endpoint not tried yet, so
+            # the fallback is as deterministic as the first choice.
+            n = len(points)
+            for step in range(1, n):
+                candidate = points[(i + step) % n]
                 if candidate not in exclude:
                     return candidate
         return ep
@@ -200,14 +237,14 @@ def _source_ip_key(ex: Any) -> bytes | None:
     return ex.conn.peer_ip.encode()
 
 
-def _cookie_key(name: str) -> Any:
+def _cookie_key(name: str, generate: bool) -> Any:
     def key_fn(ex: Any) -> bytes | None:
         value = ex.cookie(name)
-        if value is None:
-            # Envoy generates the cookie value when absent; the exchange sets
-            # it on the response (see Exchange.hash_cookie_to_set).
+        if not value and generate:
+            # Envoy generates the cookie only when the policy has a ttl; the
+            # exchange sends it back with Set-Cookie.
             value = ex.new_hash_cookie(name)
-        return value.encode() if value is not None else None
+        return value.encode("latin-1") if value else None
 
     return key_fn
 
@@ -219,14 +256,14 @@ def make_balancer(settings: Any, hosts: list[ClusterEndpoint], rng: random.Rando
         if ch.http_header_name:
             key_fn = _header_key(ch.http_header_name)
         elif ch.http_cookie is not None:
-            key_fn = _cookie_key(ch.http_cookie.name)
+            key_fn = _cookie_key(ch.http_cookie.name, ch.http_cookie.ttl is not None)
         elif ch.http_query_parameter_name:
             key_fn = _query_key(ch.http_query_parameter_name)
         elif ch.use_source_ip:
             key_fn = _source_ip_key
         else:
-            key_fn = lambda ex: None  # noqa: E731 - no key configured: behaves like RANDOM
-        return RingHash(hosts, rng, key_fn, ch.minimum_ring_size or 1024)
+            key_fn = lambda ex: None
+        return RingHash(hosts, rng, key_fn, ch.minimum_ring_size or DEFAULT_RING_SIZE)
     if policy == "ROUND_ROBIN":
         return RoundRobin(hosts, rng)
     if policy == "RANDOM":

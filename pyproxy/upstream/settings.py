@@ -1,10 +1,11 @@
 """Effective per-cluster settings: a DestinationRule's traffic policy merged
 for one (port, subset) and filled with Istio's defaults.
 
-Merging follows Istio: the subset's trafficPolicy replaces the DestinationRule's
-top-level blocks one whole block at a time (loadBalancer, connectionPool,
-outlierDetection), never field by field; then port-level settings for the
-cluster's port replace the corresponding block again.
+Merging follows Istio: a ``portLevelSettings`` entry for the cluster's port
+replaces its policy's blocks (unset ones fall back to the defaults, they do
+not inherit); the subset's trafficPolicy then replaces the DestinationRule's
+blocks one whole block at a time (loadBalancer, connectionPool,
+outlierDetection), never field by field.
 """
 
 from __future__ import annotations
@@ -82,28 +83,31 @@ def _pick_blocks(
     policy: TrafficPolicy | None, port: int
 ) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None, OutlierDetection | None, bool]:
     """The (lb, pool, outlier) blocks a policy sets for ``port``; the last
-    element tells whether the policy exists at all."""
+    element tells whether a port-level entry for ``port`` exists. As in Istio
+    (GetPortLevelTrafficPolicy), a matching ``portLevelSettings`` entry
+    replaces the policy's blocks entirely: blocks it leaves out fall back to
+    the defaults, not to the same policy's top-level blocks."""
     if policy is None:
         return None, None, None, False
-    lb, pool, od = policy.load_balancer, policy.connection_pool, policy.outlier_detection
     for pls in policy.port_level_settings:
         if pls.port == port:
-            lb = pls.load_balancer or lb
-            pool = pls.connection_pool or pool
-            od = pls.outlier_detection or od
-    return lb, pool, od, True
+            return pls.load_balancer, pls.connection_pool, pls.outlier_detection, True
+    return policy.load_balancer, policy.connection_pool, policy.outlier_detection, False
 
 
 def merge_policy(
     top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int
 ) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None, OutlierDetection | None]:
+    """Istio's MergeSubsetTrafficPolicy: the DestinationRule's blocks for the
+    port, then each block the subset sets replaces the whole block; a subset
+    port-level entry for the port replaces all three blocks."""
     lb, pool, od, _ = _pick_blocks(top, port)
-    s_lb, s_pool, s_od, has_subset = _pick_blocks(subset, port)
-    if has_subset:
-        lb = s_lb or lb
-        pool = s_pool or pool
-        od = s_od or od
-    return lb, pool, od
+    if subset is None:
+        return lb, pool, od
+    s_lb, s_pool, s_od, subset_port_level = _pick_blocks(subset, port)
+    if subset_port_level:
+        return s_lb, s_pool, s_od
+    return s_lb or lb, s_pool or pool, s_od or od
 
 
 def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> ClusterSettings:
