@@ -10,6 +10,7 @@ from typing import Any
 
 from pyproxy.config.loader import load_text
 from pyproxy.http.exchange import OUTBOUND, Exchange
+from pyproxy.options import Limits
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot
 
 
@@ -65,9 +66,13 @@ class FakeWorker:
         self.loop = FakeLoop()
         self.rng = random.Random(seed)
         self.observer = None
+        self.limits = Limits()
 
 
 class FakeConn:
+    """The downstream connection as an Exchange uses it; responses written
+    to it are collected in ``written``."""
+
     def __init__(self, worker: FakeWorker | None = None, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
         self.worker = worker or FakeWorker()
         self.direction = OUTBOUND
@@ -75,6 +80,27 @@ class FakeConn:
         self.transport = FakeTransport(peer)
         self.peer_ip = peer[0]
         self.peer_ip_bytes = peer[0].encode()
+        self.original_dst = None
+        self.draining = False
+        self.closed = False
+        self.written: list[bytes] = []
+        self.done: list[Any] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def exchange_done(self, ex: Any) -> None:
+        self.done.append(ex)
+
+    def pause_reading_for(self, ex: Any) -> None:
+        pass
+
+    def resume_reading_for(self, ex: Any) -> None:
+        pass
+
+    @property
+    def response(self) -> bytes:
+        return b"".join(self.written)
 
 
 def request(target: str | bytes, headers: dict[str, str] | list[tuple[str, str]] | None = None,
@@ -93,10 +119,40 @@ def request(target: str | bytes, headers: dict[str, str] | list[tuple[str, str]]
     return ex
 
 
+def send(snapshot: Snapshot, target: str, headers: dict[str, str] | list[tuple[str, str]] | None = None,
+         method: str = "GET", host: str = "reviews", worker: FakeWorker | None = None,
+         peer: tuple[str, int] = ("127.0.0.1", 40000), complete: bool = True) -> Exchange:
+    """Route one request (no body) through ``Exchange.start``: the upstream
+    head is built and the attempt queued on the chosen endpoint (no socket is
+    opened), or a local reply is in ``ex.conn.written``."""
+    worker = worker or FakeWorker(snapshot)
+    worker.snapshot = snapshot
+    if not hasattr(worker, "mirror"):
+        from pyproxy.filters.mirror import Mirror
+
+        worker.mirror = Mirror(worker.loop, worker.rng)  # type: ignore[attr-defined,arg-type]
+    ex = request(target, headers, method=method, host=host, conn=FakeConn(worker, peer))
+    ex.request_complete = complete
+    ex.start()
+    return ex
+
+
+def head_of(ex: Exchange) -> tuple[bytes, dict[bytes, list[bytes]]]:
+    """(request line, headers by name) of the upstream request head."""
+    lines = ex.upstream_head.split(b"\r\n")
+    out: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b": ")
+            out.setdefault(name, []).append(value)
+    return lines[0], out
+
+
 def build(text: str, *, labels: dict[str, str] | None = None, namespace: str = "default",
           previous: Snapshot | None = None, rng: random.Random | None = None) -> Snapshot:
     loaded = load_text(textwrap.dedent(text), "t.yaml")
     assert loaded.ok, [str(e) for e in loaded.errors]
+    assert not [w for w in loaded.warnings if "duplicate key" in str(w)], "documents run together (missing ---?)"
     ident = ProxyIdentity(workload="test", namespace=namespace, labels=tuple((labels or {}).items()))
     ctx = BuildContext(FakeLoop(), rng or random.Random(7))  # type: ignore[arg-type]
     return build_snapshot(loaded, ident, ctx, previous)
