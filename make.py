@@ -60,10 +60,15 @@ def main(argv: list[str]) -> int:
         print(f"activate with: source {VENV}/bin/activate")
         return 0
     py = ensure_env("test")
-    try:
-        return subprocess.call([str(py), "-m", "pyproxy", "demo", "bookinfo", *rest], cwd=ROOT)
-    except KeyboardInterrupt:
-        return 130
+    # The user's working directory, so the paths the demo prints can be typed as shown.
+    proc = subprocess.Popen([str(py), "-m", "pyproxy", "demo", "bookinfo", *rest])
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # The demo got the same Ctrl-C and is stopping what it started:
+            # wait for it rather than killing it half-way.
+            continue
 
 
 if __name__ == "__main__":

@@ -176,9 +176,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_iptables_args(ipt)
     demo = sub.add_parser("demo", help="run a demo mesh locally")
     demo.add_argument("name", choices=["bookinfo"])
-    demo.add_argument("--config-dir", default=None, help="mesh config directory (default: a fresh temp dir)")
-    demo.add_argument("--ingress", default="127.0.0.1:9080", metavar="HOST:PORT")
-    demo.add_argument("--log-level", default="warning")
+    demo.add_argument("--config-dir", default=None,
+                      help="mesh config directory, watched by every proxy (default: a fresh temp dir)")
+    demo.add_argument("--ingress", default="127.0.0.1:9080", metavar="HOST:PORT",
+                      help="where the ingress gateway listens (default 127.0.0.1:9080)")
+    demo.add_argument("--pod-subnet", default="127.0.0.0/24", metavar="CIDR",
+                      help="loopback network for the pods' addresses (.10 ingress, .11-.16 pods)")
+    demo.add_argument("--log-level", default="warning", help="the proxies' log level")
     return parser, run_parser
 
 

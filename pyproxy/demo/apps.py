@@ -565,7 +565,9 @@ async def serve(app: web.Application, host: str, port: int, *, access_log: bool 
     runner = web.AppRunner(
         app,
         access_log=logging.getLogger("pyproxy.demo.access") if access_log else None,
-        access_log_format='%a "%r" %s %b %Tfs',
+        # The propagated headers show the trace and the user reaching each service.
+        access_log_format='%a "%r" %s %b %Tfs x-request-id=%{x-request-id}i traceparent=%{traceparent}i '
+        "end-user=%{end-user}i",
         # In-flight requests get a moment to finish; a demo should stop promptly.
         shutdown_timeout=2.0,
     )

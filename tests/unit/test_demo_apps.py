@@ -642,10 +642,15 @@ async def test_process_serves_logs_and_exits_cleanly_on_sigterm(client: aiohttp.
         assert await get_json(client, URL(f"http://127.0.0.1:{port}/ratings/1")) == (200, {
             "id": 1, "ratings": {"Reviewer1": 5, "Reviewer2": 4}
         })  # fmt: skip
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        async with client.get(f"http://127.0.0.1:{port}/ratings/2", headers={"traceparent": traceparent}) as r:
+            assert r.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         rest = (await proc.stderr.read()).decode()
         assert '"GET /ratings/1 HTTP/1.1" 200' in rest
+        # The access log shows the propagated headers (the e2e trace test reads them).
+        assert '"GET /ratings/2 HTTP/1.1" 200' in rest and f"traceparent={traceparent}" in rest
     finally:
         if proc.returncode is None:
             proc.kill()
