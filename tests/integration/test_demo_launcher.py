@@ -61,7 +61,7 @@ def test_a_child_crashing_at_start_stops_everything_it_started(tmp_path: Path) -
                    "--ingress", f"{prefix}10:8080", "--log-level", "chatty")
     assert res.returncode == 1, res
     assert "exited with status 2 while starting" in res.stderr
-    assert "invalid choice: 'chatty'" in res.stderr  # the tail of the child's log
+    assert "'chatty'" in res.stderr  # the tail of the child's log: its error
     assert "logs kept in" in res.stderr
     deadline = time.monotonic() + 5
     while (left := processes_mentioning(prefix)) and time.monotonic() < deadline:
