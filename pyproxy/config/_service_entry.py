@@ -42,6 +42,8 @@ PROTOCOLS = frozenset(
     ]
 )
 _HTTP_OR_TLS = frozenset(["HTTP", "HTTPS", "HTTP2", "HTTP_PROXY", "GRPC", "GRPC-WEB", "TLS"])
+# What pyproxy can carry on a port: plain HTTP/1.1 (gRPC-Web runs over it).
+_HTTP1 = frozenset(["", "HTTP", "HTTP_PROXY", "GRPC-WEB"])
 _LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 UNIX_PREFIX = "unix://"
@@ -115,6 +117,12 @@ def _ports(spec: Node) -> tuple[ServicePort, ...]:
         protocol = node.string("protocol") or ""
         if protocol and protocol.upper() not in PROTOCOLS:
             node.error("protocol", f"unsupported protocol {protocol!r}")
+        elif protocol.upper() not in _HTTP1:
+            node.warn(
+                "protocol",
+                f"{protocol}: pyproxy carries plain HTTP/1.1 only; other traffic to this port fails "
+                f"(keep it out of capture with pyproxy iptables --exclude-outbound-ports {number or 'PORT'})",
+            )
         target = node.integer("targetPort", lo=0, hi=65535) or None
         result.append(
             ServicePort(number=number or 0, name=name or "", protocol=protocol.upper(), target_port=target)
@@ -133,6 +141,8 @@ def _addresses(spec: Node, resolution: str) -> tuple[str, ...]:
             continue
         if "/" in address and resolution not in ("NONE", "STATIC"):
             spec.rep.error(path, "CIDR addresses are only allowed with NONE or STATIC resolution")
+        elif ipaddress.ip_network(address, strict=False).num_addresses > 1:
+            spec.rep.warn(path, "a CIDR block is not used by pyproxy (requests select a service by Host); ignored")
     return addresses
 
 
@@ -175,7 +185,7 @@ def _workload_entry(
             ports.append((name, number))
     if address.startswith(UNIX_PREFIX) and ports:
         node.error("ports", "must not be set for a unix:// address")
-    for key in ("network", "locality"):
+    for key in ("network", "locality", "serviceAccount"):
         if node.has(key):
             node.warn(key, "parsed, but not implemented by pyproxy: it has no effect")
     weight = node.integer("weight", lo=0, hi=UINT32_MAX)

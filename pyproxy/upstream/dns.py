@@ -3,9 +3,9 @@
 Names are resolved when a snapshot is built (before it is swapped in) and
 re-resolved periodically in the background; a connection attempt only reads
 the cache, never resolves on the request path. A name whose lookup fails
-keeps its last good addresses; a name never resolved is handed to the
-connect call as is (the loop resolves it off-thread), so a slow DNS server
-delays only new connections to that name.
+keeps its last good addresses; a connection to a name that has never
+resolved fails at once (503 UF, like a connect failure) until a background
+lookup succeeds.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ class Resolver:
         self.cache: dict[str, list[str]] = {}
         self._next: dict[str, int] = {}
         self.failures = 0
+        # Names whose every lookup so far failed: never handed to a connect
+        # call, which would resolve them on the request path.
+        self.unresolved: set[str] = set()
 
     def __call__(self, host: str) -> str:
-        """Cached address for ``host`` (rotating over several), else ``host``."""
+        """Cached address for ``host`` (rotating over several), else ``host``
+        (an IP address or a unix:// path). Raises OSError for a DNS name that
+        has not resolved yet."""
         ips = self.cache.get(host)
         if not ips:
+            if host in self.unresolved:
+                raise OSError(f"DNS name {host!r} has not resolved yet")
             return host
         if len(ips) == 1:
             return ips[0]
@@ -51,8 +58,7 @@ class Resolver:
                 self.loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            self.failures += 1
-            log.warning("dns: cannot resolve %s: %s (keeping %s)", name, exc, self.cache.get(name) or "nothing")
+            self.failed(name, exc)
             return
         ips: list[str] = []
         for family, _, _, _, sockaddr in infos:
@@ -60,9 +66,22 @@ class Resolver:
             if ip not in ips:
                 ips.append(ip)
         if ips:
-            if self.cache.get(name) != ips:
-                log.debug("dns: %s -> %s", name, ips)
-            self.cache[name] = ips
+            self.resolved(name, ips)
+        else:
+            self.failed(name, OSError("no addresses"))
+
+    def resolved(self, name: str, ips: list[str]) -> None:
+        if self.cache.get(name) != ips:
+            log.debug("dns: %s -> %s", name, ips)
+        self.cache[name] = ips
+        self.unresolved.discard(name)
+
+    def failed(self, name: str, exc: BaseException) -> None:
+        self.failures += 1
+        log.warning("dns: cannot resolve %s: %s (keeping %s)", name, exc or type(exc).__name__,
+                    self.cache.get(name) or "nothing")
+        if name not in self.cache:
+            self.unresolved.add(name)
 
     async def run(self, names_provider) -> None:  # type: ignore[no-untyped-def]
         """Background refresh loop; ``names_provider()`` returns the current names."""

@@ -350,3 +350,46 @@ def test_one_entry_with_several_hosts_gives_each_host_the_endpoints() -> None:
     """))
     assert sorted(reg) == ["a.example.com", "b.example.com"]
     assert [e.address for e in reg["b.example.com"].endpoints] == ["10.0.0.1"]
+
+
+# -- ServiceEntry / WorkloadEntry fields pyproxy accepts with a warning ----------------------
+
+
+def warnings_of(text: str) -> list[str]:
+    loaded = load_text(text, "w.yaml")
+    assert loaded.ok, [str(e) for e in loaded.errors]
+    return [str(w) for w in loaded.warnings]
+
+
+@pytest.mark.parametrize("protocol", ["HTTP", "http", "HTTP_PROXY", "GRPC-WEB", None])
+def test_http1_port_protocols_load_without_warning(protocol: str | None) -> None:
+    port = "{number: 80, name: web" + (f", protocol: {protocol}" if protocol else "") + "}"
+    assert warnings_of(doc("ServiceEntry", f"hosts: [a.example.com]\nports: [{port}]\nresolution: DNS")) == []
+
+
+@pytest.mark.parametrize("protocol", ["HTTPS", "TLS", "TCP", "HTTP2", "GRPC", "MONGO"])
+def test_other_port_protocols_warn(protocol: str) -> None:
+    ws = warnings_of(doc("ServiceEntry", f"hosts: [a.example.com]\nports: [{{number: 443, name: p, protocol: {protocol}}}]\n"
+                                         "resolution: DNS"))
+    assert ws == [f"w.yaml#0: spec.ports[0].protocol: {protocol}: pyproxy carries plain HTTP/1.1 only; other traffic "
+                  "to this port fails (keep it out of capture with pyproxy iptables --exclude-outbound-ports 443)"]
+
+
+def test_cidr_addresses_warn_but_single_addresses_do_not() -> None:
+    ws = warnings_of(doc("ServiceEntry", """
+        hosts: [db.internal]
+        addresses: [10.0.0.5, 10.0.0.6/32, 10.1.0.0/16, 'fd00::/64']
+        ports: [{number: 80, name: http}]
+        resolution: STATIC
+        endpoints: [{address: 10.0.0.5}]
+    """))
+    assert ws == [
+        "w.yaml#0: spec.addresses[2]: a CIDR block is not used by pyproxy (requests select a service by Host); ignored",
+        "w.yaml#0: spec.addresses[3]: a CIDR block is not used by pyproxy (requests select a service by Host); ignored",
+    ]
+
+
+def test_unimplemented_endpoint_fields_warn() -> None:
+    ws = warnings_of(doc("WorkloadEntry", "address: 10.0.0.1\nnetwork: n1\nlocality: eu/west\nserviceAccount: sa"))
+    assert ws == [f"w.yaml#0: {f}: parsed, but not implemented by pyproxy: it has no effect"
+                  for f in ("spec.network", "spec.locality", "spec.serviceAccount")]
