@@ -123,8 +123,29 @@ class ReloadStatus:
     at: float = 0.0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    successes: int = 0
+    successes: int = 0  # reloads after the initial load
     failures: int = 0
+    trigger: str = "startup"
+    duration_ms: float = 0.0
+    # The most recent rejected config, kept after later successes (/config_dump).
+    last_failure_at: float = 0.0
+    last_failure_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "version": self.version, "at": self.at, "trigger": self.trigger,
+            "duration_ms": round(self.duration_ms, 3), "errors": list(self.errors),
+            "successes": self.successes, "failures": self.failures,
+            "last_failure": None if not self.last_failure_at else {
+                "at": self.last_failure_at, "errors": list(self.last_failure_errors)},
+        }
+
+    def failed(self, errors: list[str]) -> None:
+        self.ok = False
+        self.failures += 1
+        self.errors = errors
+        self.last_failure_at = self.at
+        self.last_failure_errors = errors
 
 
 class Worker:
@@ -162,6 +183,10 @@ class Worker:
         self.cluster_listeners: list[Callable[[Cluster], None]] = []
         self.on_reload: list[Callable[[Worker], None]] = []
         self.stopped = asyncio.Event()
+        # Stat signature of the config files last loaded (config/watch.py).
+        self.config_signature: tuple | None = None
+        self._reload_lock = asyncio.Lock()
+        self.health_failed = False  # POST /healthcheck/fail
 
     # -- config ------------------------------------------------------------
 
@@ -177,25 +202,32 @@ class Worker:
 
         return load_paths(list(self.options.config))
 
+    def _load_with_signature(self) -> tuple[tuple, LoadedConfig]:
+        from .config.watch import config_signature
+
+        # Signature first: a change made while the files are read is seen
+        # by the watcher's next poll.
+        sig = config_signature(list(self.options.config))
+        return sig, self.load_config()
+
     async def apply(self, loaded: LoadedConfig) -> bool:
         """Validate, build and swap. On errors the previous snapshot stays."""
         status = self.reload_status
         status.at = time.time()
         if not loaded.ok:
-            status.ok = False
-            status.failures += 1
-            status.errors = [str(e) for e in loaded.errors]
+            status.failed([str(e) for e in loaded.errors])
             for e in loaded.errors:
                 log.error("config rejected: %s", e)
+            if self.snapshot is not None:
+                log.error("config reload rejected (%d error(s)); version %d stays in force",
+                          len(loaded.errors), self.version)
             return False
         try:
             version = self.version + 1
             snap = build_snapshot(loaded, self.identity, self._build_context(), self.snapshot, version)
         except Exception as exc:  # a builder bug must not take the proxy down
             log.exception("config rejected: snapshot build failed")
-            status.ok = False
-            status.failures += 1
-            status.errors = [f"internal error building the snapshot: {exc!r}"]
+            status.failed([f"internal error building the snapshot: {exc!r}"])
             return False
         await self.resolver.resolve_all(snap.dns_names - set(self.resolver.cache))
         old = self.snapshot
@@ -221,25 +253,50 @@ class Worker:
             cb(self)
         return True
 
-    async def reload(self) -> bool:
-        try:
-            loaded = await self.loop.run_in_executor(None, self.load_config)
-        except Exception as exc:
-            log.exception("config reload failed")
-            self.reload_status.ok = False
-            self.reload_status.failures += 1
-            self.reload_status.errors = [repr(exc)]
-            return False
-        return await self.apply(loaded)
+    async def reload(self, trigger: str = "reload") -> bool:
+        """Load and apply the config files; reloads run one at a time."""
+        async with self._reload_lock:
+            started = time.perf_counter()
+            self.reload_status.trigger = trigger
+            try:
+                sig, loaded = await self.loop.run_in_executor(None, self._load_with_signature)
+            except Exception as exc:
+                log.exception("config reload failed")
+                self.reload_status.at = time.time()
+                self.reload_status.failed([repr(exc)])
+                return False
+            # Recorded for a rejected config too: the watcher then waits for
+            # the next edit instead of retrying the same broken files.
+            self.config_signature = sig
+            ok = await self.apply(loaded)
+            self.reload_status.duration_ms = (time.perf_counter() - started) * 1000
+            if ok:
+                log.info("config reloaded (%s): version %d in %.1f ms", trigger, self.version,
+                         self.reload_status.duration_ms)
+            return ok
+
+    def metric_state(self) -> dict:
+        """This worker's metric state (see observability/metrics.py)."""
+        from .observability.metrics import worker_state
+
+        obs = self.observer
+        metrics = getattr(obs, "metrics", None)
+        log_ = getattr(obs, "access_log", None)
+        return worker_state(self, metrics, {"access_log_dropped": log_.dropped if log_ is not None else 0})
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        loaded = self.load_config()
+        if self._observer_factory is not None:
+            # Before the first build: the observer binds metric state to
+            # every cluster as it is created (cluster_listeners).
+            self.observer = self._observer_factory(self)
+        sig, loaded = self._load_with_signature()
         if not await self.apply(loaded):
             raise ConfigError(self.reload_status.errors)
-        if self._observer_factory is not None:
-            self.observer = self._observer_factory(self)
+        self.config_signature = sig
+        # The initial load is not a reload (pyproxy_config_reloads_total).
+        self.reload_status.successes = 0
         o = self.options
         reuse = o.workers > 1
         self.listeners = [
@@ -250,6 +307,12 @@ class Worker:
             await listener.start(reuse)
         self.tasks.append(self.loop.create_task(self._sweep_loop()))
         self.tasks.append(self.loop.create_task(self.resolver.run(lambda: self.snapshot.dns_names)))
+        if self.options.watch_interval > 0:
+            from .config.watch import ConfigWatcher
+
+            watcher = ConfigWatcher(o.config, lambda: self.config_signature, self.reload, self.loop,
+                                    interval=self.options.watch_interval)
+            self.tasks.append(self.loop.create_task(watcher.run()))
         self.ready = True
 
     def all_connections(self) -> list[DownstreamConnection]:
@@ -315,6 +378,11 @@ class Worker:
         if self.snapshot is not None:
             for c in self.snapshot.all_clusters():
                 c.drain()
+        if self.observer is not None:
+            try:
+                self.observer.close()
+            except Exception:
+                log.exception("observer close failed")
         self.stopped.set()
 
 
@@ -341,7 +409,11 @@ def configure_logging(level: str) -> None:
 
 
 async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT/quitquitquit; returns the exit code."""
+    """Run one worker until SIGTERM/SIGINT/quitquitquit; returns the exit code.
+
+    Worker 0 (the primary) serves admin and stats and, with ``--workers N``,
+    supervises the other workers (workers.py); the others serve only the
+    data plane and a control socket for the primary."""
     from .admin.server import AdminServer
     from .observability import build_observer
 
@@ -353,20 +425,34 @@ async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None =
         for e in exc.errors:
             print(e, file=sys.stderr)
         print(f"pyproxy: invalid configuration ({len(exc.errors)} error(s)); not starting", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"pyproxy: cannot bind a listener: {exc}", file=sys.stderr)
         await worker.stop()
         return 1
+    except OSError as exc:
+        print(f"pyproxy: cannot bind a listener or open a file: {exc}", file=sys.stderr)
+        await worker.stop()
+        return 1
+    primary = options.worker_index == 0
+    pool = None
     admin = None
-    if options.worker_index == 0:
-        admin = AdminServer(worker)
+    control = None
+    if primary:
+        if options.workers > 1:
+            from .workers import WorkerPool
+
+            pool = WorkerPool(options.workers)
+            pool.spawn_all()
+            pool.start_monitor(loop)
+        admin = AdminServer(worker, pool)
         try:
             await admin.start()
         except OSError as exc:
             print(f"pyproxy: cannot bind admin/stats: {exc}", file=sys.stderr)
+            if pool is not None:
+                await pool.stop(options.drain_timeout + 2)
             await worker.stop()
             return 1
+    else:
+        control = await _start_control(worker)
     stop = asyncio.Event()
     signals_seen = 0
 
@@ -378,57 +464,89 @@ async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None =
             os._exit(0)
         stop.set()
 
+    def on_hup() -> None:
+        loop.create_task(worker.reload("SIGHUP"))
+        if pool is not None:
+            pool.signal_all(signal.SIGHUP)
+
+    def on_usr1() -> None:
+        access_log = getattr(worker.observer, "access_log", None)
+        if access_log is not None:
+            access_log.reopen()
+        if pool is not None:
+            pool.signal_all(signal.SIGUSR1)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload()))
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     worker.quit_event = stop  # type: ignore[attr-defined]
     log.info(
-        "pyproxy %s ready: outbound %s, inbound %s -> app %s, admin %s, stats %s (workload %s.%s)",
-        __version__, options.outbound, options.inbound, options.app, options.admin, options.stats,
+        "pyproxy %s ready (worker %d of %d): outbound %s, inbound %s -> app %s, admin %s, stats %s (workload %s.%s)",
+        __version__, options.worker_index, options.workers, options.outbound, options.inbound, options.app,
+        options.admin if primary else "-", options.stats if primary else "-",
         worker.identity.workload, worker.identity.namespace,
     )
     if ready_cb is not None:
         ready_cb(worker)
     await stop.wait()
     log.info("draining (up to %.1fs)", options.drain_timeout)
+    if pool is not None:
+        pool.signal_all(signal.SIGTERM)  # all workers drain at the same time
     await worker.drain(options.drain_timeout)
+    if pool is not None:
+        await pool.stop(options.drain_timeout + 2)
     if admin is not None:
         await admin.stop()
+    if control is not None:
+        await control.stop()
     await worker.stop()
     return 0
+
+
+async def _start_control(worker: Worker) -> Any:
+    """A secondary worker's control socket (see workers.py)."""
+    from .admin.server import clusters_view, set_log_level
+    from .workers import ControlServer, set_parent_death_signal, socket_path
+
+    set_parent_death_signal()
+    control_dir = os.environ.get("PYPROXY_CONTROL_DIR")
+    if not control_dir:
+        return None
+
+    async def state(req: dict) -> Any:
+        return worker.metric_state()
+
+    async def clusters(req: dict) -> Any:
+        return clusters_view(worker)
+
+    async def ready(req: dict) -> Any:
+        return {"ready": worker.ready and not worker.draining}
+
+    async def reload(req: dict) -> Any:
+        ok = await worker.reload("admin /reload")
+        return {"ok": ok, "version": worker.version, "errors": worker.reload_status.errors}
+
+    async def logging_(req: dict) -> Any:
+        set_log_level(str(req.get("level", "info")))
+        return {"ok": True}
+
+    async def drain(req: dict) -> Any:
+        worker.loop.create_task(worker.drain(worker.options.drain_timeout))
+        return {"ok": True}
+
+    control = ControlServer(socket_path(control_dir, worker.options.worker_index), {
+        "state": state, "clusters": clusters, "ready": ready, "reload": reload, "logging": logging_,
+        "drain": drain,
+    })
+    await control.start()
+    return control
 
 
 def run(options: RunOptions) -> int:
     configure_logging(options.log_level)
     install_uvloop()
-    children: list[Any] = []
-    if options.workers > 1 and options.worker_index == 0:
-        children = _spawn_workers(options)
-    try:
-        code = asyncio.run(serve(options))
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=options.drain_timeout + 2)
-            except Exception:
-                child.kill()
-    return code
-
-
-def _spawn_workers(options: RunOptions) -> list[Any]:
-    """Extra worker processes sharing the data-plane ports via SO_REUSEPORT;
-    the kernel spreads connections across them. Only worker 0 serves admin
-    and stats."""
-    import subprocess
-
-    children = []
-    for i in range(1, options.workers):
-        env = dict(os.environ, PYPROXY_WORKER_INDEX=str(i))
-        children.append(subprocess.Popen([sys.executable, "-m", "pyproxy", *sys.argv[1:]], env=env))
-    return children
+    return asyncio.run(serve(options))
 
 
 def reuse_port_supported() -> bool:

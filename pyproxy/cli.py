@@ -61,6 +61,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tracing", metavar="on|off", help="OpenTelemetry tracing (default: on)")
     p.add_argument("--trace-sampling", metavar="PERCENT", help="sampling percentage for new traces (default: 100)")
     p.add_argument("--drain-timeout", metavar="SECONDS", help="graceful drain on SIGTERM (default: 5)")
+    p.add_argument("--watch-interval", metavar="SECONDS",
+                   help="how often the --config paths are checked for changes; 0 = never (SIGHUP and "
+                        "POST /reload still reload) (default: 0.5)")
     p.add_argument("--max-request-body", metavar="BYTES",
                    help="reject larger request bodies with 413 (default: 0 = no limit)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
@@ -156,6 +159,7 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         tracing=f.choice("tracing", "on", ("on", "off")),
         trace_sampling=f.number("trace-sampling", "100", 0.0, 100.0) / 100.0,
         drain_timeout=f.number("drain-timeout", "5", 0.0),
+        watch_interval=f.number("watch-interval", "0.5", 0.0),
         limits=Limits(max_request_body=f.integer("max-request-body", "0", lo=0)),
         worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,

@@ -105,6 +105,7 @@ class RunOptions:
     tracing: str = "on"
     trace_sampling: float = 1.0
     drain_timeout: float = 5.0
+    watch_interval: float = 0.5  # config file polling period; 0 = no watching
     limits: Limits = field(default_factory=Limits)
     worker_index: int = 0
     seed: int | None = None

@@ -85,6 +85,9 @@ class Exchange:
         "obs", "hash_cookie",
         # filters: the allowed CORS origin to echo; live mirror streams
         "cors_origin", "shadows",
+        # telemetry: the endpoint of the last attempt, the peer's identity
+        # (metadata exchange), the current attempt's response status
+        "upstream_host", "peer", "attempt_status",
     )
 
     def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
@@ -146,6 +149,9 @@ class Exchange:
         self.hash_cookie: Any = None
         self.cors_origin: bytes | None = None
         self.shadows: Any = None
+        self.upstream_host: ClusterEndpoint | None = None
+        self.peer: Any = None
+        self.attempt_status = 0
         self._query_params: dict[str, str] | None = None
 
         # Header map for matching: last value wins, duplicates joined with
@@ -554,6 +560,7 @@ class Exchange:
             return
         self.attempt += 1
         self.endpoint = ep
+        self.attempt_status = 0
         self.tried.append(ep)
         self.attempt_started = self.loop.time()
         self.head_sent = False
@@ -581,6 +588,10 @@ class Exchange:
     def _end_attempt_counters(self) -> None:
         ep = self.endpoint
         if ep is not None:
+            obs = self.worker.observer
+            if obs is not None:
+                obs.on_attempt_end(self)
+            self.upstream_host = ep
             ep.active_requests -= 1
             self.endpoint = None
             if self.head_sent:  # counted active once a connection took it
@@ -745,6 +756,7 @@ class Exchange:
         cluster = self.cluster
         ep = self.endpoint
         assert cluster is not None
+        self.attempt_status = status
         if ep is not None:
             cluster.outlier.on_response(ep, status)
         route = self.route

@@ -24,7 +24,11 @@ HOP_BY_HOP = frozenset(
 # before the outgoing head is built (framing and Host are re-emitted;
 # Expect is answered by the proxy, as Envoy does by default).
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-envoy-attempt-count",
-                             b"x-envoy-expected-rq-timeout-ms"}
+                             b"x-envoy-expected-rq-timeout-ms",
+                             # peer metadata is sidecar-to-sidecar (observability/peer.py):
+                             # never shown to the application, whatever telemetry does
+                             b"x-pyproxy-peer-metadata", b"x-pyproxy-peer-metadata-id",
+                             b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"}
 
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 

@@ -1,17 +1,41 @@
 """The hooks the request path calls for telemetry.
 
-``Exchange`` calls exactly these four methods. ``NullObserver`` is the
-do-nothing stand-in used when telemetry is off, so the request path never
-tests a flag; the real implementation composes metrics, tracing and the
-access log.
+``Exchange`` calls exactly these methods, and only when ``worker.observer``
+is not None:
+
+- ``on_request_start``: headers parsed, before routing (trace context and
+  the caller's peer identity are read here);
+- ``attempt_headers``: extra header lines for one upstream attempt (trace
+  context with the attempt's span id; this sidecar's peer metadata);
+- ``on_attempt_end``: an upstream attempt ended, for whatever reason
+  (``ex.endpoint`` is still set; ``ex.attempt_status`` is its response
+  status or 0);
+- ``on_upstream_response``: upstream response headers before they go
+  downstream (peer metadata is read and stripped, or added);
+- ``on_request_done``: the exchange finished (metrics, spans, access log).
+
+``TelemetryObserver`` is the real implementation; its parts are optional
+(``tracer`` None with ``--tracing off``, ``access_log`` None with
+``--access-log off``), tested with ``is not None`` once per hook rather than
+dispatched through a list, to keep the per-request cost to a few attribute
+loads.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+from .peer import PEER_HEADERS, PEER_METADATA, PEER_METADATA_ID, PeerCache, peer_header_lines
 
 if TYPE_CHECKING:
     from ..http.exchange import Exchange
+    from .accesslog import AccessLog
+    from .metrics import IstioMetrics
+    from .peer import PeerInfo
+    from .tracing import Tracer
+
+log = logging.getLogger("pyproxy.observability")
 
 
 class Observer:
@@ -22,12 +46,18 @@ class Observer:
         """Extra header lines (``name: value\\r\\n``...) for one upstream attempt."""
         return b""
 
+    def on_attempt_end(self, ex: Exchange) -> None:
+        """One upstream attempt ended (``ex.endpoint`` still set)."""
+
     def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Upstream response headers before they go downstream (may strip some)."""
         return headers
 
     def on_request_done(self, ex: Exchange) -> None:
         """The exchange finished: record metrics, finish spans, write the log line."""
+
+    def close(self) -> None:
+        """Worker shutdown: flush what is buffered."""
 
 
 class NullObserver(Observer):
@@ -47,6 +77,10 @@ class CompositeObserver(Observer):
     def attempt_headers(self, ex: Exchange) -> bytes:
         return b"".join(p.attempt_headers(ex) for p in self.parts)
 
+    def on_attempt_end(self, ex: Exchange) -> None:
+        for p in self.parts:
+            p.on_attempt_end(ex)
+
     def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         for p in self.parts:
             headers = p.on_upstream_response(ex, headers)
@@ -55,3 +89,86 @@ class CompositeObserver(Observer):
     def on_request_done(self, ex: Exchange) -> None:
         for p in self.parts:
             p.on_request_done(ex)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
+class TelemetryObserver(Observer):
+    """Istio metrics (always), tracing and access log (each optional)."""
+
+    def __init__(self, metrics: IstioMetrics, me: PeerInfo, tracer: Tracer | None = None,
+                 access_log: AccessLog | None = None) -> None:
+        self.metrics = metrics
+        self.tracer = tracer
+        self.access_log = access_log
+        self.peers = PeerCache()
+        self.peer_lines = peer_header_lines(me)
+        name, _, rest = self.peer_lines.partition(b": ")
+        value, _, rest = rest.partition(b"\r\n")
+        ident = rest.partition(b": ")[2].rstrip(b"\r\n")
+        self.peer_pairs = [(PEER_METADATA, value), (PEER_METADATA_ID, ident)]
+
+    def on_request_start(self, ex: Exchange) -> None:
+        if ex.direction:  # inbound: who is calling?
+            raw = ex.hdict.get(PEER_METADATA)
+            if raw is not None:
+                ex.peer = self.peers.get(raw)
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.start(ex)
+
+    def attempt_headers(self, ex: Exchange) -> bytes:
+        tracer = self.tracer
+        cluster = ex.cluster
+        if not ex.direction and cluster is not None and cluster.kind == "outbound":
+            # Tell the destination sidecar who is calling (never to
+            # destinations outside the registry: passthrough traffic).
+            if tracer is None:
+                return self.peer_lines
+            return self.peer_lines + tracer.attempt_headers(ex)
+        if tracer is None:
+            return b""
+        return tracer.attempt_headers(ex)
+
+    def on_attempt_end(self, ex: Exchange) -> None:
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.attempt_end(ex)
+
+    def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        for name, _ in headers:
+            if name in PEER_HEADERS:
+                break
+        else:
+            if ex.direction:
+                # Tell the calling sidecar who answered.
+                return headers + self.peer_pairs
+            return headers
+        # Slow path: the response carries peer metadata.
+        if not ex.direction:
+            for name, value in headers:
+                if name == PEER_METADATA:
+                    ex.peer = self.peers.get(value)
+                    break
+        kept = [h for h in headers if h[0] not in PEER_HEADERS]
+        if ex.direction:
+            # The application's own copy (if any) is never trusted.
+            kept.extend(self.peer_pairs)
+        return kept
+
+    def on_request_done(self, ex: Exchange) -> None:
+        self.metrics.record(ex)
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.finish(ex)
+        access_log = self.access_log
+        if access_log is not None:
+            access_log.log(ex)
+
+    def close(self) -> None:
+        if self.tracer is not None:
+            self.tracer.shutdown()
+        if self.access_log is not None:
+            self.access_log.close()

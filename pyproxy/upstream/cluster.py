@@ -272,10 +272,12 @@ class ClusterEndpoint:
             # for more connects to a host that refuses them.
             self._fail_all_pending(reason)
             return
-        if cluster.draining:
+        if cluster.draining and not self.pending:
             conn.close()
-            self._fail_all_pending("connection termination")
             return
+        # A cluster replaced by a reload still serves the requests already
+        # queued on it (they pinned the old snapshot): failing them would
+        # turn a reload into 503s. release() closes the connection after.
         self.hand_over(conn)
 
     def _fail_all_pending(self, reason: str) -> None:
@@ -303,7 +305,7 @@ class ClusterEndpoint:
         completed cleanly on both sides."""
         conn.stream = None
         cluster = self.cluster
-        if not reusable or not conn.reusable or conn.closed or cluster.draining:
+        if not reusable or not conn.reusable or conn.closed or (cluster.draining and not self.pending):
             conn.close()  # on_connection_closed opens a replacement if requests wait
             return
         settings = cluster.settings
@@ -329,7 +331,7 @@ class ClusterEndpoint:
                 self.idle.remove(conn)
             except ValueError:
                 pass
-            if self.pending and not self.cluster.draining:
+            if self.pending:  # queued requests are served even while draining
                 self._maybe_connect()
 
     def close_idle(self, older_than: float | None = None) -> None:

@@ -1,0 +1,505 @@
+"""Metrics: Istio's standard request metrics, Envoy-style cluster and
+listener stats, and pyproxy's own counters. Every family is declared here.
+
+Hot path: recording a request is a dict lookup on the cluster
+(``Cluster.metric_cache``, keyed by status, response flags and the
+destination identity) that yields a ``Series`` of plain ints, then three
+``bisect`` calls into fixed bucket arrays. Label values are computed once per
+distinct key, when the key is first seen; destination-service labels are
+bound to each cluster when the cluster is built (``bind_cluster``). No
+prometheus_client object is touched per request: at scrape time the
+``StateCollector`` turns a plain-data *state* (mergeable across worker
+processes) into metric families.
+
+Names (see README "Metrics"):
+
+- ``istio_requests_total`` (counter), ``istio_request_duration_milliseconds``,
+  ``istio_request_bytes``, ``istio_response_bytes`` (histograms) with Istio's
+  full label set and Envoy's default histogram buckets (Istio sets no
+  others): 0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+  30000, 60000, 300000, 600000, 1800000, 3600000.
+- ``envoy_cluster_<stat>{cluster_name="outbound|9080|v1|reviews..."}`` for
+  every ``ClusterStats`` field (Envoy's stat names). Gauges keep Envoy's
+  name; counters follow the Prometheus convention of a ``_total`` suffix
+  (``envoy_cluster_upstream_rq_retry_total``; names that already end in
+  ``_total`` are unchanged), which Envoy's own exposition omits.
+- ``envoy_cluster_membership_total``/``_healthy`` gauges,
+  ``envoy_http_downstream_*`` (listener counters), ``envoy_server_live``,
+  ``envoy_server_uptime``, ``envoy_server_concurrency``.
+- ``pyproxy_config_reloads_total{result="success"|"failure"}``,
+  ``pyproxy_access_log_dropped_total``.
+
+Counters never go backwards: Istio series live for the life of the process,
+and a cluster replaced by a reload continues its predecessor's counters
+(the old cluster's final values are folded into a per-name base when it is
+garbage collected), as Envoy's stats store does per cluster name.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from ..upstream.cluster import ClusterStats
+from .peer import UNKNOWN, UNKNOWN_PEER, PeerInfo, peer_from_labels
+
+if TYPE_CHECKING:
+    from ..http.exchange import Exchange
+    from ..snapshot import ProxyIdentity
+    from ..upstream.cluster import Cluster, ClusterEndpoint
+
+# Envoy's default histogram buckets (HistogramSettingsImpl::defaultBuckets);
+# Istio uses them for all three request histograms.
+BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                              300000, 600000, 1800000, 3600000)
+NBUCKETS = len(BUCKETS) + 1  # + the +Inf bucket
+LE = tuple(("%g" % b if b < 1 else str(int(b))) for b in BUCKETS) + ("+Inf",)
+
+# Istio's label set, in the order Istio's stats plugin emits it.
+ISTIO_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+
+CLUSTER_GAUGES = frozenset({"upstream_cx_active", "upstream_rq_active", "upstream_rq_pending_active",
+                            "outlier_ejections_active"})
+CLUSTER_STATS = ClusterStats.__slots__
+DOWNSTREAM_GAUGES = frozenset({"downstream_cx_active"})
+
+# Bound on per-cache keys built from request input (Host header, peer
+# identity): past it the cache is reset rather than grown.
+MAX_CACHE_KEYS = 4096
+MAX_EXTERNAL_HOSTS = 1024
+
+
+class Series:
+    """One Istio label set: a counter and three histograms, as plain numbers."""
+
+    __slots__ = ("labels", "count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.count = 0
+        self.dur = [0] * NBUCKETS
+        self.dur_sum = 0.0
+        self.req = [0] * NBUCKETS
+        self.req_sum = 0
+        self.resp = [0] * NBUCKETS
+        self.resp_sum = 0
+
+    def record(self, ms: float, req: int, resp: int) -> None:
+        self.count += 1
+        self.dur[bisect_left(BUCKETS, ms)] += 1
+        self.dur_sum += ms
+        self.req[bisect_left(BUCKETS, req)] += 1
+        self.req_sum += req
+        self.resp[bisect_left(BUCKETS, resp)] += 1
+        self.resp_sum += resp
+
+    def row(self) -> list:
+        return [list(self.labels), self.count, self.dur, self.dur_sum, self.req, self.req_sum, self.resp,
+                self.resp_sum]
+
+
+class DestService:
+    """A cluster's destination-service labels, bound when the cluster is built."""
+
+    __slots__ = ("service", "name", "namespace")
+
+    def __init__(self, service: str, name: str, namespace: str) -> None:
+        self.service = service
+        self.name = name
+        self.namespace = namespace
+
+
+UNKNOWN_SERVICE = DestService(UNKNOWN, UNKNOWN, UNKNOWN)
+
+
+def service_labels(hostname: str, namespace: str) -> DestService:
+    """``reviews.default.svc.cluster.local`` → name ``reviews``, namespace
+    ``default``; other hosts (ServiceEntry ``httpbin.org``) keep the whole
+    host as the name and the ServiceEntry's namespace, as Istio reports them."""
+    parts = hostname.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return DestService(hostname, parts[0], parts[1])
+    return DestService(hostname, hostname, namespace or UNKNOWN)
+
+
+class ClusterStatsRegistry:
+    """Every cluster ever built, by name, so counters survive replacement."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[tuple[weakref.ref, ClusterStats]]] = {}
+        self.base: dict[str, dict[str, int]] = {}
+
+    def add(self, cluster: Cluster) -> None:
+        self.entries.setdefault(cluster.name, []).append((weakref.ref(cluster), cluster.stats))
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, entries in list(self.entries.items()):
+            base = self.base.get(name)
+            values = dict(base) if base else {s: 0 for s in CLUSTER_STATS if s not in CLUSTER_GAUGES}
+            for g in CLUSTER_GAUGES:
+                values[g] = 0
+            live = []
+            members = healthy = 0
+            for ref, stats in entries:
+                cluster = ref()
+                for s in CLUSTER_STATS:
+                    if s in CLUSTER_GAUGES:
+                        if cluster is not None:
+                            values[s] += getattr(stats, s)
+                    else:
+                        values[s] = values.get(s, 0) + getattr(stats, s)
+                if cluster is None:
+                    # Gone for good: fold its final counters into the base.
+                    b = self.base.setdefault(name, {})
+                    for s in CLUSTER_STATS:
+                        if s not in CLUSTER_GAUGES:
+                            b[s] = b.get(s, 0) + getattr(stats, s)
+                else:
+                    live.append((ref, stats))
+                    if not cluster.draining:
+                        members += len(cluster.endpoints)
+                        healthy += sum(1 for e in cluster.endpoints if not e.ejected)
+            self.entries[name] = live
+            values["membership_total"] = members
+            values["membership_healthy"] = healthy
+            out[name] = values
+        return out
+
+
+class IstioMetrics:
+    """Istio request metrics for one worker."""
+
+    def __init__(self, identity: ProxyIdentity) -> None:
+        self.me = peer_from_labels(identity.workload, identity.namespace, identity.labels)
+        self.series: dict[tuple[str, ...], Series] = {}
+        self.clusters = ClusterStatsRegistry()
+        # Requests with no cluster (404 NR, 503 NC, REGISTRY_ONLY) and
+        # inbound requests: keyed by request data, bounded.
+        self.other_cache: dict[tuple, Series] = {}
+        self.inbound_cache: dict[tuple, Series] = {}
+        self.snapshot: Any = None  # the worker's current snapshot (for inbound service lookup)
+
+    # -- binding (config load time) ---------------------------------------
+
+    def bind_cluster(self, cluster: Cluster) -> None:
+        svc = cluster.service
+        if cluster.kind == "outbound" and svc is not None:
+            cluster.metric_labels = service_labels(svc.hostname, svc.namespace)
+        else:
+            cluster.metric_labels = None
+        cluster.metric_cache = {}
+        self.clusters.add(cluster)
+
+    def series_for(self, labels: tuple[str, ...]) -> Series:
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = Series(labels)
+        return s
+
+    # -- request path ---------------------------------------------------------
+
+    def record(self, ex: Exchange) -> None:
+        status = ex.status
+        flags = ex.flag_string if ex.flags else "-"
+        cluster = ex.cluster
+        if ex.direction:  # inbound: the caller's identity came in a header
+            key: tuple = (status, flags, ex.peer, ex.host)
+            cache = self.inbound_cache
+            s = cache.get(key)
+            if s is None:
+                s = self._bind_inbound(key, ex)
+        elif cluster is not None and cluster.metric_labels is not None:
+            dest = ex.peer or ex.upstream_host
+            key = (status, flags, dest)
+            cache = cluster.metric_cache
+            s = cache.get(key)
+            if s is None:
+                s = self._bind_outbound(cache, key, cluster.metric_labels, dest)
+        else:
+            key = (status, flags, ex.host, cluster is not None, ex.peer)
+            cache = self.other_cache
+            s = cache.get(key)
+            if s is None:
+                s = self._bind_other(key, ex)
+        s.record((ex.end_time - ex.start_time) * 1000.0, ex.request_bytes, ex.response_bytes)
+
+    # -- label computation (once per distinct key) ----------------------------
+
+    def _labels(self, reporter: str, src: PeerInfo, dst: PeerInfo, svc: DestService, status: int, flags: str,
+                policy: str) -> tuple[str, ...]:
+        return (
+            reporter,
+            src.workload, src.canonical_service, src.canonical_revision, src.namespace, src.principal,
+            src.app, src.version, src.cluster,
+            dst.workload, dst.namespace, dst.principal, dst.app, dst.version,
+            svc.service, dst.canonical_service, dst.canonical_revision, svc.name, svc.namespace, dst.cluster,
+            "http", str(status), "", flags, policy,
+        )
+
+    def _bind_outbound(self, cache: dict, key: tuple, svc: DestService, dest: Any) -> Series:
+        if isinstance(dest, PeerInfo):
+            dst = dest
+        elif dest is not None:
+            dst = endpoint_peer(dest)
+        else:
+            dst = UNKNOWN_PEER
+        s = self.series_for(self._labels("source", self.me, dst, svc, key[0], key[1], "unknown"))
+        if len(cache) >= MAX_CACHE_KEYS:
+            cache.clear()
+        cache[key] = s
+        return s
+
+    def _bind_inbound(self, key: tuple, ex: Exchange) -> Series:
+        src = ex.peer or UNKNOWN_PEER
+        svc = self._service_for_host(ex.host)
+        s = self.series_for(self._labels("destination", src, self.me, svc, key[0], key[1], "none"))
+        if len(self.inbound_cache) >= MAX_CACHE_KEYS:
+            self.inbound_cache.clear()
+        self.inbound_cache[key] = s
+        return s
+
+    def _bind_other(self, key: tuple, ex: Exchange) -> Series:
+        # Passthrough (destination outside the registry) or a local reply
+        # before any cluster was chosen.
+        cluster = ex.cluster
+        if cluster is not None and cluster.kind == "passthrough":
+            host = ex.host.decode("latin-1", "replace") or UNKNOWN
+            if len(self.other_cache) >= MAX_EXTERNAL_HOSTS:
+                host = UNKNOWN  # a flood of distinct hosts must not explode cardinality
+            svc = DestService(host, "PassthroughCluster", UNKNOWN)
+            dst = ex.peer or UNKNOWN_PEER
+        else:
+            svc = self._service_for_host(ex.host)
+            if svc is UNKNOWN_SERVICE and ex.target_choice is not None:
+                svc = self._service_for_host(ex.target_choice.host.encode())
+            dst = UNKNOWN_PEER
+        s = self.series_for(self._labels("source", self.me, dst, svc, key[0], key[1], "unknown"))
+        if len(self.other_cache) >= MAX_CACHE_KEYS:
+            self.other_cache.clear()
+        self.other_cache[key] = s
+        return s
+
+    def _service_for_host(self, host: bytes) -> DestService:
+        snap = self.snapshot
+        if snap is None or not host:
+            return UNKNOWN_SERVICE
+        vh = snap.hosts.lookup(host)
+        if vh is None or vh.service is None:
+            return UNKNOWN_SERVICE
+        return service_labels(vh.service.hostname, vh.service.namespace)
+
+    # -- scrape ---------------------------------------------------------------
+
+    def rows(self) -> list[list]:
+        return [s.row() for s in list(self.series.values())]
+
+
+def endpoint_peer(ep: ClusterEndpoint) -> PeerInfo:
+    """A destination without a sidecar: identity from the registry endpoint
+    (WorkloadEntry name or ``app-version``, namespace, labels)."""
+    return peer_from_labels(ep.workload if ep.workload != UNKNOWN else "", ep.namespace, ep.labels)
+
+
+# ---------------------------------------------------------------------------
+# State: plain data, mergeable across worker processes
+
+
+def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None = None) -> dict:
+    """Everything /stats and /stats/prometheus show, for one worker, as JSON-able data."""
+    st = worker.reload_status
+    return {
+        "istio": metrics.rows() if metrics is not None else [],
+        "clusters": metrics.clusters.snapshot() if metrics is not None else {},
+        "downstream": worker.stats.as_dict(),
+        "reloads": {"success": st.successes, "failure": st.failures},
+        "started_at": worker.started_at,
+        "config_version": worker.version,
+        "workers": 1,
+        **(extra or {}),
+    }
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Sum several workers' states (the first one's reload counters are kept:
+    every worker loads the same files, so adding them would count each
+    reload once per worker)."""
+    if len(states) == 1:
+        return states[0]
+    first = states[0]
+    istio: dict[tuple, list] = {}
+    clusters: dict[str, dict[str, int]] = {}
+    downstream: dict[str, int] = {}
+    dropped = 0
+    for state in states:
+        for row in state["istio"]:
+            key = tuple(row[0])
+            cur = istio.get(key)
+            if cur is None:
+                istio[key] = [row[0], row[1], list(row[2]), row[3], list(row[4]), row[5], list(row[6]), row[7]]
+                continue
+            cur[1] += row[1]
+            for i in (2, 4, 6):
+                cur[i] = [a + b for a, b in zip(cur[i], row[i])]
+            for i in (3, 5, 7):
+                cur[i] += row[i]
+        for name, values in state["clusters"].items():
+            acc = clusters.setdefault(name, {})
+            for k, v in values.items():
+                acc[k] = acc.get(k, 0) + v
+        for k, v in state["downstream"].items():
+            downstream[k] = downstream.get(k, 0) + v
+        dropped += state.get("access_log_dropped", 0)
+    return {
+        "istio": list(istio.values()),
+        "clusters": clusters,
+        "downstream": downstream,
+        "reloads": first["reloads"],
+        "started_at": first["started_at"],
+        "config_version": first["config_version"],
+        "workers": sum(s.get("workers", 1) for s in states),
+        "access_log_dropped": dropped,
+    }
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    out = []
+    acc = 0
+    for le, n in zip(LE, counts):
+        acc += n
+        out.append((le, acc))
+    return out
+
+
+class StateCollector:
+    """A prometheus_client collector over a (merged) state, built per scrape."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state
+        labels = list(ISTIO_LABELS)
+        requests = CounterMetricFamily("istio_requests", "Requests handled by the proxy (Istio standard metric)",
+                                       labels=labels)
+        duration = HistogramMetricFamily("istio_request_duration_milliseconds",
+                                         "Request duration in milliseconds (Istio standard metric)", labels=labels)
+        req_bytes = HistogramMetricFamily("istio_request_bytes", "Request body sizes in bytes (Istio standard metric)",
+                                          labels=labels)
+        resp_bytes = HistogramMetricFamily("istio_response_bytes",
+                                           "Response body sizes in bytes (Istio standard metric)", labels=labels)
+        for row in sorted(state["istio"], key=lambda r: r[0]):
+            lv = row[0]
+            requests.add_metric(lv, row[1])
+            duration.add_metric(lv, _cumulative(row[2]), row[3])
+            req_bytes.add_metric(lv, _cumulative(row[4]), row[5])
+            resp_bytes.add_metric(lv, _cumulative(row[6]), row[7])
+        yield requests
+        yield duration
+        yield req_bytes
+        yield resp_bytes
+
+        clusters = state["clusters"]
+        names = sorted(clusters)
+        for stat in (*CLUSTER_STATS, "membership_total", "membership_healthy"):
+            metric = f"envoy_cluster_{stat}"
+            doc = f"Envoy cluster stat {stat}"
+            fam: Metric
+            if stat in CLUSTER_GAUGES or stat.startswith("membership_"):
+                fam = GaugeMetricFamily(metric, doc, labels=["cluster_name"])
+            else:
+                fam = CounterMetricFamily(metric, doc, labels=["cluster_name"])
+            for name in names:
+                fam.add_metric([name], clusters[name].get(stat, 0))
+            yield fam
+
+        for stat, value in sorted(state["downstream"].items()):
+            metric = f"envoy_http_{stat}"
+            if stat in DOWNSTREAM_GAUGES:
+                g = GaugeMetricFamily(metric, f"Listener stat {stat} (all listeners)")
+                g.add_metric([], value)
+                yield g
+            else:
+                c = CounterMetricFamily(metric, f"Listener stat {stat} (all listeners)")
+                c.add_metric([], value)
+                yield c
+
+        reloads = CounterMetricFamily("pyproxy_config_reloads", "Config reloads (after the initial load) by result",
+                                      labels=["result"])
+        reloads.add_metric(["success"], state["reloads"]["success"])
+        reloads.add_metric(["failure"], state["reloads"]["failure"])
+        yield reloads
+        version = GaugeMetricFamily("pyproxy_config_version", "Version of the config in force (1 = initial)")
+        version.add_metric([], state["config_version"])
+        yield version
+        dropped = CounterMetricFamily("pyproxy_access_log_dropped", "Access log lines dropped because the writer "
+                                      "fell behind")
+        dropped.add_metric([], state.get("access_log_dropped", 0))
+        yield dropped
+        for name, value, doc in (
+            ("envoy_server_live", 1, "1 while the proxy serves"),
+            ("envoy_server_uptime", int(time.time() - state["started_at"]), "Seconds since start"),
+            ("envoy_server_concurrency", state.get("workers", 1), "Worker processes"),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+
+
+def render_prometheus(state: dict) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(StateCollector(state))  # type: ignore[arg-type]
+
+
+def render_text(state: dict, filter_re: Any = None) -> str:
+    """``/stats``: Envoy's plain ``name: value`` lines."""
+    lines: list[str] = []
+    for name in sorted(state["clusters"]):
+        for stat, value in sorted(state["clusters"][name].items()):
+            lines.append(f"cluster.{name}.{stat}: {value}")
+    for stat, value in sorted(state["downstream"].items()):
+        lines.append(f"http.{stat}: {value}")
+    lines.append(f"pyproxy.config_reloads.failure: {state['reloads']['failure']}")
+    lines.append(f"pyproxy.config_reloads.success: {state['reloads']['success']}")
+    lines.append(f"pyproxy.config_version: {state['config_version']}")
+    lines.append(f"pyproxy.access_log_dropped: {state.get('access_log_dropped', 0)}")
+    total = sum(row[1] for row in state["istio"])
+    lines.append(f"pyproxy.istio_requests_total: {total}")
+    lines.append(f"server.concurrency: {state.get('workers', 1)}")
+    lines.append("server.live: 1")
+    lines.append(f"server.uptime: {int(time.time() - state['started_at'])}")
+    if filter_re is not None:
+        lines = [line for line in lines if filter_re.search(line.split(":", 1)[0])]
+    return "\n".join(lines) + "\n"
