@@ -43,7 +43,8 @@ CONSISTENT_HASH = message(
 )
 RING_HASH = message("ConsistentHashLB.RingHash", "minimumRingSize")
 MAGLEV = message("ConsistentHashLB.MagLev", "tableSize")
-HTTP_COOKIE = message("ConsistentHashLB.HTTPCookie", "name path ttl")
+HTTP_COOKIE = message("ConsistentHashLB.HTTPCookie", "name path ttl attributes")
+COOKIE_ATTRIBUTE = message("HTTPCookie.Attribute", "name value")
 CONNECTION_POOL = message("ConnectionPoolSettings", "tcp http")
 TCP_SETTINGS = message(
     "ConnectionPoolSettings.TCPSettings",
@@ -239,7 +240,15 @@ def _http_cookie(parent: Node) -> HTTPCookie | None:
     name = node.string("name", required=True, nonempty=True)
     # A zero TTL is meaningful here (a session cookie), so no 1ms minimum.
     ttl = node.duration("ttl", istio_min=False)
-    return HTTPCookie(name=name or "", path=node.string("path") or "", ttl=ttl)
+    attributes = []
+    for attr in node.children("attributes", COOKIE_ATTRIBUTE):
+        attr_name = attr.string("name", required=True, nonempty=True)
+        value = attr.string("value") or ""
+        if attr_name and any(ch in attr_name + value for ch in ';\r\n'):
+            attr.rep.error(attr.path, "cookie attributes must not contain ';' or line breaks")
+        elif attr_name:
+            attributes.append((attr_name, value))
+    return HTTPCookie(name=name or "", path=node.string("path") or "", ttl=ttl, attributes=tuple(attributes))
 
 
 # -- connection pool, outlier detection ---------------------------------------

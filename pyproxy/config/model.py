@@ -225,6 +225,8 @@ class HTTPCookie:
     name: str
     path: str = ""
     ttl: float | None = None
+    # Extra Set-Cookie attributes (name, value); value "" writes the bare name.
+    attributes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

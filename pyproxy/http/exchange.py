@@ -852,7 +852,7 @@ class Exchange:
 
     def _hash_cookie_header(self) -> bytes:
         """Envoy's makeSetCookieValue: name="value"; Max-Age=N (omitted for a
-        zero ttl: a session cookie); Path=P; HttpOnly."""
+        zero ttl: a session cookie); Path=P; attributes; HttpOnly."""
         name, value = self.hash_cookie
         cfg = None
         cluster = self.cluster
@@ -864,6 +864,8 @@ class Exchange:
                 attrs += f"; Max-Age={int(cfg.ttl)}"
             if cfg.path:
                 attrs += f"; Path={cfg.path}"
+            for attr_name, attr_value in cfg.attributes:
+                attrs += f"; {attr_name}={attr_value}" if attr_value else f"; {attr_name}"
         return f"set-cookie: {name}=\"{value}\"{attrs}; HttpOnly\r\n".encode("latin-1")
 
     def on_upstream_body(self, data: bytes) -> None:

@@ -281,3 +281,40 @@ def test_subset_consistent_hash_cookie_and_maglev_accepted() -> None:
     assert cluster.settings.consistent_hash.http_cookie == HTTPCookie("sid", "/", 60.0)
     top = snap.clusters["outbound|9080||reviews.default.svc.cluster.local"]
     assert isinstance(top.lb, RingHash) and top.lb.min_ring_size == 2048
+
+
+COOKIE_CONFIG = service_entry("reviews", [("10.0.0.1", 9080, {}), ("10.0.0.2", 9080, {})]) + """
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie:
+          name: sticky
+          path: /app
+          ttl: 90s
+          attributes: [{name: SameSite, value: Lax}, {name: Secure}]
+"""
+
+
+def test_generated_cookie_uses_envoys_set_cookie_format() -> None:
+    snap = build(COOKIE_CONFIG)
+    ex = send(snap, "/")
+    assert ex.hash_cookie is not None
+    value = ex.hash_cookie[1]
+    assert ex._hash_cookie_header() == (
+        f'set-cookie: sticky="{value}"; Max-Age=90; Path=/app; SameSite=Lax; Secure; HttpOnly\r\n'.encode())
+    assert send(snap, "/").hash_cookie == ("sticky", value)  # same connection addresses, same value
+    # Sent back (quoted, as browsers do), the cookie is the key: same endpoint, nothing generated.
+    for _ in range(5):
+        again = send(snap, "/", {"cookie": f'other=1; sticky="{value}"'}, peer=("127.0.0.2", 50000))
+        assert again.hash_cookie is None and again.endpoint is ex.endpoint
+
+
+def test_session_cookie_has_no_max_age() -> None:
+    ex = send(build(COOKIE_CONFIG.replace("ttl: 90s", "ttl: 0s")), "/")
+    assert b"Max-Age" not in ex._hash_cookie_header()
