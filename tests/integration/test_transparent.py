@@ -93,6 +93,21 @@ with urllib.request.urlopen(req, timeout=10) as resp:
     print(json.dumps({"status": resp.status, "body": json.loads(resp.read())}))
 '''
 
+WAIT_READY = r'''
+import sys, time, urllib.request
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=1) as resp:
+            if resp.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+'''
+
 MESH = """
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -296,7 +311,11 @@ def lab() -> Iterator[Lab]:
                   "proxy.log", env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)})
         for name in ("app.log", "oth.log"):
             wait_for(lambda n=name: "ready" in (tmp / n).read_text(), name, lab)
-        wait_for(lambda: " ready: outbound " in lab.log(), "the proxy", lab)
+        # /healthz/ready answers 200 once config is loaded and every listener is bound.
+        ready = subprocess.run([*lab.exec_in("pod"), py, "-c", WAIT_READY, "http://127.0.0.1:15090/healthz/ready",
+                                "20"], capture_output=True, timeout=30, cwd="/")
+        if ready.returncode != 0:
+            raise RuntimeError(f"the proxy did not become ready:\n{lab.log()[-3000:]}")
         assert servers[0].poll() is None and servers[1].poll() is None
         yield lab
     finally:
