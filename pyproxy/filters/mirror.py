@@ -69,8 +69,10 @@ class MirrorStats:
     __slots__ = ("mirror_rq_completed", "mirror_rq_dropped", "mirror_rq_failed", "mirror_rq_sent")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.mirror_rq_sent = 0
+        self.mirror_rq_completed = 0
+        self.mirror_rq_failed = 0
+        self.mirror_rq_dropped = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -44,7 +44,7 @@ from .headers import (
 )
 
 if TYPE_CHECKING:
-    from ..routing.table import CompiledRoute, RouteTarget
+    from ..routing.table import CompiledRoute, HeaderOps, RouteTarget
     from ..upstream.cluster import Cluster, ClusterEndpoint
     from ..upstream.connection import UpstreamConnection
     from .downstream import DownstreamConnection
@@ -121,7 +121,7 @@ class Exchange:
         self.cluster: Cluster | None = None
         self.upstream_head = b""
         self.upstream_path = b""
-        self.response_ops = None
+        self.response_ops: HeaderOps | None = None
         self.attempt = 0
         self.endpoint: ClusterEndpoint | None = None
         self.upconn: UpstreamConnection | None = None

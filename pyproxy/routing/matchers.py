@@ -49,11 +49,10 @@ class RegexMatch:
         self.pattern = pattern
         self.ignore_case = ignore_case
         self.rx2 = re2.compile(("(?i)" if ignore_case else "") + pattern, _re2_options())
-        self.rxpy = None
-        if pattern.startswith("(?i)"):
-            core, flags = pattern[4:], re.IGNORECASE
-        else:
-            core, flags = pattern, re.IGNORECASE if ignore_case else 0
+        self.rxpy: re.Pattern[bytes] | None = None
+        inline_i = pattern.startswith("(?i)")
+        core = pattern[4:] if inline_i else pattern
+        flags = re.IGNORECASE if ignore_case or inline_i else re.NOFLAG
         if (core.isascii() and _SAFE_REGEX.fullmatch(core) and "(?" not in core.replace("(?:", "")
                 and not _ODD_BRACE.search(core)):
             try:
