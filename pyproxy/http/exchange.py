@@ -661,15 +661,16 @@ class Exchange:
 
     def _expected_timeout_ms(self) -> bytes:
         """Envoy's x-envoy-expected-rq-timeout-ms: the per-try timeout, else
-        the route timeout, never more than what is left of the route timeout
-        (at least 1 ms)."""
+        the route timeout; a retry gets no more than what is left of the route
+        timeout (at least 1 ms). Envoy computes the first attempt's value when
+        the request arrives, so time spent connecting is not deducted."""
         route = self.route
         if route is None:
             return b""
         expected = route.retry.per_try_timeout or route.timeout
         if not expected:
             return b""
-        if route.timeout and self.global_timer is not None:
+        if self.attempt > 1 and route.timeout and self.global_timer is not None:
             expected = min(expected, self.global_timer.when() - self.loop.time())
         return str(max(1, int(expected * 1000))).encode()
 
@@ -760,7 +761,7 @@ class Exchange:
         if ep is not None:
             cluster.outlier.on_response(ep, status)
         route = self.route
-        if route is not None and route.retry.flags and route.retry.retries_response(status, headers) \
+        if route is not None and route.retry.any_response and route.retry.retries_response(status, headers) \
                 and self._retry_allowed():
             # Discard this response: the connection cannot be reused with an
             # unread body, exactly as Envoy resets the upstream stream.
@@ -1116,4 +1117,8 @@ class Exchange:
                 obs.on_request_done(self)
             except Exception:  # observability must never break the data path
                 log.exception("observer failed")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("done %s %s%s -> %d flags=%s attempts=%d cluster=%s", self.method.decode("latin-1"),
+                      self.host.decode("latin-1"), self.path.decode("latin-1"), self.status, self.flag_string,
+                      self.attempt, self.cluster.name if self.cluster is not None else "-")
         self.conn.exchange_done(self)

@@ -125,6 +125,9 @@ class RetryPolicy:
     max_interval: float = BASE_INTERVAL * MAX_INTERVAL_FACTOR
     # Prefer endpoints not tried yet (Envoy's previous_hosts retry predicate).
     avoid_previous_hosts: bool = True
+    # Can any response be retried at all? (False for the mesh default, whose
+    # retriable-status-codes has no code: the request path skips the check.)
+    any_response: bool = False
 
     def retries_status(self, status: int) -> bool:
         f = self.flags
@@ -174,7 +177,12 @@ def _policy(attempts: int, per_try: float | None, retry_on: str, backoff: float 
             avoid_previous_hosts: bool) -> RetryPolicy:
     flags, codes, _ = parse_retry_on(retry_on)
     base = backoff if backoff else BASE_INTERVAL
-    return RetryPolicy(attempts, per_try, flags, codes, base, base * MAX_INTERVAL_FACTOR, avoid_previous_hosts)
+    any_response = bool(
+        flags & (RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RETRIABLE_4XX | RETRY_ENVOY_RATELIMITED)
+        or (flags & RETRY_RETRIABLE_STATUS_CODES and codes)
+    )
+    return RetryPolicy(attempts, per_try, flags, codes, base, base * MAX_INTERVAL_FACTOR, avoid_previous_hosts,
+                       any_response)
 
 
 MESH_DEFAULT = _policy(MESH_DEFAULT_ATTEMPTS, None, MESH_DEFAULT_RETRY_ON, None, True)

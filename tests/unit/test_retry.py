@@ -52,6 +52,7 @@ def test_no_retries_block_gets_istio_mesh_default_without_503() -> None:
     assert not p.retries_failure(RESET)
     assert not p.retries_failure(PER_TRY_TIMEOUT)
     assert not any(p.retries_status(s) for s in (500, 502, 503, 504, 409))
+    assert not p.any_response, "the request path can skip response checks for the default policy"
     assert p.avoid_previous_hosts
 
 
@@ -94,7 +95,7 @@ def test_attempts_without_retry_on_keeps_default_conditions() -> None:
 def test_what_each_retry_on_condition_retries(retry_on: str, outcome: int | str, retried: bool) -> None:
     p = compile_retry(HTTPRetry(attempts=1, retry_on=retry_on))
     if isinstance(outcome, int):
-        assert p.retries_response(outcome, []) is retried
+        assert (p.any_response and p.retries_response(outcome, [])) is retried
     else:
         assert p.retries_failure(outcome) is retried
 
