@@ -176,7 +176,7 @@ def clusters_view(worker: Worker) -> list[dict]:
                 "interval_s": od.interval,
                 "base_ejection_time_s": od.base_ejection_time,
                 "max_ejection_percent": od.max_ejection_percent,
-                "ejections_active": c.stats.outlier_ejections_active,
+                "ejections_active": c.stats.outlier_detection_ejections_active,
             },
             "stats": c.stats.as_dict(),
             "endpoints": endpoints,

@@ -1117,8 +1117,4 @@ class Exchange:
                 obs.on_request_done(self)
             except Exception:  # observability must never break the data path
                 log.exception("observer failed")
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("done %s %s%s -> %d flags=%s attempts=%d cluster=%s", self.method.decode("latin-1"),
-                      self.host.decode("latin-1"), self.path.decode("latin-1"), self.status, self.flag_string,
-                      self.attempt, self.cluster.name if self.cluster is not None else "-")
         self.conn.exchange_done(self)

@@ -90,7 +90,7 @@ ISTIO_LABELS = (
 )
 
 CLUSTER_GAUGES = frozenset({"upstream_cx_active", "upstream_rq_active", "upstream_rq_pending_active",
-                            "outlier_ejections_active"})
+                            "outlier_detection_ejections_active"})
 CLUSTER_STATS = ClusterStats.__slots__
 DOWNSTREAM_GAUGES = frozenset({"downstream_cx_active"})
 

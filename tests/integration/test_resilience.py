@@ -2,16 +2,18 @@
 stall, reset or refuse, and Istio YAML for timeouts, retries, fault
 injection, circuit breaking and outlier detection.
 
-Response flags are read from the proxy's debug log line for each request
-(``done METHOD host/path -> STATUS flags=...``). Timing assertions use
-generous tolerances: the machine is slow and shared.
+Response flags are read from the proxy's access log, cluster counters from
+``/stats/prometheus`` and ejection state from the admin ``/clusters``.
+Timing assertions use generous tolerances: the machine is slow and shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +22,16 @@ import pytest
 from aiohttp import web
 
 from tests.harness import Proxy, RawUpstream, Upstream, free_port, read_request_head, running_proxy, service_entry
+from tests.integration.obs_helpers import scrape, value
 
 CIRCUIT_BREAKER_DR = Path("/work/shared/reference/istio/circuit-breaking/destination-rule-httpbin-circuit-breaker.yaml")
-DEBUG = ["--log-level", "debug"]
+
+
+def logged(*extra: str) -> list[str]:
+    """Proxy arguments: an access log in a fresh file, plus ``extra``."""
+    fd, path = tempfile.mkstemp(prefix="pyproxy-access-", suffix=".log")
+    os.close(fd)
+    return ["--access-log", path, *extra]
 
 
 def vs(host: str, route_extra: str) -> str:
@@ -67,16 +76,30 @@ async def fetch(s: aiohttp.ClientSession, px: Proxy, host: str, path: str = "/",
         return r.status, {k.lower(): v for k, v in r.headers.items()}, body, time.monotonic() - t0
 
 
+ACCESS_LINE = re.compile(r'^\[[^\]]*\] "(\S+) (\S+) [^"]*" (\d+) (\S+) .* "([^"]*)" "[^"]*"$')
+
+
 def flags(px: Proxy, host: str, expect: int, wait: float = 5.0) -> list[str]:
-    """Response flags of the requests to ``host``, in order, from the proxy's
-    debug log (waits until ``expect`` lines are there)."""
-    pattern = re.compile(rf"done \w+ {re.escape(host)}/\S* -> (\d+) flags=(\S+)")
+    """Response flags of the requests to ``host`` (the :authority), in order,
+    from the proxy's access log (waits until ``expect`` lines are there)."""
+    path = Path(px.extra_args[px.extra_args.index("--access-log") + 1])
     deadline = time.monotonic() + wait
     while True:
-        found = pattern.findall(px.log())
+        found = []
+        for line in path.read_text().splitlines():
+            m = ACCESS_LINE.match(line)
+            assert m is not None, f"unparsable access log line: {line!r}"
+            if m.group(5) == host:
+                found.append(m.group(4))
         if len(found) >= expect or time.monotonic() > deadline:
-            return [f for _, f in found]
+            return found
         time.sleep(0.05)
+
+
+def cluster_stat(px: Proxy, host: str, stat: str, port: int = 9080) -> float:
+    """An Envoy cluster counter/gauge of ``host``'s default-subset cluster."""
+    name = f"outbound|{port}||{host}.default.svc.cluster.local"
+    return value(scrape(px), f"envoy_cluster_{stat}", cluster_name=name)
 
 
 def closed_port() -> int:
@@ -99,12 +122,14 @@ async def test_retry_succeeds_after_transient_failures_and_upstream_sees_attempt
 
     async with Upstream(handler=flaky) as up:
         cfg = mesh(se("flaky", up.port), vs("flaky", "retries: {attempts: 3, retryOn: 5xx}"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 status, _, body, _ = await fetch(s, px, "flaky")
             assert (status, body) == (200, b"ok")
             assert [seen.headers["x-envoy-attempt-count"] for seen in up.seen] == ["1", "2", "3"]
             assert flags(px, "flaky", 1) == ["-"]
+            assert cluster_stat(px, "flaky", "upstream_rq_retry_total") == 2
+            assert cluster_stat(px, "flaky", "upstream_rq_retry_success_total") == 1
 
 
 async def test_retries_exhausted_return_the_last_response_flagged_urx() -> None:
@@ -113,19 +138,20 @@ async def test_retries_exhausted_return_the_last_response_flagged_urx() -> None:
 
     async with Upstream(handler=failing) as up:
         cfg = mesh(se("down", up.port), vs("down", "retries: {attempts: 2, retryOn: '503'}"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 status, _, body, _ = await fetch(s, px, "down")
             assert (status, body) == (503, b"still down")
             assert len(up.seen) == 3
             assert flags(px, "down", 1) == ["URX"]
+            assert cluster_stat(px, "down", "upstream_rq_retry_limit_exceeded_total") == 1
 
 
 async def test_default_policy_retries_a_refused_connection_on_another_endpoint() -> None:
     async with Upstream("alive") as up:
         # No VirtualService: Istio's mesh default policy (connect-failure, 2 retries).
         cfg = mesh(se("twohosts", closed_port(), up.port))
-        with running_proxy(cfg, args=[*DEBUG, "--seed", "5"]) as px:
+        with running_proxy(cfg, args=logged("--seed", "5")) as px:
             async with aiohttp.ClientSession() as s:
                 results = [await fetch(s, px, "twohosts") for _ in range(12)]
             assert [r[0] for r in results] == [200] * 12
@@ -150,7 +176,7 @@ async def test_reset_before_the_response_is_retried_only_under_reset_conditions(
     async with RawUpstream(script) as up:
         cfg = mesh(se("resetty", up.port), vs("resetty", "retries: {attempts: 2, retryOn: reset}"),
                    se("resetty-default", up.port))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 status, _, body, _ = await fetch(s, px, "resetty")
                 assert (status, body) == (200, b"ok") and connections == 2
@@ -174,7 +200,7 @@ async def test_reset_mid_response_is_not_retried_and_the_client_sees_the_truncat
 
     async with RawUpstream(script) as up:
         cfg = mesh(se("midreset", up.port), vs("midreset", "retries: {attempts: 3, retryOn: '5xx,reset'}"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await fetch(s, px, "midreset")
@@ -193,13 +219,14 @@ async def stall(request: web.Request) -> web.Response:
 async def test_route_timeout_fires_on_time_with_504_ut() -> None:
     async with Upstream(handler=stall) as up:
         cfg = mesh(se("slow", up.port), vs("slow", "timeout: 500ms"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 status, headers, body, elapsed = await fetch(s, px, "slow", "/?s=5")
             assert (status, body) == (504, b"upstream request timeout")
             assert 0.45 <= elapsed < 0.5 + 1.5, elapsed
             assert up.seen[0].headers["x-envoy-expected-rq-timeout-ms"] == "500"
             assert flags(px, "slow", 1) == ["UT"]
+            assert cluster_stat(px, "slow", "upstream_rq_timeout_total") == 1
 
 
 async def test_per_try_timeout_is_retried_only_under_the_right_retry_on() -> None:
@@ -213,7 +240,7 @@ async def test_per_try_timeout_is_retried_only_under_the_right_retry_on() -> Non
             se("ptt-5xx", up.port), vs("ptt-5xx", "retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}"),
             se("ptt-cf", up.port), vs("ptt-cf", "retries: {attempts: 2, perTryTimeout: 300ms, retryOn: connect-failure}"),
         )
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 status, _, body, elapsed = await fetch(s, px, "ptt-5xx")
                 assert (status, body) == (200, b"2")
@@ -223,6 +250,10 @@ async def test_per_try_timeout_is_retried_only_under_the_right_retry_on() -> Non
                 assert 0.28 <= elapsed < 0.3 + 1.5, elapsed
             assert flags(px, "ptt-5xx", 1) == ["-"]
             assert flags(px, "ptt-cf", 1) == ["UT"]
+            for host in ("ptt-5xx", "ptt-cf"):
+                assert cluster_stat(px, host, "upstream_rq_per_try_timeout_total") == 1
+            assert cluster_stat(px, "ptt-5xx", "upstream_rq_retry_total") == 1
+            assert cluster_stat(px, "ptt-cf", "upstream_rq_retry_total") == 0
             assert [seen.headers["x-envoy-expected-rq-timeout-ms"] for seen in up.seen] == ["300"] * 3
 
 
@@ -237,7 +268,7 @@ async def test_faults_at_zero_and_hundred_percent() -> None:
             vs("f100", "fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n"
                        "retries: {attempts: 3, retryOn: '418'}"),
         )
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 zero = [await fetch(s, px, "f0") for _ in range(20)]
                 hundred = [await fetch(s, px, "f100") for _ in range(20)]
@@ -284,7 +315,7 @@ spec:
     route: [{destination: {host: ratings}}]
   - route: [{destination: {host: ratings}}]
 """)
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 with pytest.raises(asyncio.TimeoutError):
                     await fetch(s, px, "ratings", timeout=0.3, headers={"end-user": "jason"})
@@ -299,7 +330,7 @@ async def test_delay_does_not_count_against_the_route_timeout() -> None:
     async with Upstream(handler=stall) as up:
         cfg = mesh(se("delayed", up.port),
                    vs("delayed", "fault: {delay: {fixedDelay: 600ms, percentage: {value: 100}}}\ntimeout: 400ms"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 # Fast upstream: the 600 ms delay alone exceeds the 400 ms route timeout, yet 200.
                 status, _, body, elapsed = await fetch(s, px, "delayed", "/?s=0.05")
@@ -319,7 +350,7 @@ async def test_breaker_overflow_under_concurrency_is_immediate_with_x_envoy_over
     async with Upstream(handler=stall) as up:
         cfg = mesh(se("narrow", up.port),
                    dr("narrow", "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}"))
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
                 assert (await fetch(s, px, "narrow", "/?s=0"))[0] == 200  # the one connection, now idle
                 results = await asyncio.gather(*(fetch(s, px, "narrow", "/?s=0.3") for _ in range(8)))
@@ -333,6 +364,10 @@ async def test_breaker_overflow_under_concurrency_is_immediate_with_x_envoy_over
                 assert elapsed < 0.3, "overflow fails at once, it never waits for a slot"
             assert len(up.seen) == 3
             assert sorted(flags(px, "narrow", 9)) == ["-"] * 3 + ["UO"] * 6
+            assert cluster_stat(px, "narrow", "upstream_rq_pending_overflow_total") == 6
+            assert cluster_stat(px, "narrow", "upstream_cx_overflow_total") >= 1
+            assert cluster_stat(px, "narrow", "upstream_rq_pending_active") == 0
+            assert cluster_stat(px, "narrow", "upstream_cx_total") == 1
 
 
 @pytest.mark.parametrize("clients", [2, 3])
@@ -348,19 +383,24 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
 
     async with Upstream("httpbin", handler=httpbin_get) as up:
         cfg = {"httpbin-se.yaml": se("httpbin", up.port, port=8000)}
-        with running_proxy(cfg, args=[*DEBUG, "--config", str(CIRCUIT_BREAKER_DR)]) as px:
+        with running_proxy(cfg, args=logged("--config", str(CIRCUIT_BREAKER_DR))) as px:
             async def client() -> list[tuple[int, dict[str, str], bytes, float]]:
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
                     return [await fetch(s, px, "httpbin:8000", "/get") for _ in range(10)]
 
             results = [r for rs in await asyncio.gather(*(client() for _ in range(clients))) for r in rs]
-    ok = [r for r in results if r[0] == 200]
-    over = [r for r in results if r[0] == 503]
-    assert len(ok) + len(over) == 10 * clients
-    assert ok and over, f"{len(ok)} x 200, {len(over)} x 503"
-    assert all(h.get("x-envoy-overloaded") == "true" for _, h, _, _ in over)
-    # Immediate: an overflow answer does not wait for the upstream's 50 ms.
-    assert statistics.median(e for *_, e in over) < 0.05
+            ok = [r for r in results if r[0] == 200]
+            over = [r for r in results if r[0] == 503]
+            assert len(ok) + len(over) == 10 * clients
+            assert ok and over, f"{len(ok)} x 200, {len(over)} x 503"
+            assert all(h.get("x-envoy-overloaded") == "true" for _, h, _, _ in over)
+            # Immediate: an overflow answer does not wait for the upstream's 50 ms.
+            assert statistics.median(e for *_, e in over) < 0.05
+            # As in the task's `pilot-agent request GET stats | grep pending`.
+            assert cluster_stat(px, "httpbin", "upstream_rq_pending_overflow_total", port=8000) == len(over)
+            assert sorted(set(flags(px, "httpbin:8000", len(results)))) == ["-", "UO"]
+            # UO replies are local: they never count towards the DR's consecutive5xxErrors: 1.
+            assert cluster_stat(px, "httpbin", "outlier_detection_ejections_total", port=8000) == 0
 
 
 # -- outlier detection ------------------------------------------------------------------------
@@ -379,7 +419,7 @@ async def test_outlier_ejection_sends_everything_to_the_healthy_endpoint_then_re
             dr("od", "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, "
                      "interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 50}}"),
         )
-        with running_proxy(cfg, args=DEBUG) as px:
+        with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
                 first = []
                 ejected_at = 0.0
@@ -391,6 +431,10 @@ async def test_outlier_ejection_sends_everything_to_the_healthy_endpoint_then_re
                 assert first[-2:] == [b"good", b"good"]
                 after = [(await fetch(s, px, "od"))[2] for _ in range(10)]
                 assert after == [b"good"] * 10, "an ejected endpoint gets no traffic"
+                assert cluster_stat(px, "od", "outlier_detection_ejections_active") == 1
+                view = {c["name"]: c for c in px.admin_json("/clusters")["cluster_statuses"]}
+                eps = {e["port"]: e for e in view["outbound|9080||od.default.svc.cluster.local"]["endpoints"]}
+                assert eps[b.port]["ejected"] and not eps[g.port]["ejected"]
                 back_at = None
                 deadline = ejected_at + 6.0
                 while time.monotonic() < deadline:
@@ -402,3 +446,5 @@ async def test_outlier_ejection_sends_everything_to_the_healthy_endpoint_then_re
             # Back after baseEjectionTime (1 s), at the latest one interval (1 s) later.
             assert 0.9 <= back_at - ejected_at < 1.0 + 1.0 + 1.5, back_at - ejected_at
             assert "ejected 127.0.0.1:%d" % b.port in px.log()
+            assert cluster_stat(px, "od", "outlier_detection_ejections_active") == 0
+            assert cluster_stat(px, "od", "outlier_detection_ejections_total") == 1
