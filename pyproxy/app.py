@@ -282,7 +282,8 @@ class Worker:
         obs = self.observer
         metrics = getattr(obs, "metrics", None)
         log_ = getattr(obs, "access_log", None)
-        return worker_state(self, metrics, {"access_log_dropped": log_.dropped if log_ is not None else 0})
+        return worker_state(self, metrics, {"access_log_dropped": log_.dropped if log_ is not None else 0,
+                                            "pid": os.getpid()})
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -38,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("pyproxy.workers")
 
@@ -150,8 +151,9 @@ class WorkerPool:
                 now = time.monotonic()
                 self.restarts = [t for t in self.restarts if now - t < 60]
                 if len(self.restarts) >= 5:
-                    log.error("worker %d exited with %s; too many restarts, leaving it down", index,
-                              proc.returncode)
+                    log.error(
+                        "worker %d exited with %s; too many restarts, leaving it down", index, proc.returncode
+                    )
                     del self.children[index]
                     continue
                 log.error("worker %d exited with %s; restarting it", index, proc.returncode)
@@ -180,7 +182,7 @@ class WorkerPool:
                 return {"error": f"worker {i}: {type(exc).__name__}: {exc}"}
 
         results = await asyncio.gather(*(one(i) for i in indexes))
-        return dict(zip(indexes, results))
+        return dict(zip(indexes, results, strict=True))
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True

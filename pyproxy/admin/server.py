@@ -49,8 +49,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyproxy.admin")
 
-LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL, "off": logging.CRITICAL}
+LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL,
+}
 
 ENDPOINTS = [
     ("GET", "/ready", "200 LIVE when serving, else 503"),
@@ -116,7 +124,9 @@ def _loopback(request: web.Request) -> bool:
 @web.middleware
 async def loopback_only_for_mutations(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD") and not _loopback(request):
-        return web.Response(status=403, text="admin: mutating endpoints are only served to loopback callers\n")
+        return web.Response(
+            status=403, text="admin: mutating endpoints are only served to loopback callers\n"
+        )
     return await handler(request)
 
 
@@ -132,55 +142,61 @@ def clusters_view(worker: Worker) -> list[dict]:
         od = s.outlier
         endpoints = []
         for ep in c.endpoints:
-            endpoints.append({
-                "address": ep.address,
-                "host": ep.host,
-                "port": ep.port,
-                "labels": dict(ep.labels),
-                "weight": ep.weight,
-                "workload": ep.workload,
-                "namespace": ep.namespace,
-                "health": "ejected" if ep.ejected else "healthy",
-                "ejected": ep.ejected,
-                "ejection_remaining_s": round(max(0.0, ep.ejected_until - now), 3) if ep.ejected else 0,
-                "ejection_count": ep.ejection_count,
-                "active_requests": ep.active_requests,
-                "connections": ep.connections,
-                "idle_connections": len(ep.idle),
-                "pending_requests": len(ep.pending),
-                "consecutive_5xx": ep.consecutive_5xx,
-                "consecutive_gateway_errors": ep.consecutive_gateway,
-                "consecutive_local_origin_failures": ep.consecutive_local,
-            })
-        out.append({
-            "name": c.name,
-            "kind": c.kind,
-            "service": c.service.hostname if c.service is not None else None,
-            "port": c.service_port,
-            "subset": c.subset or None,
-            "load_balancer": s.lb_policy,
-            "circuit_breakers": {
-                "max_connections": s.max_connections,
-                "max_pending_requests": s.max_pending,
-                "max_requests": s.max_requests,
-                "max_retries": s.max_retries,
-                "max_requests_per_connection": s.max_requests_per_connection,
-                "connections_active": c.stats.upstream_cx_active,
-                "pending_active": c.stats.upstream_rq_pending_active,
-                "requests_active": c.stats.upstream_rq_active,
-                "retries_active": c.retries_active,
-            },
-            "outlier_detection": None if od is None else {
-                "consecutive_5xx": od.consecutive_5xx,
-                "consecutive_gateway_errors": od.consecutive_gateway,
-                "interval_s": od.interval,
-                "base_ejection_time_s": od.base_ejection_time,
-                "max_ejection_percent": od.max_ejection_percent,
-                "ejections_active": c.stats.outlier_detection_ejections_active,
-            },
-            "stats": c.stats.as_dict(),
-            "endpoints": endpoints,
-        })
+            endpoints.append(
+                {
+                    "address": ep.address,
+                    "host": ep.host,
+                    "port": ep.port,
+                    "labels": dict(ep.labels),
+                    "weight": ep.weight,
+                    "workload": ep.workload,
+                    "namespace": ep.namespace,
+                    "health": "ejected" if ep.ejected else "healthy",
+                    "ejected": ep.ejected,
+                    "ejection_remaining_s": round(max(0.0, ep.ejected_until - now), 3) if ep.ejected else 0,
+                    "ejection_count": ep.ejection_count,
+                    "active_requests": ep.active_requests,
+                    "connections": ep.connections,
+                    "idle_connections": len(ep.idle),
+                    "pending_requests": len(ep.pending),
+                    "consecutive_5xx": ep.consecutive_5xx,
+                    "consecutive_gateway_errors": ep.consecutive_gateway,
+                    "consecutive_local_origin_failures": ep.consecutive_local,
+                }
+            )
+        out.append(
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "service": c.service.hostname if c.service is not None else None,
+                "port": c.service_port,
+                "subset": c.subset or None,
+                "load_balancer": s.lb_policy,
+                "circuit_breakers": {
+                    "max_connections": s.max_connections,
+                    "max_pending_requests": s.max_pending,
+                    "max_requests": s.max_requests,
+                    "max_retries": s.max_retries,
+                    "max_requests_per_connection": s.max_requests_per_connection,
+                    "connections_active": c.stats.upstream_cx_active,
+                    "pending_active": c.stats.upstream_rq_pending_active,
+                    "requests_active": c.stats.upstream_rq_active,
+                    "retries_active": c.retries_active,
+                },
+                "outlier_detection": None
+                if od is None
+                else {
+                    "consecutive_5xx": od.consecutive_5xx,
+                    "consecutive_gateway_errors": od.consecutive_gateway,
+                    "interval_s": od.interval,
+                    "base_ejection_time_s": od.base_ejection_time,
+                    "max_ejection_percent": od.max_ejection_percent,
+                    "ejections_active": c.stats.outlier_detection_ejections_active,
+                },
+                "stats": c.stats.as_dict(),
+                "endpoints": endpoints,
+            }
+        )
     return out
 
 
@@ -223,7 +239,9 @@ def merge_clusters(views: list[list[dict]]) -> list[dict]:
                     mine["health"] = "ejected"
                     mine["ejected_in_workers"].append(wi)
                     mine["ejection_count"] = max(mine["ejection_count"], ep["ejection_count"])
-                    mine["ejection_remaining_s"] = max(mine["ejection_remaining_s"], ep["ejection_remaining_s"])
+                    mine["ejection_remaining_s"] = max(
+                        mine["ejection_remaining_s"], ep["ejection_remaining_s"]
+                    )
     return [merged[n] for n in order]
 
 
@@ -256,14 +274,16 @@ def config_dump(worker: Worker) -> dict:
         for source, raw in loaded.raw:
             md = raw.get("metadata") if isinstance(raw, dict) else None
             md = md if isinstance(md, dict) else {}
-            resources.append({
-                "kind": raw.get("kind") if isinstance(raw, dict) else None,
-                "apiVersion": raw.get("apiVersion") if isinstance(raw, dict) else None,
-                "name": md.get("name"),
-                "namespace": md.get("namespace") or "default",
-                "source": {"file": source.file, "document": source.doc},
-                "resource": jsonable(raw),
-            })
+            resources.append(
+                {
+                    "kind": raw.get("kind") if isinstance(raw, dict) else None,
+                    "apiVersion": raw.get("apiVersion") if isinstance(raw, dict) else None,
+                    "name": md.get("name"),
+                    "namespace": md.get("namespace") or "default",
+                    "source": {"file": source.file, "document": source.doc},
+                    "resource": jsonable(raw),
+                }
+            )
     return {
         "version": worker.version,
         "paths": list(worker.options.config),
@@ -353,16 +373,43 @@ class AdminServer:
             "config_version": w.version,
             "last_reload_ok": w.reload_status.ok,
             "workers": o.workers,
-            "worker_pids": self.pool.pids() if self.pool is not None else {},
+            "worker_status": await self.worker_status(),
             "command_line_options": {
-                "config": list(o.config), "inbound": str(o.inbound), "outbound": str(o.outbound),
-                "app": str(o.app), "admin": str(o.admin), "stats": str(o.stats), "workers": o.workers,
+                "config": list(o.config),
+                "inbound": str(o.inbound),
+                "outbound": str(o.outbound),
+                "app": str(o.app),
+                "admin": str(o.admin),
+                "stats": str(o.stats),
+                "workers": o.workers,
                 "log_level": logging.getLevelName(logging.getLogger("pyproxy").getEffectiveLevel()).lower(),
-                "access_log": o.access_log, "access_log_format": o.access_log_format, "tracing": o.tracing,
+                "access_log": o.access_log,
+                "access_log_format": o.access_log_format,
+                "tracing": o.tracing,
                 "trace_sampling": o.trace_sampling * 100,
             },
         }
         return web.Response(text=_dumps(info), content_type="application/json")
+
+    async def worker_status(self) -> list[dict]:
+        """Per worker process: pid, readiness, connections and requests served."""
+
+        def summary(index: int, state: dict) -> dict:
+            if "istio" not in state:
+                return {"index": index, "error": state.get("error")}
+            return {
+                "index": index,
+                "pid": state.get("pid"),
+                "config_version": state.get("config_version"),
+                "downstream_cx_total": state["downstream"].get("downstream_cx_total", 0),
+                "requests_total": sum(row[1] for row in state["istio"]),
+            }
+
+        out = [summary(0, self.worker.metric_state())]
+        if self.pool is not None:
+            for i, r in sorted((await self.pool.query_all("state")).items()):
+                out.append(summary(i, r))
+        return out
 
     async def config_dump(self, request: web.Request) -> web.Response:
         return web.Response(text=_dumps(config_dump(self.worker)), content_type="application/json")
@@ -370,7 +417,7 @@ class AdminServer:
     async def clusters(self, request: web.Request) -> web.Response:
         views = [clusters_view(self.worker)]
         if self.pool is not None:
-            for i, r in sorted((await self.pool.query_all("clusters")).items()):
+            for _, r in sorted((await self.pool.query_all("clusters")).items()):
                 if isinstance(r, list):
                     views.append(r)
                 else:
@@ -385,7 +432,7 @@ class AdminServer:
 
         states = [self.worker.metric_state()]
         if self.pool is not None:
-            for i, r in sorted((await self.pool.query_all("state")).items()):
+            for _, r in sorted((await self.pool.query_all("state")).items()):
                 if "istio" in r:
                     states.append(r)
                 else:
@@ -425,8 +472,12 @@ class AdminServer:
     async def reload(self, request: web.Request) -> web.Response:
         ok = await self.worker.reload("admin /reload")
         status = self.worker.reload_status
-        body: dict[str, Any] = {"ok": ok, "version": status.version, "errors": status.errors,
-                                "warnings": status.warnings}
+        body: dict[str, Any] = {
+            "ok": ok,
+            "version": status.version,
+            "errors": status.errors,
+            "warnings": status.warnings,
+        }
         if self.pool is not None:
             results = await self.pool.query_all("reload", timeout=30.0)
             body["workers"] = {str(i): r for i, r in results.items()}
@@ -438,10 +489,14 @@ class AdminServer:
         level = request.query.get("level")
         if level is None:
             current = logging.getLevelName(logging.getLogger("pyproxy").getEffectiveLevel()).lower()
-            return web.Response(text=f"current level: {current}\nuse POST /logging?level=LEVEL "
-                                     f"({', '.join(sorted(LEVELS))})\n")
+            return web.Response(
+                text=f"current level: {current}\nuse POST /logging?level=LEVEL "
+                f"({', '.join(sorted(LEVELS))})\n"
+            )
         if level.lower() not in LEVELS:
-            return web.Response(status=400, text=f"unknown level {level!r}; one of {', '.join(sorted(LEVELS))}\n")
+            return web.Response(
+                status=400, text=f"unknown level {level!r}; one of {', '.join(sorted(LEVELS))}\n"
+            )
         set_log_level(level)
         if self.pool is not None:
             await self.pool.query_all("logging", level=level)

@@ -29,7 +29,12 @@ def build_observer(worker: Worker, processor: Any = None) -> Any:
         if processor is None:
             processor = otlp_processor_from_env()
         resource = resource_for(f"{me.canonical_service}.{me.namespace}") if processor is not None else None
-        tracer = Tracer(opts.trace_sampling, processor, resource, node_id=f"sidecar~{me.workload}.{me.namespace}",
-                        loop=worker.loop)
+        tracer = Tracer(
+            opts.trace_sampling,
+            processor,
+            resource,
+            node_id=f"sidecar~{me.workload}.{me.namespace}",
+            loop=worker.loop,
+        )
     access_log = open_access_log(opts.access_log, opts.access_log_format, worker.loop)
     return TelemetryObserver(metrics, me, tracer, access_log)

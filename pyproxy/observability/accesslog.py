@@ -32,6 +32,7 @@ to a dedicated writer thread. If the writer falls more than 8 MiB behind
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ FLUSH_INTERVAL = 0.25
 FLUSH_LINES = 1024
 MAX_PENDING_BYTES = 8 << 20
 
-_UNSAFE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
 
 def _sub(m: re.Match) -> bytes:
@@ -175,7 +176,8 @@ class AccessLog:
         up = ex.upstream_host
 
         def text(v: bytes | None) -> str | None:
-            return v.decode("latin-1") if v else None
+            # UTF-8 where valid; other bytes as \xNN (json.dumps escapes the rest).
+            return v.decode("utf-8", "backslashreplace") if v else None
 
         doc = {
             "start_time": self.clock.iso(ex.start_time),
@@ -216,14 +218,14 @@ class AccessLog:
             return
         self.pending += len(data)
         fut = self.loop.run_in_executor(self.executor, self._write, data)
-        fut.add_done_callback(lambda f, n=len(data), k=len(lines): self._written(f, n, k))
+        fut.add_done_callback(functools.partial(self._written, n=len(data), k=len(lines)))
 
     def _write(self, data: bytes) -> None:
         fh = self.fh
         fh.write(data)
         fh.flush()
 
-    def _written(self, fut: asyncio.Future, n: int, k: int) -> None:
+    def _written(self, fut: asyncio.Future, *, n: int, k: int) -> None:
         self.pending -= n
         if fut.cancelled():
             return

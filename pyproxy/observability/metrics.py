@@ -55,8 +55,27 @@ if TYPE_CHECKING:
 
 # Envoy's default histogram buckets (HistogramSettingsImpl::defaultBuckets);
 # Istio uses them for all three request histograms.
-BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-                              300000, 600000, 1800000, 3600000)
+BUCKETS: tuple[float, ...] = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
 NBUCKETS = len(BUCKETS) + 1  # + the +Inf bucket
 LE = tuple(("%g" % b if b < 1 else str(int(b))) for b in BUCKETS) + ("+Inf",)
 
@@ -89,9 +108,9 @@ ISTIO_LABELS = (
     "connection_security_policy",
 )
 
-CLUSTER_GAUGES = frozenset({"upstream_cx_active", "upstream_rq_active", "upstream_rq_pending_active",
-                            "outlier_detection_ejections_active"})
-CLUSTER_STATS = ClusterStats.__slots__
+CLUSTER_STATS: tuple[str, ...] = ClusterStats.__slots__
+# Envoy's convention: the gauges are the ``*_active`` stats, everything else counts.
+CLUSTER_GAUGES = frozenset(s for s in CLUSTER_STATS if s.endswith("_active"))
 DOWNSTREAM_GAUGES = frozenset({"downstream_cx_active"})
 
 # Bound on per-cache keys built from request input (Host header, peer
@@ -125,8 +144,16 @@ class Series:
         self.resp_sum += resp
 
     def row(self) -> list:
-        return [list(self.labels), self.count, self.dur, self.dur_sum, self.req, self.req_sum, self.resp,
-                self.resp_sum]
+        return [
+            list(self.labels),
+            self.count,
+            self.dur,
+            self.dur_sum,
+            self.req,
+            self.req_sum,
+            self.resp,
+            self.resp_sum,
+        ]
 
 
 class DestService:
@@ -257,15 +284,42 @@ class IstioMetrics:
 
     # -- label computation (once per distinct key) ----------------------------
 
-    def _labels(self, reporter: str, src: PeerInfo, dst: PeerInfo, svc: DestService, status: int, flags: str,
-                policy: str) -> tuple[str, ...]:
+    def _labels(
+        self,
+        reporter: str,
+        src: PeerInfo,
+        dst: PeerInfo,
+        svc: DestService,
+        status: int,
+        flags: str,
+        policy: str,
+    ) -> tuple[str, ...]:
         return (
             reporter,
-            src.workload, src.canonical_service, src.canonical_revision, src.namespace, src.principal,
-            src.app, src.version, src.cluster,
-            dst.workload, dst.namespace, dst.principal, dst.app, dst.version,
-            svc.service, dst.canonical_service, dst.canonical_revision, svc.name, svc.namespace, dst.cluster,
-            "http", str(status), "", flags, policy,
+            src.workload,
+            src.canonical_service,
+            src.canonical_revision,
+            src.namespace,
+            src.principal,
+            src.app,
+            src.version,
+            src.cluster,
+            dst.workload,
+            dst.namespace,
+            dst.principal,
+            dst.app,
+            dst.version,
+            svc.service,
+            dst.canonical_service,
+            dst.canonical_revision,
+            svc.name,
+            svc.namespace,
+            dst.cluster,
+            "http",
+            str(status),
+            "",
+            flags,
+            policy,
         )
 
     def _bind_outbound(self, cache: dict, key: tuple, svc: DestService, dest: Any) -> Series:
@@ -367,11 +421,20 @@ def merge_states(states: list[dict]) -> dict:
             key = tuple(row[0])
             cur = istio.get(key)
             if cur is None:
-                istio[key] = [row[0], row[1], list(row[2]), row[3], list(row[4]), row[5], list(row[6]), row[7]]
+                istio[key] = [
+                    row[0],
+                    row[1],
+                    list(row[2]),
+                    row[3],
+                    list(row[4]),
+                    row[5],
+                    list(row[6]),
+                    row[7],
+                ]
                 continue
             cur[1] += row[1]
             for i in (2, 4, 6):
-                cur[i] = [a + b for a, b in zip(cur[i], row[i])]
+                cur[i] = [a + b for a, b in zip(cur[i], row[i], strict=True)]
             for i in (3, 5, 7):
                 cur[i] += row[i]
         for name, values in state["clusters"].items():
@@ -394,9 +457,9 @@ def merge_states(states: list[dict]) -> dict:
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
-    out = []
+    out: list[tuple[str, float]] = []
     acc = 0
-    for le, n in zip(LE, counts):
+    for le, n in zip(LE, counts, strict=True):
         acc += n
         out.append((le, acc))
     return out
@@ -411,14 +474,20 @@ class StateCollector:
     def collect(self) -> Iterator[Metric]:
         state = self.state
         labels = list(ISTIO_LABELS)
-        requests = CounterMetricFamily("istio_requests", "Requests handled by the proxy (Istio standard metric)",
-                                       labels=labels)
-        duration = HistogramMetricFamily("istio_request_duration_milliseconds",
-                                         "Request duration in milliseconds (Istio standard metric)", labels=labels)
-        req_bytes = HistogramMetricFamily("istio_request_bytes", "Request body sizes in bytes (Istio standard metric)",
-                                          labels=labels)
-        resp_bytes = HistogramMetricFamily("istio_response_bytes",
-                                           "Response body sizes in bytes (Istio standard metric)", labels=labels)
+        requests = CounterMetricFamily(
+            "istio_requests", "Requests handled by the proxy (Istio standard metric)", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds (Istio standard metric)",
+            labels=labels,
+        )
+        req_bytes = HistogramMetricFamily(
+            "istio_request_bytes", "Request body sizes in bytes (Istio standard metric)", labels=labels
+        )
+        resp_bytes = HistogramMetricFamily(
+            "istio_response_bytes", "Response body sizes in bytes (Istio standard metric)", labels=labels
+        )
         for row in sorted(state["istio"], key=lambda r: r[0]):
             lv = row[0]
             requests.add_metric(lv, row[1])
@@ -455,16 +524,18 @@ class StateCollector:
                 c.add_metric([], value)
                 yield c
 
-        reloads = CounterMetricFamily("pyproxy_config_reloads", "Config reloads (after the initial load) by result",
-                                      labels=["result"])
+        reloads = CounterMetricFamily(
+            "pyproxy_config_reloads", "Config reloads (after the initial load) by result", labels=["result"]
+        )
         reloads.add_metric(["success"], state["reloads"]["success"])
         reloads.add_metric(["failure"], state["reloads"]["failure"])
         yield reloads
         version = GaugeMetricFamily("pyproxy_config_version", "Version of the config in force (1 = initial)")
         version.add_metric([], state["config_version"])
         yield version
-        dropped = CounterMetricFamily("pyproxy_access_log_dropped", "Access log lines dropped because the writer "
-                                      "fell behind")
+        dropped = CounterMetricFamily(
+            "pyproxy_access_log_dropped", "Access log lines dropped because the writer fell behind"
+        )
         dropped.add_metric([], state.get("access_log_dropped", 0))
         yield dropped
         for name, value, doc in (

@@ -49,7 +49,9 @@ class Observer:
     def on_attempt_end(self, ex: Exchange) -> None:
         """One upstream attempt ended (``ex.endpoint`` still set)."""
 
-    def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def on_upstream_response(
+        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
         """Upstream response headers before they go downstream (may strip some)."""
         return headers
 
@@ -81,7 +83,9 @@ class CompositeObserver(Observer):
         for p in self.parts:
             p.on_attempt_end(ex)
 
-    def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def on_upstream_response(
+        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
         for p in self.parts:
             headers = p.on_upstream_response(ex, headers)
         return headers
@@ -98,14 +102,19 @@ class CompositeObserver(Observer):
 class TelemetryObserver(Observer):
     """Istio metrics (always), tracing and access log (each optional)."""
 
-    def __init__(self, metrics: IstioMetrics, me: PeerInfo, tracer: Tracer | None = None,
-                 access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        metrics: IstioMetrics,
+        me: PeerInfo,
+        tracer: Tracer | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.metrics = metrics
         self.tracer = tracer
         self.access_log = access_log
         self.peers = PeerCache()
         self.peer_lines = peer_header_lines(me)
-        name, _, rest = self.peer_lines.partition(b": ")
+        _, _, rest = self.peer_lines.partition(b": ")
         value, _, rest = rest.partition(b"\r\n")
         ident = rest.partition(b": ")[2].rstrip(b"\r\n")
         self.peer_pairs = [(PEER_METADATA, value), (PEER_METADATA_ID, ident)]
@@ -137,7 +146,9 @@ class TelemetryObserver(Observer):
         if tracer is not None:
             tracer.attempt_end(ex)
 
-    def on_upstream_response(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def on_upstream_response(
+        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
         for name, _ in headers:
             if name in PEER_HEADERS:
                 break

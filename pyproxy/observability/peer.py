@@ -84,10 +84,19 @@ def peer_from_labels(workload: str, namespace: str, labels: tuple[tuple[str, str
     d = dict(labels)
     app = d.get("app") or d.get("app.kubernetes.io/name") or UNKNOWN
     version = d.get("version") or d.get("app.kubernetes.io/version") or UNKNOWN
-    canonical = d.get("service.istio.io/canonical-name") or d.get("app.kubernetes.io/name") or d.get("app") \
-        or workload or UNKNOWN
-    revision = d.get("service.istio.io/canonical-revision") or d.get("app.kubernetes.io/version") \
-        or d.get("version") or "latest"
+    canonical = (
+        d.get("service.istio.io/canonical-name")
+        or d.get("app.kubernetes.io/name")
+        or d.get("app")
+        or workload
+        or UNKNOWN
+    )
+    revision = (
+        d.get("service.istio.io/canonical-revision")
+        or d.get("app.kubernetes.io/version")
+        or d.get("version")
+        or "latest"
+    )
     return PeerInfo(
         workload=workload or UNKNOWN,
         namespace=namespace or UNKNOWN,
@@ -139,9 +148,13 @@ def decode_peer(value: bytes) -> PeerInfo | None:
     labels_raw = doc.get("labels")
     labels: tuple[tuple[str, str], ...] = ()
     if isinstance(labels_raw, dict):
-        labels = tuple(sorted(
-            (k, v) for k, v in list(labels_raw.items())[:MAX_LABELS] if isinstance(k, str) and isinstance(v, str)
-        ))
+        labels = tuple(
+            sorted(
+                (k, v)
+                for k, v in list(labels_raw.items())[:MAX_LABELS]
+                if isinstance(k, str) and isinstance(v, str)
+            )
+        )
     return PeerInfo(
         workload=_text(doc, "workload"),
         namespace=_text(doc, "namespace"),

@@ -57,12 +57,23 @@ B3_SAMPLED = b"x-b3-sampled"
 B3_FLAGS = b"x-b3-flags"
 
 # Incoming copies are dropped: the proxy re-emits the context with its own span id.
-TRACE_HEADERS = frozenset({TRACEPARENT, TRACESTATE, B3, B3_TRACEID, B3_SPANID, B3_PARENT, B3_SAMPLED, B3_FLAGS})
+TRACE_HEADERS = frozenset(
+    {TRACEPARENT, TRACESTATE, B3, B3_TRACEID, B3_SPANID, B3_PARENT, B3_SAMPLED, B3_FLAGS}
+)
 
 # Headers an application must copy from its incoming request to the requests
 # it makes (README "Tracing"), like with Istio.
-FORWARD_HEADERS = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
-                   "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3")
+FORWARD_HEADERS = (
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+)
 
 _HEX = frozenset("0123456789abcdef")
 _MASK64 = (1 << 64) - 1
@@ -82,8 +93,14 @@ class IncomingContext:
 
     __slots__ = ("trace_hex", "parent", "sampled", "tracestate", "b3_single")
 
-    def __init__(self, trace_hex: str, parent: int, sampled: bool | None, tracestate: str | None = None,
-                 b3_single: bool = False) -> None:
+    def __init__(
+        self,
+        trace_hex: str,
+        parent: int,
+        sampled: bool | None,
+        tracestate: str | None = None,
+        b3_single: bool = False,
+    ) -> None:
         self.trace_hex = trace_hex  # 32 hex digits (W3C, B3 128-bit) or 16 (B3 64-bit)
         self.parent = parent  # 0: none (a B3 context with only a sampling decision)
         self.sampled = sampled  # None: no decision came with the request
@@ -101,7 +118,12 @@ def parse_traceparent(value: bytes, tracestate: bytes | None = None) -> Incoming
     if len(parts) < 4:
         return None
     version, trace, span, flags = parts[0], parts[1], parts[2], parts[3]
-    if len(version) != 2 or not set(version) <= _HEX or version == "ff" or (version == "00" and len(parts) != 4):
+    if (
+        len(version) != 2
+        or not set(version) <= _HEX
+        or version == "ff"
+        or (version == "00" and len(parts) != 4)
+    ):
         return None
     if not _is_hex(trace, (32,)) or not _is_hex(span, (16,)) or len(flags) != 2 or not set(flags) <= _HEX:
         return None
@@ -179,11 +201,27 @@ def extract(hd: dict[bytes, bytes]) -> IncomingContext | None:
 class TraceState:
     """Per-request trace state (``Exchange.obs``): ints and strings only."""
 
-    __slots__ = ("trace_hex", "parent", "span", "span_hex", "sampled", "record", "tracestate", "b3_single",
-                 "attempts")
+    __slots__ = (
+        "trace_hex",
+        "parent",
+        "span",
+        "span_hex",
+        "sampled",
+        "record",
+        "tracestate",
+        "b3_single",
+        "attempts",
+    )
 
-    def __init__(self, trace_hex: str, parent: int, sampled: bool, record: bool, tracestate: str | None,
-                 b3_single: bool) -> None:
+    def __init__(
+        self,
+        trace_hex: str,
+        parent: int,
+        sampled: bool,
+        record: bool,
+        tracestate: str | None,
+        b3_single: bool,
+    ) -> None:
         self.trace_hex = trace_hex
         self.parent = parent
         self.span = _bits(64) or 1
@@ -200,8 +238,14 @@ class TraceState:
 class Tracer:
     """Trace propagation and span recording for one worker."""
 
-    def __init__(self, sampling: float, processor: SpanProcessor | None, resource: Any = None,
-                 node_id: str = "", loop: Any = None) -> None:
+    def __init__(
+        self,
+        sampling: float,
+        processor: SpanProcessor | None,
+        resource: Any = None,
+        node_id: str = "",
+        loop: Any = None,
+    ) -> None:
         self.sampling = max(0.0, min(1.0, sampling))
         self.bound = round(self.sampling * (1 << 64))
         self.processor = processor
@@ -234,14 +278,21 @@ class Tracer:
                 sampled = (trace & _MASK64) < self.bound
             else:
                 sampled = ctx.sampled
-            ex.obs = TraceState("%032x" % trace, 0, sampled, sampled and self.exporting, None,
-                                ctx is not None and ctx.b3_single)
+            ex.obs = TraceState(
+                "%032x" % trace,
+                0,
+                sampled,
+                sampled and self.exporting,
+                None,
+                ctx is not None and ctx.b3_single,
+            )
             return
-        sampled = ctx.sampled
-        if sampled is None:
-            sampled = (int(ctx.trace_hex[-16:], 16) & _MASK64) < self.bound
-        ex.obs = TraceState(ctx.trace_hex, ctx.parent, sampled, sampled and self.exporting, ctx.tracestate,
-                            ctx.b3_single)
+        decision = ctx.sampled
+        if decision is None:
+            decision = (int(ctx.trace_hex[-16:], 16) & _MASK64) < self.bound
+        ex.obs = TraceState(
+            ctx.trace_hex, ctx.parent, decision, decision and self.exporting, ctx.tracestate, ctx.b3_single
+        )
 
     def attempt_headers(self, ex: Exchange) -> bytes:
         st: TraceState | None = ex.obs
@@ -253,9 +304,11 @@ class Tracer:
         sid_hex = "%016x" % sid
         th = st.trace_hex
         s = "1" if st.sampled else "0"
-        out = (f"traceparent: 00-{th:0>32}-{sid_hex}-0{s}\r\n"
-               f"x-b3-traceid: {th}\r\nx-b3-spanid: {sid_hex}\r\nx-b3-parentspanid: {st.span_hex}\r\n"
-               f"x-b3-sampled: {s}\r\n")
+        out = (
+            f"traceparent: 00-{th:0>32}-{sid_hex}-0{s}\r\n"
+            f"x-b3-traceid: {th}\r\nx-b3-spanid: {sid_hex}\r\nx-b3-parentspanid: {st.span_hex}\r\n"
+            f"x-b3-sampled: {s}\r\n"
+        )
         if st.tracestate:
             out += f"tracestate: {st.tracestate}\r\n"
         if st.b3_single:
@@ -328,11 +381,20 @@ class Tracer:
             attrs["user_agent.original"] = ua.decode("latin-1", "replace")
         processor = self.processor
         assert processor is not None
-        processor.on_end(ReadableSpan(
-            name, server_ctx, parent, self.resource, attrs, kind=SpanKind.SERVER,
-            status=_status(status), start_time=int((ex.start_time + off) * 1e9), end_time=int((end + off) * 1e9),
-            instrumentation_scope=self.scope,
-        ))
+        processor.on_end(
+            ReadableSpan(
+                name,
+                server_ctx,
+                parent,
+                self.resource,
+                attrs,
+                kind=SpanKind.SERVER,
+                status=_status(status),
+                start_time=int((ex.start_time + off) * 1e9),
+                end_time=int((end + off) * 1e9),
+                instrumentation_scope=self.scope,
+            )
+        )
         n = 1
         attempts = st.attempts or ()
         last = len(attempts) - 1
@@ -357,12 +419,20 @@ class Tracer:
                 cattrs["upstream_address"] = ep.address
                 cattrs["server.address"] = ep.host
                 cattrs["server.port"] = ep.port
-            processor.on_end(ReadableSpan(
-                name, SpanContext(trace_id, sid, False, flags), server_ctx, self.resource, cattrs,
-                kind=SpanKind.CLIENT, status=_status(code),
-                start_time=int((start + off) * 1e9), end_time=int(((stop or end) + off) * 1e9),
-                instrumentation_scope=self.scope,
-            ))
+            processor.on_end(
+                ReadableSpan(
+                    name,
+                    SpanContext(trace_id, sid, False, flags),
+                    server_ctx,
+                    self.resource,
+                    cattrs,
+                    kind=SpanKind.CLIENT,
+                    status=_status(code),
+                    start_time=int((start + off) * 1e9),
+                    end_time=int(((stop or end) + off) * 1e9),
+                    instrumentation_scope=self.scope,
+                )
+            )
             n += 1
         self.spans_exported += n
 
@@ -411,10 +481,19 @@ def otlp_processor_from_env(environ: dict[str, str] | None = None) -> SpanProces
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint:
         return None
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "http/protobuf").strip().lower()
+    protocol = (
+        (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        )
+        .strip()
+        .lower()
+    )
     if protocol != "http/protobuf":
-        log.error("OTLP protocol %r is not supported (only http/protobuf): spans will not be exported", protocol)
+        log.error(
+            "OTLP protocol %r is not supported (only http/protobuf): spans will not be exported", protocol
+        )
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -431,6 +510,7 @@ def resource_for(service_name: str) -> Any:
 
     attrs = {}
     if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
-            "OTEL_RESOURCE_ATTRIBUTES", ""):
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    ):
         attrs["service.name"] = service_name
     return Resource.create(attrs)

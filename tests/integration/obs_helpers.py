@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,7 +30,11 @@ def samples(families: dict[str, Any], sample_name: str, **labels: str) -> list[A
     fam = families.get(family)
     if fam is None:
         return []
-    return [s for s in fam.samples if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return [
+        s
+        for s in fam.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 def value(families: dict[str, Any], sample_name: str, **labels: str) -> float:
@@ -37,8 +42,9 @@ def value(families: dict[str, Any], sample_name: str, **labels: str) -> float:
     return sum(s.value for s in found)
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1,
-                   what: str = "condition") -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy."""
     deadline = time.monotonic() + timeout
     last = None

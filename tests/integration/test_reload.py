@@ -20,7 +20,9 @@ from tests.integration.obs_helpers import scrape, value, wait_for
 
 
 def two_subsets(port_a: int, port_b: int) -> str:
-    return service_entry("svc", [(port_a, {"version": "a"}), (port_b, {"version": "b"})]) + """---
+    return (
+        service_entry("svc", [(port_a, {"version": "a"}), (port_b, {"version": "b"})])
+        + """---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: svc}
@@ -30,6 +32,7 @@ spec:
   - {name: a, labels: {version: a}}
   - {name: b, labels: {version: b}}
 """
+    )
 
 
 def route_to(subset: str) -> str:
@@ -52,8 +55,10 @@ async def who(px, session: aiohttp.ClientSession) -> str:
 
 def reload_counts(px) -> tuple[float, float]:
     fams = scrape(px)
-    return (value(fams, "pyproxy_config_reloads_total", result="success"),
-            value(fams, "pyproxy_config_reloads_total", result="failure"))
+    return (
+        value(fams, "pyproxy_config_reloads_total", result="success"),
+        value(fams, "pyproxy_config_reloads_total", result="failure"),
+    )
 
 
 async def test_file_edit_is_applied_without_restart() -> None:
@@ -144,7 +149,9 @@ async def test_invalid_config_is_kept_out_and_a_later_fix_applies() -> None:
             async with aiohttp.ClientSession() as s:
                 # Valid YAML, invalid Istio: a negative weight, and a good route to b
                 # in the same file: nothing of it may apply.
-                px.write_config("vs.yaml", """
+                px.write_config(
+                    "vs.yaml",
+                    """
                 apiVersion: networking.istio.io/v1
                 kind: VirtualService
                 metadata: {name: svc}
@@ -154,7 +161,8 @@ async def test_invalid_config_is_kept_out_and_a_later_fix_applies() -> None:
                   - route:
                     - destination: {host: svc, subset: b}
                       weight: -5
-                """)
+                """,
+                )
                 await wait_for(lambda: reload_counts(px)[1] == 1, timeout=10, what="a failed reload")
                 for _ in range(5):
                     assert await who(px, s) == "a"
@@ -216,14 +224,17 @@ async def test_unchanged_clusters_keep_their_pools_and_changed_ones_get_new_ones
                 assert len(peers) == 3 and len(set(peers)) == 1, f"pool not kept across reloads: {peers}"
                 # The cluster's own settings change: new cluster, new pool;
                 # the old connection is closed as the old cluster drains.
-                px.write_config("dr.yaml", """
+                px.write_config(
+                    "dr.yaml",
+                    """
                 apiVersion: networking.istio.io/v1
                 kind: DestinationRule
                 metadata: {name: svc}
                 spec:
                   host: svc
                   trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 77}}}
-                """)
+                """,
+                )
                 assert (await asyncio.to_thread(px.reload))["ok"]
                 await who(px, s)
                 await who(px, s)
@@ -242,10 +253,12 @@ async def test_no_request_fails_while_reloading_every_100ms_under_load() -> None
     (weights flip, and every third reload replaces the clusters too): every
     request must succeed."""
     async with Upstream("a") as a, Upstream("b") as b:
+
         def config(i: int) -> dict[str, str]:
             wa, wb = [(90, 10), (10, 90), (50, 50)][i % 3]
             pending = 1000 + (i % 3 == 2)  # every third config changes the clusters themselves
-            return {"vs.yaml": f"""
+            return {
+                "vs.yaml": f"""
             apiVersion: networking.istio.io/v1
             kind: VirtualService
             metadata: {{name: svc}}
@@ -255,7 +268,8 @@ async def test_no_request_fails_while_reloading_every_100ms_under_load() -> None
               - route:
                 - {{destination: {{host: svc, subset: a}}, weight: {wa}}}
                 - {{destination: {{host: svc, subset: b}}, weight: {wb}}}
-            """, "dr.yaml": f"""
+            """,
+                "dr.yaml": f"""
             apiVersion: networking.istio.io/v1
             kind: DestinationRule
             metadata: {{name: svc}}
@@ -265,10 +279,13 @@ async def test_no_request_fails_while_reloading_every_100ms_under_load() -> None
               subsets:
               - {{name: a, labels: {{version: a}}}}
               - {{name: b, labels: {{version: b}}}}
-            """}
+            """,
+            }
 
-        files = {"base.yaml": service_entry("svc", [(a.port, {"version": "a"}), (b.port, {"version": "b"})]),
-                 **config(0)}
+        files = {
+            "base.yaml": service_entry("svc", [(a.port, {"version": "a"}), (b.port, {"version": "b"})]),
+            **config(0),
+        }
         with running_proxy(files) as px:
             duration = 10.0
             ok = 0
@@ -286,7 +303,9 @@ async def test_no_request_fails_while_reloading_every_100ms_under_load() -> None
                                 if r.status == 200:
                                     ok += 1
                                 else:
-                                    failures.append(f"{r.status} {r.headers.get('x-envoy-overloaded')} {body[:80]!r}")
+                                    failures.append(
+                                        f"{r.status} {r.headers.get('x-envoy-overloaded')} {body[:80]!r}"
+                                    )
                         except Exception as exc:  # a reset counts as a failure
                             failures.append(repr(exc))
 

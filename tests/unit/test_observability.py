@@ -48,15 +48,18 @@ def test_traceparent_valid_and_sampled_flag() -> None:
     assert parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").sampled is False
 
 
-@pytest.mark.parametrize("value", [
-    b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
-    b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
-    b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # forbidden version
-    b"00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",  # short trace id
-    b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 has exactly 4 fields
-    b"00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",  # not hex
-    b"garbage",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
+        b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # forbidden version
+        b"00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",  # short trace id
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 has exactly 4 fields
+        b"00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",  # not hex
+        b"garbage",
+    ],
+)
 def test_traceparent_invalid(value: bytes) -> None:
     assert parse_traceparent(value) is None
 
@@ -75,8 +78,12 @@ def test_b3_single_forms() -> None:
 
 def test_extract_precedence_w3c_then_b3_single_then_multi() -> None:
     tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    hd = {b"traceparent": tp, b"b3": b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1",
-          b"x-b3-traceid": b"463ac35c9f6413ad", b"x-b3-spanid": b"463ac35c9f6413ad"}
+    hd = {
+        b"traceparent": tp,
+        b"b3": b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1",
+        b"x-b3-traceid": b"463ac35c9f6413ad",
+        b"x-b3-spanid": b"463ac35c9f6413ad",
+    }
     assert extract(hd).trace_hex == "4bf92f3577b34da6a3ce929d0e0e4736"
     del hd[b"traceparent"]
     assert extract(hd).trace_hex == "80f198ee56343ba864fe8b2a57d3eff7"
@@ -99,15 +106,24 @@ def test_peer_identity_fallbacks_follow_istio() -> None:
     assert (p.workload, p.namespace, p.app, p.version) == ("reviews-v2", "prod", "reviews", "v2")
     assert (p.canonical_service, p.canonical_revision) == ("reviews", "v2")
     q = peer_from_labels("db", "default", {"service.istio.io/canonical-name": "database"})
-    assert (q.app, q.version, q.canonical_service, q.canonical_revision) == ("unknown", "unknown", "database",
-                                                                             "latest")
+    assert (q.app, q.version, q.canonical_service, q.canonical_revision) == (
+        "unknown",
+        "unknown",
+        "database",
+        "latest",
+    )
 
 
 def test_peer_metadata_round_trip_and_header_lines() -> None:
     p = peer_from_labels("reviews-v2", "default", (("app", "reviews"), ("version", "v2")))
     back = decode_peer(encode_peer(p))
     assert back is not None
-    assert (back.workload, back.app, back.version, back.canonical_revision) == ("reviews-v2", "reviews", "v2", "v2")
+    assert (back.workload, back.app, back.version, back.canonical_revision) == (
+        "reviews-v2",
+        "reviews",
+        "v2",
+        "v2",
+    )
     assert dict(back.labels) == {"app": "reviews", "version": "v2"}
     lines = peer_header_lines(p)
     assert lines.startswith(b"x-pyproxy-peer-metadata: ")
@@ -116,8 +132,9 @@ def test_peer_metadata_round_trip_and_header_lines() -> None:
     assert doc["workload"] == "reviews-v2"
 
 
-@pytest.mark.parametrize("value", [b"not base64!", base64.b64encode(b"[1,2]"), base64.b64encode(b"{bad json"),
-                                   b"A" * 9000])
+@pytest.mark.parametrize(
+    "value", [b"not base64!", base64.b64encode(b"[1,2]"), base64.b64encode(b"{bad json"), b"A" * 9000]
+)
 def test_peer_metadata_malformed_is_rejected(value: bytes) -> None:
     assert decode_peer(value) is None
 
@@ -204,7 +221,10 @@ def test_prometheus_rendering_parses_with_cumulative_buckets() -> None:
     assert [b.value for b in buckets] == [0, 3] + [3] * (len(LE) - 2)
     assert "# TYPE istio_requests_total counter" in text
     assert 'envoy_cluster_upstream_rq_total{cluster_name="outbound|80||a"} 4.0' in text
-    assert "envoy_cluster_upstream_rq_active" in fams and fams["envoy_cluster_upstream_rq_active"].type == "gauge"
+    assert (
+        "envoy_cluster_upstream_rq_active" in fams
+        and fams["envoy_cluster_upstream_rq_active"].type == "gauge"
+    )
     assert 'pyproxy_config_reloads_total{result="failure"} 1.0' in text
     assert list(StateCollector(_state(0, 0, 0, 0)).collect())  # empty istio rows still render families
 
@@ -233,10 +253,22 @@ class _FakeLoop:
 
 def _fake_exchange(**kw: object) -> SimpleNamespace:
     base = dict(
-        method=b"GET", path=b"/reviews/0", query=b"a=1", version="1.1", status=200, flag_string="-",
-        request_bytes=0, response_bytes=295, start_time=1000.0, end_time=1000.0042, upstream_latency=0.003,
-        hdict={b"user-agent": b"curl/8.5.0"}, request_id=b"5b4c-id", authority=b"reviews:9080",
-        upstream_host=SimpleNamespace(address="127.0.0.1:9081"), cluster=SimpleNamespace(name="outbound|9080||r"),
+        method=b"GET",
+        path=b"/reviews/0",
+        query=b"a=1",
+        version="1.1",
+        status=200,
+        flag_string="-",
+        request_bytes=0,
+        response_bytes=295,
+        start_time=1000.0,
+        end_time=1000.0042,
+        upstream_latency=0.003,
+        hdict={b"user-agent": b"curl/8.5.0"},
+        request_id=b"5b4c-id",
+        authority=b"reviews:9080",
+        upstream_host=SimpleNamespace(address="127.0.0.1:9081"),
+        cluster=SimpleNamespace(name="outbound|9080||r"),
     )
     base.update(kw)
     return SimpleNamespace(**base)
@@ -248,12 +280,22 @@ def test_text_format_is_envoys_default_layout() -> None:
     line = log.format_text(_fake_exchange())  # type: ignore[arg-type]
     import re
 
-    m = re.fullmatch(r'\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\] "GET /reviews/0\?a=1 HTTP/1\.1" 200 - 0 295 4 3 '
-                     r'"-" "curl/8\.5\.0" "5b4c-id" "reviews:9080" "127\.0\.0\.1:9081"\n', line)
+    m = re.fullmatch(
+        r'\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\] "GET /reviews/0\?a=1 HTTP/1\.1" 200 - 0 295 4 3 '
+        r'"-" "curl/8\.5\.0" "5b4c-id" "reviews:9080" "127\.0\.0\.1:9081"\n',
+        line,
+    )
     assert m, line
     # missing values are "-"; the original path wins over the rewritten one
-    line = log.format_text(_fake_exchange(upstream_latency=-1.0, upstream_host=None, status=404, flag_string="NR",
-                                          hdict={b"x-envoy-original-path": b"/orig"}))  # type: ignore[arg-type]
+    line = log.format_text(
+        _fake_exchange(
+            upstream_latency=-1.0,
+            upstream_host=None,
+            status=404,
+            flag_string="NR",
+            hdict={b"x-envoy-original-path": b"/orig"},
+        )
+    )  # type: ignore[arg-type]
     assert '"GET /orig HTTP/1.1" 404 NR 0 295 4 - "-" "-" "5b4c-id" "reviews:9080" "-"\n' in line
 
 
@@ -330,8 +372,15 @@ async def test_watcher_debounces_and_skips_already_loaded(tmp_path) -> None:
         reloads.append(trigger)
         current[0] = config_signature([str(f)])
 
-    w = ConfigWatcher([str(f)], lambda: current[0], reload, asyncio.get_running_loop(), interval=0.01,
-                      settle=0.05, max_wait=1.0)
+    w = ConfigWatcher(
+        [str(f)],
+        lambda: current[0],
+        reload,
+        asyncio.get_running_loop(),
+        interval=0.01,
+        settle=0.05,
+        max_wait=1.0,
+    )
     assert await w.check() is False
     f.write_text("22")
 
@@ -361,8 +410,14 @@ def test_jsonable_handles_aliases_depth_and_yaml_types() -> None:
     for _ in range(200):
         cur["x"] = {}
         cur = cur["x"]
-    doc = {"one": shared, "two": shared, "when": datetime.date(2024, 1, 2), "raw": b"\x00", "deep": deep,
-           "set": {1}}
+    doc = {
+        "one": shared,
+        "two": shared,
+        "when": datetime.date(2024, 1, 2),
+        "raw": b"\x00",
+        "deep": deep,
+        "set": {1},
+    }
     out = jsonable(doc)
     text = json.dumps(out)
     assert out["one"] == out["two"] == {"a": [1, 2]}
@@ -373,17 +428,74 @@ def test_jsonable_handles_aliases_depth_and_yaml_types() -> None:
 
 def test_merge_clusters_marks_ejection_in_any_worker() -> None:
     def view(ejected: bool, active: int) -> list[dict]:
-        return [{"name": "c", "stats": {"upstream_rq_total": 1},
-                 "circuit_breakers": {"connections_active": 1, "pending_active": 0, "requests_active": active,
-                                      "retries_active": 0},
-                 "outlier_detection": {"ejections_active": int(ejected)},
-                 "endpoints": [{"address": "h:1", "ejected": ejected, "health": "ejected" if ejected else "healthy",
-                                "active_requests": active, "connections": 1, "idle_connections": 0,
-                                "pending_requests": 0, "ejection_count": int(ejected),
-                                "ejection_remaining_s": 3.0 if ejected else 0}]}]
+        return [
+            {
+                "name": "c",
+                "stats": {"upstream_rq_total": 1},
+                "circuit_breakers": {
+                    "connections_active": 1,
+                    "pending_active": 0,
+                    "requests_active": active,
+                    "retries_active": 0,
+                },
+                "outlier_detection": {"ejections_active": int(ejected)},
+                "endpoints": [
+                    {
+                        "address": "h:1",
+                        "ejected": ejected,
+                        "health": "ejected" if ejected else "healthy",
+                        "active_requests": active,
+                        "connections": 1,
+                        "idle_connections": 0,
+                        "pending_requests": 0,
+                        "ejection_count": int(ejected),
+                        "ejection_remaining_s": 3.0 if ejected else 0,
+                    }
+                ],
+            }
+        ]
 
     merged = merge_clusters([view(False, 1), view(True, 2)])
     ep = merged[0]["endpoints"][0]
     assert ep["ejected"] is True and ep["health"] == "ejected" and ep["ejected_in_workers"] == [1]
     assert ep["active_requests"] == 3 and merged[0]["stats"]["upstream_rq_total"] == 2
     assert merged[0]["outlier_detection"]["ejections_active"] == 1
+
+
+async def test_access_log_writer_never_blocks_the_loop_and_bounds_memory(tmp_path, monkeypatch) -> None:
+    """A stalled disk or pipe stalls only the writer thread: log() keeps
+    returning, and past the pending limit lines are dropped and counted."""
+    import threading
+
+    gate = threading.Event()
+
+    class StalledFile:
+        def __init__(self) -> None:
+            self.data: list[bytes] = []
+
+        def write(self, b: bytes) -> None:
+            gate.wait(30)
+            self.data.append(b)
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(accesslog, "MAX_PENDING_BYTES", 50_000)
+    log = accesslog.AccessLog(str(tmp_path / "a.log"), "text", asyncio.get_running_loop())
+    stalled = StalledFile()
+    log.fh.close()
+    log.fh = stalled  # type: ignore[assignment]
+    ex = _fake_exchange()
+    for _ in range(3000):  # ~130 bytes each: far more than the 50 kB allowed in flight
+        log.log(ex)  # type: ignore[arg-type]
+    log.flush()
+    assert stalled.data == []  # the writer is still stuck, yet every log() call returned
+    assert log.dropped > 0
+    assert log.pending <= 50_000
+    gate.set()
+    log.close()
+    written = b"".join(stalled.data).count(b"\n")
+    assert written + log.dropped == 3000
