@@ -27,7 +27,8 @@ Names (see README "Metrics"):
   ``envoy_http_downstream_*`` (listener counters), ``envoy_server_live``,
   ``envoy_server_uptime``, ``envoy_server_concurrency``.
 - ``pyproxy_config_reloads_total{result="success"|"failure"}``,
-  ``pyproxy_access_log_dropped_total``.
+  ``pyproxy_config_version``, ``pyproxy_access_log_dropped_total``,
+  ``pyproxy_mirror_rq_{sent,completed,failed,dropped}_total``.
 
 Counters never go backwards: Istio series live for the life of the process,
 and a cluster replaced by a reload continues its predecessor's counters
@@ -393,8 +394,10 @@ def endpoint_peer(ep: ClusterEndpoint) -> PeerInfo:
 def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None = None) -> dict:
     """Everything /stats and /stats/prometheus show, for one worker, as JSON-able data."""
     st = worker.reload_status
+    mirror = getattr(worker, "mirror", None)
     return {
         "istio": metrics.rows() if metrics is not None else [],
+        "mirror": mirror.stats.as_dict() if mirror is not None else {},
         "clusters": metrics.clusters.snapshot() if metrics is not None else {},
         "downstream": worker.stats.as_dict(),
         "reloads": {"success": st.successes, "failure": st.failures},
@@ -415,6 +418,7 @@ def merge_states(states: list[dict]) -> dict:
     istio: dict[tuple, list] = {}
     clusters: dict[str, dict[str, int]] = {}
     downstream: dict[str, int] = {}
+    mirror: dict[str, int] = {}
     dropped = 0
     for state in states:
         for row in state["istio"]:
@@ -443,11 +447,14 @@ def merge_states(states: list[dict]) -> dict:
                 acc[k] = acc.get(k, 0) + v
         for k, v in state["downstream"].items():
             downstream[k] = downstream.get(k, 0) + v
+        for k, v in state.get("mirror", {}).items():
+            mirror[k] = mirror.get(k, 0) + v
         dropped += state.get("access_log_dropped", 0)
     return {
         "istio": list(istio.values()),
         "clusters": clusters,
         "downstream": downstream,
+        "mirror": mirror,
         "reloads": first["reloads"],
         "started_at": first["started_at"],
         "config_version": first["config_version"],
@@ -524,6 +531,11 @@ class StateCollector:
                 c.add_metric([], value)
                 yield c
 
+        for stat, value in sorted(state.get("mirror", {}).items()):
+            c = CounterMetricFamily(f"pyproxy_{stat}", f"Request mirroring: {stat} (filters/mirror.py)")
+            c.add_metric([], value)
+            yield c
+
         reloads = CounterMetricFamily(
             "pyproxy_config_reloads", "Config reloads (after the initial load) by result", labels=["result"]
         )
@@ -562,6 +574,8 @@ def render_text(state: dict, filter_re: Any = None) -> str:
             lines.append(f"cluster.{name}.{stat}: {value}")
     for stat, value in sorted(state["downstream"].items()):
         lines.append(f"http.{stat}: {value}")
+    for stat, value in sorted(state.get("mirror", {}).items()):
+        lines.append(f"pyproxy.{stat}: {value}")
     lines.append(f"pyproxy.config_reloads.failure: {state['reloads']['failure']}")
     lines.append(f"pyproxy.config_reloads.success: {state['reloads']['success']}")
     lines.append(f"pyproxy.config_version: {state['config_version']}")
