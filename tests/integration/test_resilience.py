@@ -281,8 +281,6 @@ async def test_faults_at_zero_and_hundred_percent() -> None:
 async def run_fifty_percent(seed: int, n: int) -> list[int]:
     async with Upstream() as up:
         cfg = mesh(se("half", up.port), vs("half", "fault: {abort: {httpStatus: 503, percentage: {value: 50}}}"))
-        with running_proxy(cfg, args=["--seed", str(seed)]):
-            pass
         with running_proxy(cfg, args=["--seed", str(seed)]) as px:
             async with aiohttp.ClientSession() as s:
                 return [(await fetch(s, px, "half"))[0] for _ in range(n)]

@@ -79,6 +79,8 @@ def test_pending_queue_overflow_fails_at_once_with_uo_and_counters() -> None:
     up.respond(200)
     assert down3.status == 200
     assert (s.upstream_cx_total, s.upstream_cx_active) == (1, 1)
+    # Envoy counts a request in upstream_rq_total once a connection takes it.
+    assert (s.upstream_rq_total, s.upstream_rq_pending_total, s.upstream_rq_completed) == (2, 2, 2)
     gauges_idle(cluster)
 
 
@@ -206,3 +208,19 @@ def test_idle_connection_past_idle_timeout_is_not_reused() -> None:
     ex2, _ = m.request("svc")
     assert up.transport.closing and s.upstream_cx_idle_timeout == 1
     assert ex2.waiting_pending and m.loop.connects
+
+
+def test_connection_older_than_max_connection_duration_is_not_reused() -> None:
+    m = mesh("{tcp: {maxConnectionDuration: 10s}}")
+    s = m.cluster("svc").stats
+    ex, _ = m.request("svc")
+    up = m.loop.connect()
+    up.respond(200)
+    m.loop.advance(5.0)
+    ex2, _ = m.request("svc")
+    assert ex2.upconn is up.conn, "young enough: reused"
+    m.loop.advance(6.0)
+    up.respond(200)  # released at 11 s of age: closed instead of pooled
+    assert up.transport.closing and s.upstream_cx_max_duration_reached == 1
+    ex3, _ = m.request("svc")
+    assert ex3.waiting_pending and m.loop.connects
