@@ -237,6 +237,9 @@ class IstioMetrics:
         # inbound requests: keyed by request data, bounded.
         self.other_cache: dict[tuple, Series] = {}
         self.inbound_cache: dict[tuple, Series] = {}
+        # Passthrough destination hosts given their own label value (bounded for
+        # the life of the process, so the number of series stays bounded).
+        self.external_hosts: set[str] = set()
         self.snapshot: Any = None  # the worker's current snapshot (for inbound service lookup)
 
     # -- binding (config load time) ---------------------------------------
@@ -351,8 +354,12 @@ class IstioMetrics:
         cluster = ex.cluster
         if cluster is not None and cluster.kind == "passthrough":
             host = ex.host.decode("latin-1", "replace") or UNKNOWN
-            if len(self.other_cache) >= MAX_EXTERNAL_HOSTS:
-                host = UNKNOWN  # a flood of distinct hosts must not explode cardinality
+            hosts = self.external_hosts
+            if host not in hosts:
+                if len(hosts) >= MAX_EXTERNAL_HOSTS:
+                    host = UNKNOWN  # a flood of distinct hosts must not explode cardinality
+                else:
+                    hosts.add(host)
             svc = DestService(host, "PassthroughCluster", UNKNOWN)
             dst = ex.peer or UNKNOWN_PEER
         else:

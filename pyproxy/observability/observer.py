@@ -149,25 +149,28 @@ class TelemetryObserver(Observer):
     def on_upstream_response(
         self, ex: Exchange, headers: list[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
+        if ex.direction:
+            if ex.peer is None:
+                # The caller is not a sidecar: our identity is none of its business
+                # (Istio answers metadata only to a peer that sent its own).
+                return headers
+            # Tell the calling sidecar who answered; the application's own
+            # copy (if any) is never passed on.
+            for name, _ in headers:
+                if name in PEER_HEADERS:
+                    headers = [h for h in headers if h[0] not in PEER_HEADERS]
+                    break
+            return headers + self.peer_pairs
         for name, _ in headers:
             if name in PEER_HEADERS:
                 break
         else:
-            if ex.direction:
-                # Tell the calling sidecar who answered.
-                return headers + self.peer_pairs
-            return headers
-        # Slow path: the response carries peer metadata.
-        if not ex.direction:
-            for name, value in headers:
-                if name == PEER_METADATA:
-                    ex.peer = self.peers.get(value)
-                    break
-        kept = [h for h in headers if h[0] not in PEER_HEADERS]
-        if ex.direction:
-            # The application's own copy (if any) is never trusted.
-            kept.extend(self.peer_pairs)
-        return kept
+            return headers  # the destination has no sidecar (or is not pyproxy)
+        for name, value in headers:
+            if name == PEER_METADATA:
+                ex.peer = self.peers.get(value)
+                break
+        return [h for h in headers if h[0] not in PEER_HEADERS]
 
     def on_request_done(self, ex: Exchange) -> None:
         self.metrics.record(ex)

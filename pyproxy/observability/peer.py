@@ -20,8 +20,9 @@ readable encoding:
 
 A client sidecar adds both to every request it sends to a mesh service; the
 server sidecar reads and strips them before the application sees the
-request, and adds its own to the response, which the client sidecar reads
-and strips before its application sees the response. Istio's own headers
+request, and (only then: to a caller that is a sidecar) adds its own to the
+response, which the client sidecar reads and strips before its application
+sees the response. Istio's own headers
 (``x-envoy-peer-metadata``/``-id``) are stripped too, never interpreted.
 
 Without mTLS nothing authenticates these headers, exactly as with Istio's

@@ -189,6 +189,15 @@ def extract(hd: dict[bytes, bytes]) -> IncomingContext | None:
     if tp is not None:
         ctx = parse_traceparent(tp, hd.get(TRACESTATE))
         if ctx is not None:
+            b3_trace = hd.get(B3_TRACEID)
+            if (
+                b3_trace is not None
+                and len(b3_trace) == 16
+                and ctx.trace_hex == "0" * 16 + b3_trace.decode("latin-1").lower()
+            ):
+                # The same 64-bit B3 trace the previous hop padded for W3C:
+                # keep B3 ids 64-bit, as the application's tracer made them.
+                ctx.trace_hex = ctx.trace_hex[16:]
             return ctx
     b3 = hd.get(B3)
     if b3 is not None:

@@ -193,6 +193,26 @@ async def test_source_and_destination_reporters_across_two_sidecars() -> None:
     assert value(src, "envoy_http_downstream_cx_total") >= 1
 
 
+async def test_inbound_answers_peer_metadata_only_to_sidecars() -> None:
+    from tests.harness import raw_request
+
+    async with Upstream("app") as app:
+        with running_proxy(
+            service_entry("svc", [(app.port, {})]), app_port=app.port, args=["--labels", "app=svc,version=v1"]
+        ) as px:
+            plain = await raw_request(px.inbound, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+            from pyproxy.observability.peer import encode_peer, peer_from_labels
+
+            meta = encode_peer(peer_from_labels("caller-v1", "default", (("app", "caller"),)))
+            sidecar = await raw_request(
+                px.inbound, b"GET / HTTP/1.1\r\nHost: svc\r\nx-pyproxy-peer-metadata: " + meta + b"\r\n\r\n"
+            )
+    assert plain.startswith(b"HTTP/1.1 200") and b"peer-metadata" not in plain.lower()
+    head = sidecar.split(b"\r\n\r\n")[0].decode()
+    assert "x-pyproxy-peer-metadata-id: sidecar~svc-v1.default" in head
+    assert "peer-metadata" not in str(app.seen[1].headers)
+
+
 async def test_destination_without_sidecar_is_named_from_the_registry() -> None:
     async with Upstream("ratings") as up:
         mesh = (

@@ -98,6 +98,17 @@ def test_extract_precedence_w3c_then_b3_single_then_multi() -> None:
     assert extract({b"host": b"x"}) is None
 
 
+def test_padded_64bit_b3_trace_id_stays_64bit_across_hops() -> None:
+    hd = {
+        b"traceparent": b"00-0000000000000000463ac35c9f6413ad-a2fb4a1d1a96d312-01",
+        b"x-b3-traceid": b"463ac35c9f6413ad",
+        b"x-b3-spanid": b"a2fb4a1d1a96d312",
+    }
+    assert extract(hd).trace_hex == "463ac35c9f6413ad"
+    hd[b"x-b3-traceid"] = b"1111111111111111"  # a different trace: W3C wins as sent
+    assert extract(hd).trace_hex == "0000000000000000463ac35c9f6413ad"
+
+
 # -- peer metadata -------------------------------------------------------------------
 
 
