@@ -221,7 +221,7 @@ async def test_route_timeout_fires_on_time_with_504_ut() -> None:
         cfg = mesh(se("slow", up.port), vs("slow", "timeout: 500ms"))
         with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
-                status, headers, body, elapsed = await fetch(s, px, "slow", "/?s=5")
+                status, headers, body, elapsed = await fetch(s, px, "slow", "/?s=2.5")
             assert (status, body) == (504, b"upstream request timeout")
             assert 0.45 <= elapsed < 0.5 + 1.5, elapsed
             assert up.seen[0].headers["x-envoy-expected-rq-timeout-ms"] == "500"
@@ -232,7 +232,7 @@ async def test_route_timeout_fires_on_time_with_504_ut() -> None:
 async def test_per_try_timeout_is_retried_only_under_the_right_retry_on() -> None:
     async def stall_first(request: web.Request) -> web.Response:
         if request.headers["x-envoy-attempt-count"] == "1":
-            await asyncio.sleep(3)
+            await asyncio.sleep(2.5)
         return web.Response(text=request.headers["x-envoy-attempt-count"])
 
     async with Upstream(handler=stall_first) as up:
@@ -335,7 +335,7 @@ async def test_delay_does_not_count_against_the_route_timeout() -> None:
                 assert (status, body) == (200, b"late")
                 assert elapsed >= 0.6
                 # Slow upstream: 504 after delay + route timeout, not after the timeout alone.
-                status, _, body, elapsed = await fetch(s, px, "delayed", "/?s=5")
+                status, _, body, elapsed = await fetch(s, px, "delayed", "/?s=2.5")
                 assert (status, body) == (504, b"upstream request timeout")
                 assert 0.95 <= elapsed < 1.0 + 1.5, elapsed
             assert flags(px, "delayed", 2) == ["DI", "DI,UT"]
