@@ -50,6 +50,7 @@ log = logging.getLogger("pyproxy.accesslog")
 FLUSH_INTERVAL = 0.25
 FLUSH_LINES = 1024
 MAX_PENDING_BYTES = 8 << 20
+PIPE_BUF = 4096  # POSIX minimum; Linux's value
 
 _UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
@@ -222,8 +223,25 @@ class AccessLog:
 
     def _write(self, data: bytes) -> None:
         fh = self.fh
-        fh.write(data)
+        if self.target != "-" or len(data) <= PIPE_BUF:
+            # A regular file opened for append: one write() lands whole, even
+            # with several worker processes appending to the same file.
+            fh.write(data)
+            fh.flush()
+            return
+        # stdout is usually a pipe shared by every worker process: only
+        # writes up to PIPE_BUF are atomic there, so cut at line boundaries.
         fh.flush()
+        fd = fh.fileno()
+        start = 0
+        while start < len(data):
+            end = data.rfind(b"\n", start, start + PIPE_BUF) + 1
+            if end <= start:  # a single line longer than PIPE_BUF
+                end = data.find(b"\n", start) + 1 or len(data)
+            view = memoryview(data)[start:end]
+            while view:
+                view = view[os.write(fd, view) :]
+            start = end
 
     def _written(self, fut: asyncio.Future, *, n: int, k: int) -> None:
         self.pending -= n

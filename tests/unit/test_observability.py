@@ -510,3 +510,45 @@ async def test_access_log_writer_never_blocks_the_loop_and_bounds_memory(tmp_pat
     log.close()
     written = b"".join(stalled.data).count(b"\n")
     assert written + log.dropped == 3000
+
+
+def test_stdout_writes_are_cut_at_line_boundaries_within_pipe_buf(monkeypatch) -> None:
+    """Several workers share stdout: each write() must be whole lines of at
+    most PIPE_BUF bytes so lines from different processes never interleave."""
+    r, w = os.pipe()
+    try:
+        log = accesslog.AccessLog.__new__(accesslog.AccessLog)
+        log.target = "-"
+
+        class Out:
+            def write(self, b: bytes) -> None:
+                raise AssertionError("large batches must go through os.write")
+
+            def flush(self) -> None:
+                pass
+
+            def fileno(self) -> int:
+                return w
+
+        log.fh = Out()  # type: ignore[assignment]
+        writes: list[int] = []
+        real_write = os.write
+
+        def spy(fd: int, data: object) -> int:
+            n = real_write(fd, data)  # type: ignore[arg-type]
+            writes.append(n)
+            assert bytes(data)[n - 1 : n] == b"\n"  # type: ignore[arg-type]
+            return n
+
+        monkeypatch.setattr(os, "write", spy)
+        lines = [(f"line {i} " + "x" * (i % 300)).encode() + b"\n" for i in range(200)]
+        data = b"".join(lines)
+        log._write(data)
+        assert all(n <= accesslog.PIPE_BUF for n in writes) and len(writes) > 1
+        got = b""
+        while len(got) < len(data):
+            got += os.read(r, 65536)
+        assert got == data
+    finally:
+        os.close(r)
+        os.close(w)
