@@ -163,7 +163,8 @@ async def test_drain_listeners_stops_accepting_and_quitquitquit_exits() -> None:
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
             assert post(px, "/drain_listeners")[0] == 200
             # The idle keep-alive connection is closed and new ones are refused.
-            assert await asyncio.wait_for(reader.read(), 5) is not None
+            await asyncio.wait_for(reader.read(), 5)  # the rest of the body, then EOF
+            assert reader.at_eof()
             writer.close()
 
             def refused() -> bool:
