@@ -18,8 +18,10 @@ into the mesh config directory, which every sidecar reads. The ingress is a
 pyproxy run with ``--gateway bookinfo-gateway`` and
 ``config/bookinfo/gateway.yaml`` (a Gateway and the VirtualService bound to it).
 
-Changes to the config directory are applied live: the launcher watches it
-and asks every proxy to reload (``POST /reload`` on its admin port).
+Changes to the config directory are applied live: every proxy watches its
+``--config`` paths (pyproxy's hot reload). The launcher watches the directory
+too, only to tell the user what the proxies did with a change (their
+``/config_dump`` reload status): reloaded, or rejected with the first error.
 
 Process hygiene: every child runs in its own process group (its session),
 is told by the kernel to exit when the launcher dies (``PR_SET_PDEATHSIG``),
@@ -68,6 +70,9 @@ BOOKINFO_CONFIG = Path(pyproxy.__file__).resolve().parent.parent / "config" / "b
 STARTUP_TIMEOUT = 60.0  # seconds for all proxies and apps to become ready (2 busy cores are slow)
 STOP_TIMEOUT = 8.0  # per process group, after SIGTERM, before SIGKILL
 POLL_INTERVAL = 0.5
+# How long to wait for every proxy to report a reload after a change (their
+# watchers poll every 0.5 s and debounce 0.2 s; a busy machine is slower).
+RELOAD_REPORT_TIMEOUT = 10.0
 
 # (file, what it does) in the order of Istio's tasks; printed for the user.
 SCENARIOS = (
@@ -419,28 +424,51 @@ class Mesh:
                 if child.process is not None and child.process.poll() is None:
                     child.process.wait(5)
 
-    def reload_all(self) -> list[str]:
-        """POST /reload to every proxy; returns one problem line per failure."""
-        problems = []
+    def admin_url(self, child: Child, path: str) -> str:
+        return child.ready_url.replace(f":{STATS_PORT}/healthz/ready", f":{ADMIN_PORT}{path}")
+
+    def reload_states(self) -> dict[str, dict]:
+        """Each proxy's last reload (``/config_dump`` ``last_reload``); {} for one that does not answer."""
+        states = {}
         for child in self.sidecars:
-            admin = child.ready_url.replace(f":{STATS_PORT}/healthz/ready", f":{ADMIN_PORT}/reload")
             try:
-                status, body = http_status(admin, method="POST", timeout=10.0)
-            except OSError as exc:
-                problems.append(f"{child.name}: {exc}")
-                continue
-            if status != 200:
-                try:
-                    errors = json.loads(body).get("errors") or []
-                except ValueError:
-                    errors = [body.decode(errors="replace")[:200]]
-                problems.append(f"{child.name}: rejected ({len(errors)} error(s)); first: "
-                                f"{errors[0] if errors else '?'}")
-        return problems
+                status, body = http_status(self.admin_url(child, "/config_dump"), timeout=5.0)
+                states[child.name] = json.loads(body)["last_reload"] if status == 200 else {}
+            except (OSError, ValueError, KeyError):
+                states[child.name] = {}
+        return states
+
+    def report_reload(self, change: str, before: dict[str, dict]) -> dict[str, dict]:
+        """Wait until every proxy has reloaded since ``before``; say how it went.
+        Returns the states seen, the baseline for the next change."""
+
+        def count(state: dict) -> int:
+            return int(state.get("successes", 0)) + int(state.get("failures", 0))
+
+        deadline = time.monotonic() + RELOAD_REPORT_TIMEOUT
+        while True:
+            now = self.reload_states()
+            waiting = [n for n, st in now.items() if count(st) <= count(before.get(n, {}))]
+            if not waiting or time.monotonic() > deadline or self.stop_requested:
+                break
+            time.sleep(0.2)
+        rejected = {n: st for n, st in now.items() if n not in waiting and not st.get("ok", True)}
+        reloaded = len(now) - len(waiting) - len(rejected)
+        if rejected:
+            self.say(f"[mesh] {change}: rejected by {len(rejected)} proxies, which keep their previous config:")
+            errors = next(iter(rejected.values())).get("errors") or ["?"]
+            for e in errors[:5]:
+                self.say(f"  {e}")
+        else:
+            self.say(f"[mesh] {change}: {reloaded} proxies reloaded")
+        if waiting:
+            self.say(f"[mesh] no reload seen yet from {', '.join(waiting)}")
+        return now
 
     def run_until_stopped(self) -> int:
         """Watch the children and the config directory until a signal arrives."""
         signature = config_signature(self.config_dir)
+        states = self.reload_states()
         while not self.stop_requested:
             time.sleep(POLL_INTERVAL)
             for child in self.children():
@@ -451,15 +479,9 @@ class Mesh:
                     return 1
             current = config_signature(self.config_dir)
             if current != signature:
-                names = describe_change(signature, current)
+                change = describe_change(signature, current)
                 signature = current
-                problems = self.reload_all()
-                if problems:
-                    self.say(f"[mesh] {names}: rejected, the proxies keep their previous config:")
-                    for p in problems:
-                        self.say(f"  {p}")
-                else:
-                    self.say(f"[mesh] {names}: {len(self.sidecars)} proxies reloaded")
+                states = self.report_reload(change, states)
         return 0
 
 
@@ -490,7 +512,7 @@ def banner(mesh: Mesh) -> str:
         f"  open   {url}",
         f"  curl   curl -s {url} | grep -c glyphicon-star    # 0 (v1), or stars from v2 (black) / v3 (red)",
         "",
-        "No routing rules yet, so reviews round-robins over v1, v2 and v3 (reload the page).",
+        "No routing rules yet: each page load reaches reviews v1, v2 or v3 (Istio's default balancing).",
         "Sign in as 'jason' (top right) for the user-based scenarios.",
         "",
         f"Mesh config: {cfg}  (every proxy reloads when a file in it changes)",
@@ -561,16 +583,18 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 0
     finally:
-        if mesh.children():
+        if any(c.process is not None for c in mesh.children()):
             mesh.say("stopping ...")
         mesh.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if code == 0:
-        shutil.rmtree(workdir, ignore_errors=True)
-        mesh.say("stopped")
-    else:
+    started = any(c.process is not None for c in mesh.children())
+    if code != 0 and started:
         print(f"pyproxy demo: logs kept in {log_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if code == 0:
+        mesh.say("stopped")
     return code
 
 

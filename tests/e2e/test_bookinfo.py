@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import csv
+import importlib.util
 import json
 import os
 import random
@@ -32,6 +34,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from pyproxy.demo.launcher import _die_with_parent as die_with_parent
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ROOT, http_get
 
@@ -135,7 +140,8 @@ def _start_demo(config_dir: Path) -> Demo:
              "--pod-subnet", f"{prefix}0/24", "--ingress", f"{prefix}10:8080"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
+            # Its own session (the test signals only the launcher), and gone if this test process dies.
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         demo = Demo(proc, prefix, config_dir)
         ready = threading.Event()
@@ -295,9 +301,9 @@ async def test_90_10_between_v1_and_v2(demo: Demo) -> None:
 
 
 async def test_ratings_delay_for_jason_times_out_productpage_after_about_6s(demo: Demo) -> None:
-    demo.apply("fault-ratings-delay-jason.yaml")
     async with Browser(demo.url) as jason, Browser(demo.url) as anonymous:
-        await jason.login("jason")
+        await jason.login("jason")  # before the fault: the login redirect loads the page too
+        demo.apply("fault-ratings-delay-jason.yaml")
         status, body, seconds = await jason.page()
         # reviews v2 waits up to 10s for the 7s-delayed ratings; productpage
         # gives up on reviews after 3s and tries once more: about 6s in all.
@@ -346,11 +352,39 @@ async def test_circuit_breaker_rejects_the_third_concurrent_client_with_overflow
 # --------------------------------------------------------------------------- telemetry
 
 
+def reviews_requests_by_version(demo: Demo) -> collections.Counter[str]:
+    """istio_requests_total from productpage's sidecar (reporter=source) for
+    calls to reviews, summed by destination_version."""
+    status, body = http_get(f"http://{demo.ip('productpage-v1')}:15090/stats/prometheus", timeout=5)
+    assert status == 200, f"productpage sidecar /stats/prometheus answered {status}: {body[:200]!r}"
+    out: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name != "istio_requests_total" or labels.get("reporter") != "source":
+                continue
+            if "reviews" not in (labels.get("destination_service_name"), labels.get("destination_app")):
+                continue
+            out[labels.get("destination_version", "")] += int(sample.value)
+    return out
+
+
+async def test_sidecar_metrics_count_reviews_traffic_by_destination_version(demo: Demo) -> None:
+    demo.apply("virtual-service-reviews-50-v3.yaml")
+    before = reviews_requests_by_version(demo)
+    counts = await page_kinds(demo.url, 40, 2)
+    after = reviews_requests_by_version(demo)
+    delta = {v: after[v] - before[v] for v in after if after[v] != before[v]}
+    # Each page load is one reviews call: v1 pages show no stars, v3 red ones.
+    expected = {v: n for v, n in (("v1", counts["none"]), ("v3", counts["red"])) if n}
+    assert delta == expected, (delta, counts)
+
+
 async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
     demo.apply("virtual-service-reviews-v3.yaml")  # v3 calls ratings
-    trace_id = secrets.token_hex(16)
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     request_id = f"e2e-{secrets.token_hex(8)}"
-    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "x-request-id": request_id}
+    headers = {"traceparent": f"00-{trace_id}-{span_id}-01", "x-request-id": request_id}
     async with Browser(demo.url) as b:
         status, body, _ = await b.page(headers=headers)
     assert (status, classify(body)) == (200, "red")
@@ -364,8 +398,16 @@ async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
     assert line, f"no request with x-request-id {request_id} reached ratings"
     match = re.search(r"traceparent=00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})", line)
     assert match, line
-    # Same trace; each hop may add its own span (the sidecars, once tracing is on).
+    # Same trace, but a newer parent span: the sidecars on the way took part
+    # (the apps only copy the header; without tracing the span id would be ours).
     assert match.group(1) == trace_id, line
+    assert match.group(2) != span_id, line
+    # The ratings sidecar logged the request (Envoy's format carries x-request-id).
+    access_log = demo.log_dir / "ratings-v1.access.log"
+    deadline = time.monotonic() + 5  # the access log is flushed every 250 ms
+    while time.monotonic() < deadline and request_id not in access_log.read_text():
+        time.sleep(0.1)
+    assert request_id in access_log.read_text()
 
 
 # --------------------------------------------------------------------------- bad input, shutdown
@@ -390,6 +432,28 @@ async def test_invalid_scenario_file_is_rejected_and_routing_is_kept(demo: Demo)
         assert await page_kinds(demo.url, 5, 1) == {"red": 5}
     finally:
         (demo.config_dir / "broken.yaml").unlink()
+
+
+def test_locustfile_drives_the_demo_and_sees_the_traffic_split(demo: Demo, tmp_path: Path) -> None:
+    # Not imported here: importing locust monkey-patches the whole process (gevent).
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust comes with the load extra: pip install -e '.[load]'")
+    demo.apply("virtual-service-reviews-v3.yaml")
+    res = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "load-tests" / "locustfile_bookinfo.py"),
+         "--host", demo.url, "--headless", "-u", "4", "-r", "4", "-t", "6s", "--only-summary",
+         "--csv", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=90, cwd=str(tmp_path),
+        env={**os.environ, "BOOKINFO_WAIT": "0.05-0.2"},
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with open(tmp_path / "run_stats.csv") as f:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    assert int(rows[("", "Aggregated")]["Failure Count"]) == 0, rows
+    assert int(rows[("GET", "/productpage")]["Request Count"]) > 10
+    # Every page showed reviews v3 (red stars), as the scenario routes.
+    reviews = {name: int(r["Request Count"]) for (kind, name), r in rows.items() if kind == "REVIEWS"}
+    assert set(reviews) == {"red stars (v3)"} and reviews["red stars (v3)"] > 10, reviews
 
 
 def test_stopping_the_demo_stops_every_process_it_started(demo: Demo) -> None:

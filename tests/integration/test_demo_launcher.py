@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +18,16 @@ from tests.harness import ROOT
 
 
 def run_demo(*args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-m", "pyproxy", "demo", "bookinfo", *args],
         capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    # On failure the demo keeps its logs for the user; the tests read them from stderr.
+    kept = re.search(r"logs kept in (\S+)", res.stderr)
+    if kept:
+        shutil.rmtree(Path(kept.group(1)).parent, ignore_errors=True)
+    return res
 
 
 def random_prefix() -> str:
