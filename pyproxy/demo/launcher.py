@@ -251,7 +251,8 @@ class Child:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                # The launcher has no threads, so a preexec_fn is safe here.
+                start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
 
     @property

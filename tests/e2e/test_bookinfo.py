@@ -31,13 +31,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import pytest
-
-from pyproxy.demo.launcher import _die_with_parent as die_with_parent
 from prometheus_client.parser import text_string_to_metric_families
 
+from pyproxy.demo.launcher import _die_with_parent as die_with_parent
 from tests.harness import ROOT, http_get
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def _start_demo(config_dir: Path) -> Demo:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
             # Its own session (the test signals only the launcher), and gone if this test process dies.
-            start_new_session=True, preexec_fn=die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only
         )
         demo = Demo(proc, prefix, config_dir)
         ready = threading.Event()
@@ -200,7 +200,7 @@ class Browser:
         # unsafe=True: keep cookies for an IP-address host.
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
-    async def __aenter__(self) -> Browser:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -394,7 +394,7 @@ async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
     line = ""
     while time.monotonic() < deadline and not line:
         line = next((ln for ln in ratings_log.read_text().splitlines() if request_id in ln), "")
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     assert line, f"no request with x-request-id {request_id} reached ratings"
     match = re.search(r"traceparent=00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})", line)
     assert match, line
@@ -406,7 +406,7 @@ async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
     access_log = demo.log_dir / "ratings-v1.access.log"
     deadline = time.monotonic() + 5  # the access log is flushed every 250 ms
     while time.monotonic() < deadline and request_id not in access_log.read_text():
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     assert request_id in access_log.read_text()
 
 
@@ -443,7 +443,7 @@ def test_locustfile_drives_the_demo_and_sees_the_traffic_split(demo: Demo, tmp_p
         [sys.executable, "-m", "locust", "-f", str(ROOT / "load-tests" / "locustfile_bookinfo.py"),
          "--host", demo.url, "--headless", "-u", "4", "-r", "4", "-t", "6s", "--only-summary",
          "--csv", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=90, cwd=str(tmp_path),
+        capture_output=True, text=True, timeout=90, cwd=str(tmp_path), check=False,
         env={**os.environ, "BOOKINFO_WAIT": "0.05-0.2"},
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

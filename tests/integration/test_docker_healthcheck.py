@@ -15,7 +15,8 @@ def healthcheck(stats: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYPROXY_")}
     env["PYPROXY_STATS"] = stats
     env["HTTP_PROXY"] = env["http_proxy"] = "http://127.0.0.1:9"  # must be ignored
-    return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=20)
+    return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=20,
+                          check=False)
 
 
 def test_healthcheck_follows_the_proxy_readiness() -> None:

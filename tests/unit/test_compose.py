@@ -145,7 +145,7 @@ def test_every_image_is_pinned() -> None:
     for name, svc in services().items():
         image = svc.get("image")
         assert image, f"{name}: no image"
-        repo, sep, tag = image.rpartition(":")
+        _, sep, tag = image.rpartition(":")
         assert sep and "/" not in tag and tag and tag != "latest", f"{name}: {image} is not pinned"
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image}: use a full version tag"
         if BOOKINFO_IMAGE.fullmatch(image):
@@ -362,7 +362,7 @@ def test_ports_do_not_clash() -> None:
     published = []
     for name, svc in services().items():
         for spec in svc.get("ports", ()):
-            host, _, container = str(spec).rpartition(":")
+            host, _, _ = str(spec).rpartition(":")
             published.append(host)
     assert len(published) == len(set(published)), published
     # Inside each pod: the sidecar's listeners and the app's port 9080.

@@ -121,3 +121,31 @@ def test_main_refuses_bad_arguments_before_starting_anything(capsys: pytest.Capt
     assert launcher.main(args) == 2
     assert "--pod-subnet" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("scenario", [None, *(name for name, _ in SCENARIOS)])
+def test_every_scenario_loads_and_builds_cleanly_for_every_local_proxy(scenario: str | None, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """What `pyproxy validate` says of the demo's mesh dir with each scenario as routing.yaml, and
+    that no proxy's snapshot warns (unknown subset or host, a subset selecting no pod)."""
+    import asyncio
+    import random
+
+    from pyproxy.config.validate import main as validate_main
+    from pyproxy.snapshot import BuildContext, ProxyIdentity, build_snapshot
+
+    (tmp_path / "services.yaml").write_text(render_registry(ipaddress.ip_network("127.0.0.0/24")))
+    if scenario:
+        (tmp_path / "routing.yaml").write_text((BOOKINFO_CONFIG / scenario).read_text())
+    paths = [str(tmp_path), str(BOOKINFO_CONFIG / "gateway.yaml")]
+    assert validate_main(paths) == 0, capsys.readouterr()
+    loaded = load_paths(paths)
+    identities = [ProxyIdentity(workload=p.name, labels=(("app", p.app), ("version", p.version))) for p in PODS]
+    identities.append(ProxyIdentity(workload="istio-ingressgateway", gateway="default/bookinfo-gateway"))
+    loop = asyncio.new_event_loop()
+    try:
+        for identity in identities:
+            snap = build_snapshot(loaded, identity, BuildContext(loop, random.Random(0)))
+            assert snap.warnings == [], (identity.workload, snap.warnings)
+    finally:
+        loop.close()

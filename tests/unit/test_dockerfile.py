@@ -74,7 +74,7 @@ def env_of(stage: Stage) -> dict[str, str]:
 
 
 def test_multi_stage_build_on_a_pinned_slim_python() -> None:
-    args, stages = parse_dockerfile()
+    _, stages = parse_dockerfile()
     assert len(stages) >= 2
     assert stages[0].name == "build"
     for stage in stages:
@@ -93,7 +93,11 @@ def test_final_stage_runs_pyproxy_as_1337_with_a_healthcheck() -> None:
     argv = exec_form(command)
     assert argv[0] == "python"
     # The script it runs is copied into the image from the repository.
-    copies = dict(reversed(c.split()) for c in final.all("COPY") if not c.startswith("--from"))
+    copies: dict[str, str] = {}  # destination -> source
+    for c in final.all("COPY"):
+        if not c.startswith("--from"):
+            src, dest = c.split()
+            copies[dest] = src
     assert copies[argv[1]] == "docker/healthcheck.py"
     exposed = {int(p) for e in final.all("EXPOSE") for p in e.split()}
     assert {15001, 15006, 15090} <= exposed

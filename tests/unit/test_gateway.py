@@ -76,8 +76,8 @@ def test_gateway_protocol_is_case_insensitive_and_non_http_servers_are_ignored_w
          "empty host name"),
         ("servers:\n- port: {number: 80, protocol: HTTP}\n  hosts: ['foo.*.com']", "spec.servers[0].hosts[0]",
          "expected a DNS name"),
-        ("servers:\n- port: {number: 80, name: p, protocol: HTTP}\n  hosts: ['*']\n"
-         "- port: {number: 81, name: p, protocol: HTTP}\n  hosts: ['*']", "spec.servers[1].port.name",
+        (("servers:\n- port: {number: 80, name: p, protocol: HTTP}\n  hosts: ['*']\n"
+          "- port: {number: 81, name: p, protocol: HTTP}\n  hosts: ['*']"), "spec.servers[1].port.name",
          "already used"),
     ],
 )
