@@ -34,13 +34,22 @@ def ensure_env(extras: str) -> Path:
     if not py.exists():
         print(f"[make] creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
-    if not STAMP.exists() or STAMP.read_text().strip() != digest:
+    # The stamp records pyproject.toml's hash and the extras installed with it:
+    # nothing is reinstalled unless pyproject.toml changed or an extra is missing.
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = {e for e in extras.split(",") if e}
+    have: set[str] = set()
+    if STAMP.exists():
+        recorded_digest, _, recorded_extras = STAMP.read_text().strip().partition(" ")
+        if recorded_digest == digest:
+            have = {e for e in recorded_extras.split(",") if e}
+    if not STAMP.exists() or not have or not wanted <= have:
+        extras = ",".join(sorted(wanted | have))
         print(f"[make] installing pyproxy-sidecar[{extras}] into {VENV}", flush=True)
         subprocess.check_call([str(py), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
         spec = f"{ROOT}[{extras}]" if extras else str(ROOT)
         subprocess.check_call([str(py), "-m", "pip", "install", "--quiet", "-e", spec])
-        STAMP.write_text(digest)
+        STAMP.write_text(f"{digest} {extras}")
     return py
 
 
@@ -50,7 +59,8 @@ def main(argv: list[str]) -> int:
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
-        py = ensure_env("test")
+        # The load extra too: the benchmark and locust smoke tests need it.
+        py = ensure_env("test,load")
         return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
     if cmd == "bench":
         py = ensure_env("test,load")

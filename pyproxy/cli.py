@@ -59,7 +59,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--access-log", metavar="PATH|-|off", help="access log destination (default: off)")
     p.add_argument("--access-log-format", metavar="text|json", help="access log format (default: text)")
     p.add_argument("--tracing", metavar="on|off", help="OpenTelemetry tracing (default: on)")
-    p.add_argument("--trace-sampling", metavar="PERCENT", help="sampling percentage for new traces (default: 100)")
+    p.add_argument("--trace-sampling", metavar="PERCENT", help="sampling percentage for new traces (default: 1, Istio's default)")
     p.add_argument("--drain-timeout", metavar="SECONDS", help="graceful drain on SIGTERM (default: 5)")
     p.add_argument("--watch-interval", metavar="SECONDS",
                    help="how often the --config paths are checked for changes; 0 = never (SIGHUP and "
@@ -157,7 +157,7 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         access_log=f.text("access-log", "off") or "off",
         access_log_format=f.choice("access-log-format", "text", ("text", "json")),
         tracing=f.choice("tracing", "on", ("on", "off")),
-        trace_sampling=f.number("trace-sampling", "100", 0.0, 100.0) / 100.0,
+        trace_sampling=f.number("trace-sampling", "1", 0.0, 100.0) / 100.0,
         drain_timeout=f.number("drain-timeout", "5", 0.0),
         watch_interval=f.number("watch-interval", "0.5", 0.0),
         limits=Limits(max_request_body=f.integer("max-request-body", "0", lo=0)),

@@ -103,7 +103,7 @@ class RunOptions:
     access_log: str = "off"
     access_log_format: str = "text"
     tracing: str = "on"
-    trace_sampling: float = 1.0
+    trace_sampling: float = 0.01  # Istio's default sampling: 1%
     drain_timeout: float = 5.0
     watch_interval: float = 0.5  # config file polling period; 0 = no watching
     limits: Limits = field(default_factory=Limits)

@@ -333,7 +333,9 @@ class Mesh:
     def build(self) -> None:
         env = self.base_env()
         py = sys.executable
-        common = ["--log-level", self.log_level, "--drain-timeout", "1"]
+        common = ["--log-level", self.log_level, "--drain-timeout", "1",
+                  # Sample every trace, as Istio's demo profile does.
+                  "--trace-sampling", "100"]
         gw_pod = self.ingress_admin
         host, port = self.ingress
         self.sidecars.append(Child(

@@ -30,7 +30,9 @@ REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-envoy-at
                              b"x-pyproxy-peer-metadata", b"x-pyproxy-peer-metadata-id",
                              b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"}
 
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+# x-envoy-upstream-service-time is regenerated (Envoy overwrites it), so a
+# chain of proxies reports one value, this hop's.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-envoy-upstream-service-time"}
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

@@ -30,7 +30,7 @@ def test_defaults() -> None:
     assert o.admin == Address("127.0.0.1", 15000)
     assert o.stats == Address("0.0.0.0", 15090)
     assert (o.workers, o.log_level, o.access_log, o.access_log_format) == (1, "info", "off", "text")
-    assert (o.tracing, o.trace_sampling, o.drain_timeout) == ("on", 1.0, 5.0)
+    assert (o.tracing, o.trace_sampling, o.drain_timeout) == ("on", 0.01, 5.0)
     assert o.limits == Limits() and o.seed is None and o.worker_index == 0
     assert o.workload_name == "unknown"
 
