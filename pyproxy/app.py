@@ -38,10 +38,17 @@ log = logging.getLogger("pyproxy")
 
 
 class WorkerStats:
-    """Listener-level counters (Envoy's downstream_* stats)."""
+    """Listener-level counters (Envoy's downstream_* stats).
+
+    ``downstream_rq_rejected`` counts every request the proxy refused itself
+    (malformed, over a limit, header timeout); ``downstream_rq_rejected_<status>``
+    splits it by the status it got (README "Security")."""
 
     __slots__ = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_overflow",
-                 "downstream_rq_rejected", "downstream_cx_header_timeout", "downstream_cx_idle_timeout")
+                 "downstream_rq_rejected", "downstream_cx_header_timeout", "downstream_cx_idle_timeout",
+                 "downstream_rq_idle_timeout", "downstream_rq_rejected_400", "downstream_rq_rejected_408",
+                 "downstream_rq_rejected_413", "downstream_rq_rejected_414", "downstream_rq_rejected_431",
+                 "downstream_rq_rejected_501", "downstream_rq_rejected_500")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -49,6 +56,13 @@ class WorkerStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+    def reject(self, status: int) -> None:
+        """A request refused with ``status`` (not on the normal path)."""
+        self.downstream_rq_rejected += 1
+        name = f"downstream_rq_rejected_{status}"
+        if hasattr(self, name):
+            setattr(self, name, getattr(self, name) + 1)
 
 
 class Listener:
@@ -64,7 +78,9 @@ class Listener:
 
     def on_connection_made(self, conn: DownstreamConnection) -> None:
         stats = self.worker.stats
-        if len(self.worker.all_connections()) >= self.worker.options.limits.max_connections:
+        if stats.downstream_cx_active >= self.worker.limits.max_connections:
+            # Over --max-connections (all listeners of this worker): refuse
+            # at once, as Envoy's connection limit does.
             stats.downstream_cx_overflow += 1
             conn.closed = True
             conn.transport.abort()
@@ -73,7 +89,8 @@ class Listener:
         stats.downstream_cx_total += 1
         stats.downstream_cx_active += 1
         if self.worker.draining:
-            conn.start_drain()
+            # Accepted during the drain grace: served, with Connection: close.
+            conn.start_drain(close_idle=False)
 
     def on_connection_lost(self, conn: DownstreamConnection) -> None:
         if conn in self.connections:
@@ -339,29 +356,57 @@ class Worker:
         for c in self.snapshot.all_clusters():
             c.sweep(now)
         limits = self.limits
+        stream_idle = limits.stream_idle_timeout
         for conn in self.all_connections():
+            ex = conn.current
+            if ex is not None:
+                if stream_idle and ex.started and not ex.finished:
+                    # Stream idle timeout without a timer per request: the
+                    # request's progress (bytes both ways, the response
+                    # status) must move at least once per stream_idle seconds.
+                    mark = ex.request_bytes + ex.response_bytes + ex.status
+                    if mark != ex.idle_mark:
+                        ex.idle_mark = mark
+                        ex.idle_since = now
+                    elif now - ex.idle_since >= stream_idle:
+                        ex.on_stream_idle_timeout()
+                continue
             if conn.headers_started and now - conn.headers_started > limits.header_timeout:
                 self.stats.downstream_cx_header_timeout += 1
                 conn.pending_error = (408, b"Request Timeout")
-                conn.headers_started = 0.0
                 conn._protocol_error()
-            elif conn.current is None and not conn.pipeline and conn.tunnel is None \
-                    and now - conn.last_activity > limits.idle_timeout:
+            elif not conn.pipeline and conn.tunnel is None and now - conn.last_activity > limits.idle_timeout:
                 self.stats.downstream_cx_idle_timeout += 1
                 conn.close()
 
-    async def drain(self, timeout: float) -> None:
-        """Graceful drain: stop accepting, ask keep-alive clients to close,
-        wait for in-flight requests up to ``timeout``."""
+    async def drain(self, timeout: float, grace: float | None = None) -> None:
+        """Graceful drain (SIGTERM, /quitquitquit, /drain_listeners): not
+        ready at once; every connection's next response carries
+        ``Connection: close``; listeners keep accepting for ``grace``
+        seconds (``--drain-grace``: clients still resolving to this proxy
+        are served), then stop and idle keep-alive connections close;
+        in-flight requests have until ``timeout`` (from the start) to end."""
+        if grace is None:
+            grace = self.options.drain_grace
         self.draining = True
         self.ready = False
+        start = self.loop.time()
+        deadline = start + timeout
+        for conn in self.all_connections():
+            conn.start_drain(close_idle=False)
+        grace_end = start + min(grace, timeout)
+        while self.loop.time() < grace_end:
+            await asyncio.sleep(min(0.05, max(0.0, grace_end - self.loop.time())))
         for listener in self.listeners:
             listener.stop_accepting()
         for conn in self.all_connections():
             conn.start_drain()
-        deadline = self.loop.time() + timeout
-        while self.loop.time() < deadline and any(c.current is not None for c in self.all_connections()):
+        while self.loop.time() < deadline and any(c.current is not None or c.pipeline
+                                                  for c in self.all_connections()):
             await asyncio.sleep(0.05)
+        busy = sum(1 for c in self.all_connections() if c.current is not None)
+        if busy:
+            log.warning("drain timeout (%.1fs): %d request(s) still in flight are cut", timeout, busy)
 
     async def stop(self) -> None:
         for t in self.tasks:

@@ -64,8 +64,21 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--watch-interval", metavar="SECONDS",
                    help="how often the --config paths are checked for changes; 0 = never (SIGHUP and "
                         "POST /reload still reload) (default: 0.5)")
+    p.add_argument("--drain-grace", metavar="SECONDS",
+                   help="after SIGTERM, keep accepting connections this long (each gets Connection: close) "
+                        "before closing the listeners (default: 1)")
     p.add_argument("--max-request-body", metavar="BYTES",
                    help="reject larger request bodies with 413 (default: 0 = no limit)")
+    p.add_argument("--max-connections", metavar="N",
+                   help="concurrent downstream connections per worker; more are refused (default: 100000)")
+    p.add_argument("--request-header-timeout", metavar="SECONDS",
+                   help="a request head must arrive within this time once it has begun, else 408 "
+                        "(default: 10)")
+    p.add_argument("--idle-timeout", metavar="SECONDS",
+                   help="close a downstream connection with no request for this long (default: 3600)")
+    p.add_argument("--stream-idle-timeout", metavar="SECONDS",
+                   help="end a request when no byte moved either way for this long: 504 (408 while the "
+                        "request is still arriving), flag SI; 0 = off (default: 300)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -159,8 +172,15 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         tracing=f.choice("tracing", "on", ("on", "off")),
         trace_sampling=f.number("trace-sampling", "1", 0.0, 100.0) / 100.0,
         drain_timeout=f.number("drain-timeout", "5", 0.0),
+        drain_grace=f.number("drain-grace", "1", 0.0),
         watch_interval=f.number("watch-interval", "0.5", 0.0),
-        limits=Limits(max_request_body=f.integer("max-request-body", "0", lo=0)),
+        limits=Limits(
+            max_request_body=f.integer("max-request-body", "0", lo=0),
+            max_connections=f.integer("max-connections", "100000", lo=1),
+            header_timeout=f.number("request-header-timeout", "10", 0.001),
+            idle_timeout=f.number("idle-timeout", "3600", 0.001),
+            stream_idle_timeout=f.number("stream-idle-timeout", "300", 0.0),
+        ),
         worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,
     )

@@ -75,5 +75,7 @@ UO_503 = LocalReply(
     extra_headers=((b"x-envoy-overloaded", b"true"),),
 )
 UT_504 = LocalReply(504, b"upstream request timeout", UPSTREAM_REQUEST_TIMEOUT)
+# Stream idle timeout: 504 once the request is complete, else 408 (Envoy).
 SI_504 = LocalReply(504, b"stream timeout", STREAM_IDLE_TIMEOUT)
+SI_408 = LocalReply(408, b"stream timeout", STREAM_IDLE_TIMEOUT)
 FI_BODY = b"fault filter abort"

@@ -78,11 +78,11 @@ class Limits:
     max_url: int = 8 << 10
     max_header_bytes: int = 60 << 10  # Envoy's max_request_headers_kb default
     max_headers: int = 100
-    max_request_body: int = 0  # 0 = unlimited
-    header_timeout: float = 10.0
-    idle_timeout: float = 3600.0  # downstream idle timeout (Envoy's 1 h)
-    stream_idle_timeout: float = 300.0  # Envoy's 5 min
-    max_connections: int = 100_000
+    max_request_body: int = 0  # 0 = unlimited (--max-request-body)
+    header_timeout: float = 10.0  # --request-header-timeout
+    idle_timeout: float = 3600.0  # downstream idle timeout, Envoy's 1 h (--idle-timeout)
+    stream_idle_timeout: float = 300.0  # Envoy's 5 min; 0 = off (--stream-idle-timeout)
+    max_connections: int = 100_000  # per worker (--max-connections)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,7 @@ class RunOptions:
     tracing: str = "on"
     trace_sampling: float = 0.01  # Istio's default sampling: 1%
     drain_timeout: float = 5.0
+    drain_grace: float = 1.0  # listeners keep accepting this long after SIGTERM
     watch_interval: float = 0.5  # config file polling period; 0 = no watching
     limits: Limits = field(default_factory=Limits)
     worker_index: int = 0

@@ -10,6 +10,15 @@ so at most one read buffer of pipelined requests is held.
 Flow control: reading pauses for any of several reasons (a bitmask), and
 resumes only when none is left: pipelined requests waiting, or the upstream
 side of the current exchange cannot take more request body.
+
+Strictness (README "Security"): llhttp rejects most malformed input in C
+(request line, header syntax, CR/LF/NUL/control characters, obs-fold,
+Content-Length + Transfer-Encoding, bad chunk sizes and extensions); the
+limits and the RFC 9112 checks it leaves open are applied here and in
+``Exchange._validate``. A request is started (routed, forwarded) only after
+the read that carried its head has been parsed to the end, so a malformed
+body or pipelined request in the same packet is refused before anything
+reaches an upstream.
 """
 
 from __future__ import annotations
@@ -35,8 +44,51 @@ BLOCK_BODY = 2
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
 
+# How long a connection closed after a refused request keeps reading (and
+# discarding) what the client still sends, so the error reply is not lost to
+# a TCP reset (Envoy's delayed_close_timeout).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 8 << 20
+
+
 class _ParseLimit(Exception):
     """Raised inside a parser callback to stop parsing on a limit."""
+
+
+class _Discard:
+    """Stands in for a tunnel while a closing connection drains the client's
+    unread bytes: ``data_received`` hands them here, at no cost to the
+    normal path (which already checks for a tunnel)."""
+
+    __slots__ = ("conn", "budget")
+
+    def __init__(self, conn: DownstreamConnection) -> None:
+        self.conn = conn
+        self.budget = LINGER_BYTES
+
+    def write(self, data: bytes) -> None:
+        self.budget -= len(data)
+        if self.budget < 0:
+            self.close()
+
+    def close(self) -> None:
+        conn = self.conn
+        if not conn.closed and conn.transport is not None:
+            conn.transport.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    @property
+    def tunnel(self) -> None:
+        return None
+
+    @tunnel.setter
+    def tunnel(self, value: Any) -> None:
+        pass
 
 
 def original_dst(sock: Any) -> tuple[str, int] | None:
@@ -95,6 +147,7 @@ class DownstreamConnection:
         "read_block", "reading_paused", "write_paused", "closed", "draining", "peer_ip",
         "peer_ip_bytes", "original_dst", "tunnel", "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
+        "limits", "head_bytes", "deferred", "peer_eof", "feeding",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -127,6 +180,11 @@ class DownstreamConnection:
         self.requests = 0
         self.sock: Any = None
         self.upgrade_buffer = b""
+        self.limits = self.worker.limits
+        self.head_bytes = 0  # bytes of a request head received after the read that began it
+        self.deferred: Exchange | None = None  # headers parsed, start after this read
+        self.peer_eof = False  # the client shut down writing: close once answered
+        self.feeding = False  # inside parser.feed_data()
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -154,6 +212,15 @@ class DownstreamConnection:
             tunnel.write(data)
             return
         self.last_activity = self.worker.loop.time()
+        if self.headers_started:
+            # httptools hands over a header only once it is complete, so a
+            # head is bounded here, by bytes received, not in on_header.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.limits.max_header_bytes + self.limits.max_url + 4096:
+                self.pending_error = (431, b"Request Header Fields Too Large")
+                self._protocol_error()
+                return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -161,24 +228,42 @@ class DownstreamConnection:
             self._on_upgrade_data(data[offset:])
         except _ParseLimit:
             self._protocol_error()
+            return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None:
-                self._protocol_error()
-            else:
+            if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
                 log.exception("internal error while handling a request")
                 self.pending_error = (500, b"internal error")
-                self._protocol_error()
+            self._protocol_error()
+            return
         except httptools.HttpParserError as exc:
             if self.pending_error is None:
                 self.pending_error = (400, b"Bad Request")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed request from %s: %s", self.peer_ip, exc)
             self._protocol_error()
+            return
+        finally:
+            self.feeding = False
+        ex = self.deferred
+        if ex is not None:
+            # The whole read parsed cleanly: now the request may go upstream.
+            self.deferred = None
+            if ex is self.current and not ex.started and not ex.finished:
+                ex.start()
 
     def eof_received(self) -> bool:
-        # Half-close from the client: finish the in-flight response first
-        # when there is one (a client may shut down writing after its request).
-        return self.current is not None and self.tunnel is None
+        # Half-close from the client (a client may shut down writing after
+        # its request): answer what was received completely, then close. A
+        # request still being received can never complete: close now (the
+        # in-flight exchange sees the client gone).
+        current = self.current
+        if current is None or self.tunnel is not None:
+            return False
+        parsing = self.parsing
+        if parsing is not None and not parsing.request_complete:
+            return False
+        self.peer_eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -215,11 +300,12 @@ class DownstreamConnection:
         self.url_len = 0
         self.headers = []
         self.header_bytes = 0
+        self.head_bytes = 0
         self.headers_started = self.worker.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.url_len += len(url)
-        if self.url_len > self.worker.limits.max_url:
+        if self.url_len > self.limits.max_url:
             self.pending_error = (414, b"URI Too Long")
             raise _ParseLimit()
         self.url += url
@@ -227,7 +313,7 @@ class DownstreamConnection:
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         self.header_bytes += len(name) + len(value) + 4
-        limits = self.worker.limits
+        limits = self.limits
         if self.header_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
             self.pending_error = (431, b"Request Header Fields Too Large")
             raise _ParseLimit()
@@ -235,8 +321,8 @@ class DownstreamConnection:
 
     def on_headers_complete(self) -> None:
         self.headers_started = 0.0
-        if self.closed or self.pending_error is not None:
-            return
+        if self.closed or self.pending_error is not None or self.tunnel is not None:
+            return  # closing: nothing after a refused request runs
         parser = self.parser
         ex = Exchange(self, parser.get_method(), self.url, self.headers, parser.get_http_version(),
                       parser.should_keep_alive(), parser.should_upgrade())
@@ -245,7 +331,9 @@ class DownstreamConnection:
         if self.current is None:
             self.current = ex
             if ex.has_body:
-                ex.start()  # stream the body as it arrives
+                # Stream the body as it arrives, but only once this read
+                # parsed cleanly (data_received starts it).
+                self.deferred = ex
         else:
             self.pipeline.append(ex)
             self._block(BLOCK_PIPELINE)
@@ -284,14 +372,23 @@ class DownstreamConnection:
             return
         self.current = None
         self._unblock(BLOCK_BODY)
-        self.last_activity = self.worker.loop.time()
+        now = self.worker.loop.time()
+        self.last_activity = now
+        if self.headers_started:
+            # The next request's head was arriving meanwhile: its header
+            # timeout counts from now (the sweep skips busy connections).
+            self.headers_started = now
         if ex.close_after or self.closed:
-            self.close()
+            # Unread request bytes may still arrive: drain them briefly so
+            # the reply is not destroyed by a reset.
+            self.close(linger=not ex.request_complete or self.pending_error is not None)
             return
         if self.pending_error is not None and not self.pipeline:
-            self._protocol_error()
+            self._send_error()
             return
         self._advance()
+        if self.current is None and (self.peer_eof or self.draining) and not self.pipeline:
+            self.close()
 
     def become_tunnel(self, upconn: UpstreamConnection, ex: Exchange) -> None:
         """After a 101: bytes flow raw in both directions until either side closes."""
@@ -325,7 +422,10 @@ class DownstreamConnection:
                     nxt.request_complete = False
                     nxt.on_request_complete()  # starts it
                 elif nxt.has_body:
-                    nxt.start()
+                    if self.feeding:
+                        self.deferred = nxt  # its body may still turn out malformed in this read
+                    else:
+                        nxt.start()
             if not self.pipeline:
                 self._unblock(BLOCK_PIPELINE)
         finally:
@@ -361,29 +461,65 @@ class DownstreamConnection:
             t.resume_reading()
 
     def _protocol_error(self) -> None:
-        """Reply to a malformed request (after any in-flight response) and close."""
-        self.worker.stats.downstream_rq_rejected += 1
-        if self.current is not None and not self.current.response_started:
-            # Nothing answered yet for the request being parsed: answer it now.
-            ex = self.current
-            self.current = None
-            ex.finished = True
-            ex.close_after = True
-        elif self.current is not None:
+        """A request is malformed or over a limit (``pending_error``, else
+        400): count it, then reply (after any in-flight response) and close."""
+        if self.closed or isinstance(self.tunnel, _Discard) or self.transport.is_closing():
+            return
+        status, body = self.pending_error or (400, b"Bad Request")
+        self.pending_error = (status, body)
+        self.headers_started = 0.0
+        self.deferred = None
+        self.worker.stats.reject(status)
+        bad = self.parsing  # an exchange whose body was being received, if any
+        self.parsing = None
+        if bad is not None and bad is self.current:
+            self.pipeline.clear()
+            bad.reject(status, body, counted=True)  # its exchange_done() closes
+            return
+        if bad is not None:
+            # A queued pipelined request: it never started, drop it.
+            try:
+                self.pipeline.remove(bad)
+            except ValueError:
+                pass
+        if self.current is not None:
             self._block(BLOCK_PIPELINE)
-            return  # exchange_done() will come back here
+            return  # exchange_done() calls _send_error()
+        self._send_error()
+
+    def _send_error(self) -> None:
         status, body = self.pending_error or (400, b"Bad Request")
         self.pipeline.clear()
         self.write(simple_response(status, body))
-        self.close()
+        self.close(linger=True)
 
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.close()
+    def close(self, linger: bool = False) -> None:
+        """Close the connection. ``linger``: unread request bytes may follow
+        (a refused or partly read request): stop writing now, but keep
+        reading and discarding for up to a second (or 8 MiB) so the client
+        reads the reply instead of a reset."""
+        if self.closed or self.transport is None:
+            return
+        t = self.transport
+        if not linger or self.tunnel is not None:
+            t.close()
+            return
+        self.tunnel = _Discard(self)
+        self.current = None
+        self.pipeline.clear()
+        self.read_block = 0
+        self._update_reading()
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            t.close()
+            return
+        self.worker.loop.call_later(LINGER_SECONDS, self.tunnel.close)
 
-    def start_drain(self) -> None:
-        """Graceful drain: the next response carries Connection: close; an
-        idle keep-alive connection is closed now."""
+    def start_drain(self, close_idle: bool = True) -> None:
+        """Graceful drain: the next response carries Connection: close and
+        the connection closes after it; an idle keep-alive connection is
+        closed now when ``close_idle``."""
         self.draining = True
-        if self.current is None and not self.pipeline:
+        if close_idle and self.current is None and not self.pipeline and self.tunnel is None:
             self.close()

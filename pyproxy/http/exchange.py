@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
@@ -61,6 +62,12 @@ _FLAG_ORDER = {f: i for i, f in enumerate(
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+_VERSIONS = frozenset({"1.0", "1.1"})
+# RFC 3986 authority characters (what Envoy's authority check admits); a
+# Host with anything else (space, "/", "?", "#", quotes, ...) is refused.
+# Userinfo ("user@host") is refused too (RFC 9110 4.2.4).
+_BAD_AUTHORITY = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:%\[\]]").search
+
 
 class Exchange:
     __slots__ = (
@@ -88,6 +95,10 @@ class Exchange:
         # telemetry: the endpoint of the last attempt, the peer's identity
         # (metadata exchange), the current attempt's response status
         "upstream_host", "peer", "attempt_status",
+        # stream idle timeout (the worker's sweep): progress seen last, and since when
+        "idle_mark", "idle_since",
+        # a defect found while indexing the headers (refused in _validate)
+        "malformed",
     )
 
     def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
@@ -152,6 +163,9 @@ class Exchange:
         self.upstream_host: ClusterEndpoint | None = None
         self.peer: Any = None
         self.attempt_status = 0
+        self.idle_mark = -1
+        self.idle_since = 0.0
+        self.malformed: bytes | None = None
         self._query_params: dict[str, str] | None = None
 
         # Header map for matching: last value wins, duplicates joined with
@@ -163,6 +177,8 @@ class Exchange:
             for name, value in headers:
                 prev = hdict.get(name)
                 hdict[name] = value if prev is None else prev + b"," + value
+            if sum(1 for n, _ in headers if n == b"host") > 1:
+                self.malformed = b"multiple host headers"  # RFC 9112 3.2: 400
         self.hdict = hdict
         self.request_id = hdict.get(b"x-request-id") or b""
 
@@ -207,10 +223,8 @@ class Exchange:
             hostname, _, portpart = host.partition(b":")
         self.host = hostname.lower()
         if portpart:
-            try:
-                self.port = int(portpart)
-            except ValueError:
-                self.port = -1
+            # Digits only: int() would also take "+80", " 80" and "8_0".
+            self.port = int(portpart) if portpart.isdigit() else -1
 
     # ------------------------------------------------------------------
     # helpers used by matchers and balancers
@@ -268,8 +282,7 @@ class Exchange:
             obs.on_request_start(self)
         bad = self._validate()
         if bad is not None:
-            self.close_after = True
-            self.send_local_reply(bad[0], bad[1], flag=errors.DOWNSTREAM_PROTOCOL_ERROR)
+            self.reject(bad[0], bad[1])
             return
         if not self.request_id:
             self.request_id = new_request_id()
@@ -326,7 +339,12 @@ class Exchange:
         return vh.effective_port(port if port > 0 and port != self.conn.listen_port else None)
 
     def _validate(self) -> tuple[int, bytes] | None:
-        """RFC 9112 checks the parser leaves to us. (status, body) or None."""
+        """RFC 9112 checks llhttp leaves to us (it already refuses bad
+        syntax, CL + TE, several CLs, bad chunking). (status, body) or None."""
+        if self.malformed is not None:
+            return 400, self.malformed
+        if self.version not in _VERSIONS:
+            return 400, b"unsupported HTTP version"
         if self.content_length == -2:
             return 400, b"invalid content-length"
         if self.chunked_in:
@@ -334,16 +352,63 @@ class Exchange:
                 return 400, b"both content-length and transfer-encoding"
             if self.hdict[b"transfer-encoding"].strip().lower() != b"chunked":
                 return 400, b"unsupported transfer-encoding"
+            if self.version == "1.0":
+                # RFC 9112 6.1: framing of an HTTP/1.0 message with
+                # Transfer-Encoding is faulty.
+                return 400, b"transfer-encoding in an HTTP/1.0 request"
+        limit = self.worker.limits.max_request_body
+        if limit and self.content_length > limit:
+            return 413, b"Payload Too Large"
         if self.method == b"CONNECT":
             return 501, b"CONNECT is not supported"
         if self.version == "1.1" and not self.authority:
             return 400, b"missing host"
-        if self.port < 0:
+        if self.port < 0 or self.port > 65535:
             return 400, b"invalid port in authority"
-        if self.target[:1] != b"/" and not self.target[:7].lower() == b"http://":
-            if not (self.target == b"*" and self.method == b"OPTIONS"):
+        if _BAD_AUTHORITY(self.authority) is not None:
+            return 400, b"invalid host"
+        target = self.target
+        if target[:1] != b"/" and not target[:7].lower() == b"http://":
+            if not (target == b"*" and self.method == b"OPTIONS"):
                 return 400, b"invalid request target"
+        if b"#" in target:
+            return 400, b"fragment in request target"
         return None
+
+    def reject(self, status: int, body: bytes, counted: bool = False) -> None:
+        """Refuse this request (malformed, or over a limit): answer with
+        ``Connection: close`` and close. Nothing more goes upstream: an
+        attempt already under way is abandoned and its connection discarded;
+        if the response had already started, the connection is reset."""
+        if self.finished:
+            return
+        if not counted:
+            self.worker.stats.reject(status)
+        if not self.started:
+            self.started = True
+            obs = self.worker.observer
+            if obs is not None:
+                obs.on_request_start(self)
+        self.close_after = True
+        # Envoy marks codec-level refusals DPE; its 413 (buffer limit) has no flag.
+        self.send_local_reply(status, body, flag=None if status == 413 else errors.DOWNSTREAM_PROTOCOL_ERROR)
+
+    def on_stream_idle_timeout(self) -> None:
+        """Nothing moved either way for ``--stream-idle-timeout`` (Envoy's
+        stream_idle_timeout, checked by the worker's sweep): 504 when the
+        request was complete (the upstream never answered), 408 when the
+        client stalled mid-request (Envoy's codes), a reset when the
+        response had started. Flag SI."""
+        if self.finished:
+            return
+        self.worker.stats.downstream_rq_idle_timeout += 1
+        self.flags.append(errors.STREAM_IDLE_TIMEOUT)
+        if self.response_started:
+            self._fail_downstream()
+        elif self.request_complete:
+            self.send_reply(errors.SI_504, flag_already=True)
+        else:
+            self.send_reply(errors.SI_408, flag_already=True)
 
     def _after_delay(self) -> None:
         self.retry_timer = None
@@ -905,8 +970,9 @@ class Exchange:
             cluster.stats.upstream_rq_rx_reset += 1
         if self.response_started:
             self._end_attempt_counters()
-            self.flags.append(errors.UPSTREAM_CONNECTION_TERMINATION)
-            if self.response_close_delimited:
+            self.flags.append(errors.UPSTREAM_PROTOCOL_ERROR if reason == "protocol_error"
+                              else errors.UPSTREAM_CONNECTION_TERMINATION)
+            if self.response_close_delimited and reason != "protocol_error":
                 # The body legitimately ends at close.
                 self.response_complete = True
                 self._finish()
@@ -964,6 +1030,10 @@ class Exchange:
 
     def on_request_body(self, data: bytes) -> None:
         self.request_bytes += len(data)
+        limit = self.worker.limits.max_request_body
+        if limit and self.request_bytes > limit:
+            self.reject(413, b"Payload Too Large")
+            return
         shadows = self.shadows
         if shadows is not None:
             for shadow in shadows:

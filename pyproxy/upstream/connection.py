@@ -5,6 +5,14 @@ stream currently attached to it (an object with the ``on_upstream_*``
 methods, see ``UpstreamStream``). A connection serves one request at a time
 (no upstream pipelining, like Envoy) and goes back to its endpoint's pool only
 when a response was read completely and both sides agreed to keep it alive.
+
+Responses get the same strictness as requests (README "Security"): llhttp
+refuses malformed syntax and ambiguous framing; on top of that a response
+with an HTTP version other than 1.0/1.1, a status outside 100-599, a
+Transfer-Encoding other than a single ``chunked``, more than 100 headers or
+a header section over 60 KiB (Envoy's defaults) is a protocol error: the
+stream is reset with ``protocol_error`` (502 UPE, or a closed client
+connection if the response had started) and the connection discarded.
 """
 
 from __future__ import annotations
@@ -17,6 +25,15 @@ import httptools
 
 if TYPE_CHECKING:
     from .cluster import ClusterEndpoint
+
+# Envoy's max_response_headers_count / max_response_headers_kb defaults.
+MAX_RESPONSE_HEADERS = 100
+MAX_RESPONSE_HEADER_BYTES = 60 << 10
+_VERSIONS = frozenset({"1.1", "1.0"})
+
+
+class InvalidResponse(Exception):
+    """Raised inside a parser callback: the response is refused."""
 
 
 class UpstreamStream(Protocol):
@@ -49,6 +66,9 @@ class UpstreamConnection(asyncio.Protocol):
         "created",
         "head_request",
         "close_delimited",
+        "in_head",
+        "head_bytes",
+        "header_bytes",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -70,6 +90,9 @@ class UpstreamConnection(asyncio.Protocol):
         # The current response has neither Content-Length nor chunked framing:
         # its body ends when the upstream closes the connection.
         self.close_delimited = False
+        self.in_head = False  # a response head is being received
+        self.head_bytes = 0  # its bytes after the read that began it (bounded)
+        self.header_bytes = 0  # its header names and values (bounded)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -93,6 +116,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.bytes_received += len(data)
+        if self.in_head:
+            # httptools buffers a header until it is complete: bound the
+            # head by bytes received.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
+                self._protocol_error(stream)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -101,12 +131,24 @@ class UpstreamConnection(asyncio.Protocol):
             if self.stream is not None:
                 self.stream.on_upstream_upgrade(self, rest)
         except httptools.HttpParserError:
-            self.reusable = False
-            if self.stream is not None:
-                s = self.stream
-                self.stream = None
+            self._protocol_error(stream)
+
+    def _protocol_error(self, fed: UpstreamStream) -> None:
+        """The bytes from the upstream are not a valid response: reset the
+        stream and discard the connection. ``fed`` is the stream attached
+        when the read began: if the pool handed the connection to another
+        request meanwhile (junk after a complete response), that request
+        never got a byte back and sees a plain connection reset."""
+        self.reusable = False
+        s = self.stream
+        if s is not None:
+            self.stream = None
+            if s is fed:
                 s.on_upstream_reset(self, "protocol_error")
-            self.close()
+            else:
+                self.bytes_received = 0
+                s.on_upstream_reset(self, "connection_termination")
+        self.close()
 
     def eof_received(self) -> bool | None:
         # httptools has no "finish" call: a close-delimited body ends at EOF,
@@ -143,12 +185,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
+        self.in_head = True
+        self.head_bytes = 0
+        self.header_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        headers = self.headers
+        self.header_bytes += len(name) + len(value) + 4
+        if len(headers) >= MAX_RESPONSE_HEADERS or self.header_bytes > MAX_RESPONSE_HEADER_BYTES:
+            raise InvalidResponse("header section too large")
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        self.in_head = False
+        parser = self.parser
+        status = parser.get_status_code()
+        if not 100 <= status <= 599 or parser.get_http_version() not in _VERSIONS:
+            raise InvalidResponse("status or version")
         if 100 <= status < 200 and status != 101:
             # 100 Continue / 103 Early Hints: the proxy answers Expect itself
             # and does not forward interim responses (Envoy's default).
@@ -158,15 +211,19 @@ class UpstreamConnection(asyncio.Protocol):
         if not keep_alive:
             self.reusable = False
         self.close_delimited = False
-        if status != 204 and status != 304 and not self.head_request:
-            framed = False
-            for name, _ in self.headers:
-                if name == b"content-length" or name == b"transfer-encoding":
-                    framed = True
-                    break
-            if not framed:
-                self.close_delimited = True
-                self.reusable = False
+        framed = False
+        for name, value in self.headers:
+            if name == b"content-length":
+                framed = True
+            elif name == b"transfer-encoding":
+                # Only a single "chunked" can be passed on (pyproxy re-frames
+                # bodies); anything else would change the body's meaning.
+                if framed == 2 or value.strip().lower() != b"chunked":
+                    raise InvalidResponse("transfer-encoding")
+                framed = 2
+        if not framed and status != 204 and status != 304 and not self.head_request:
+            self.close_delimited = True
+            self.reusable = False
         stream = self.stream
         if stream is not None:
             stream.on_upstream_headers(self, status, self.headers, keep_alive)
