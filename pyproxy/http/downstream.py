@@ -147,7 +147,7 @@ class DownstreamConnection:
         "read_block", "reading_paused", "write_paused", "closed", "draining", "peer_ip",
         "peer_ip_bytes", "original_dst", "tunnel", "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
-        "limits", "head_bytes", "deferred", "peer_eof", "feeding",
+        "limits", "head_bytes", "deferred", "feeding",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -183,7 +183,6 @@ class DownstreamConnection:
         self.limits = self.worker.limits
         self.head_bytes = 0  # bytes of a request head received after the read that began it
         self.deferred: Exchange | None = None  # headers parsed, start after this read
-        self.peer_eof = False  # the client shut down writing: close once answered
         self.feeding = False  # inside parser.feed_data()
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -252,18 +251,11 @@ class DownstreamConnection:
                 ex.start()
 
     def eof_received(self) -> bool:
-        # Half-close from the client (a client may shut down writing after
-        # its request): answer what was received completely, then close. A
-        # request still being received can never complete: close now (the
-        # in-flight exchange sees the client gone).
-        current = self.current
-        if current is None or self.tunnel is not None:
-            return False
-        parsing = self.parsing
-        if parsing is not None and not parsing.request_complete:
-            return False
-        self.peer_eof = True
-        return True
+        # The client shut down its side: as Envoy's HTTP connection manager
+        # (no half-close), that is the client going away. Closing cancels an
+        # in-flight request (flag DC) instead of waiting on an upstream for
+        # a client that may be gone.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -387,7 +379,7 @@ class DownstreamConnection:
             self._send_error()
             return
         self._advance()
-        if self.current is None and (self.peer_eof or self.draining) and not self.pipeline:
+        if self.current is None and self.draining and not self.pipeline:
             self.close()
 
     def become_tunnel(self, upconn: UpstreamConnection, ex: Exchange) -> None:

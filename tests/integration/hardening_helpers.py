@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -26,10 +28,12 @@ class RecordingUpstream:
     """A minimal HTTP/1.1 server that records every byte per connection.
 
     Each request (Content-Length or chunked body) is answered by
-    ``respond(head) -> bytes | None`` (None: stall until the proxy closes).
-    The default answer is ``200 ok`` with keep-alive."""
+    ``respond(head)``: bytes (keep the connection), None (stall until the
+    proxy closes), or ``(bytes, "close")`` / ``(bytes, "reset")`` (send,
+    then close, or abort with a TCP reset). The default answer is
+    ``200 ok`` with keep-alive."""
 
-    def __init__(self, respond: Callable[[bytes], Awaitable[bytes | None]] | None = None) -> None:
+    def __init__(self, respond: Callable[[bytes], Awaitable[Any]] | None = None) -> None:
         self.respond = respond or self.ok
         self.conns: list[UpConn] = []
         self.port = 0
@@ -79,8 +83,18 @@ class RecordingUpstream:
                             break
                         conn.received += more
                     break
+                after = ""
+                if isinstance(answer, tuple):
+                    answer, after = answer
                 writer.write(answer)
                 await writer.drain()
+                if after == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    break
+                if after == "close":
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
