@@ -162,6 +162,9 @@ def _header_name_ok(rep: Report, path: str, name: str, *, request: bool, modify:
     if lowered == "host":
         rep.error(path, "the Host header cannot be modified here (use rewrite.authority)")
         return False
+    if not HEADER_NAME.fullmatch(name):
+        rep.error(path, f"{name!r} is not a valid header name")
+        return False
     return True
 
 

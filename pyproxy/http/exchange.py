@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..errors import STATUS_LINES, LocalReply
+from ..observability.peer import PEER_METADATA, UNKNOWN_PEER, decode_peer
 from ..routing.table import DIRECT_RESPONSE, REDIRECT, ROUTE
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
 from .headers import (
     HOP_BY_HOP,
     HTTP_DATE,
+    INBOUND_EXTERNAL_DROP,
     LAST_CHUNK,
     REQUEST_DROP,
     RESPONSE_DROP,
@@ -521,8 +523,11 @@ class Exchange:
         append = parts.append
         xff = None
         xfp = False
+        drop = REQUEST_DROP
+        if self.direction == INBOUND and not self._from_sidecar():
+            drop = INBOUND_EXTERNAL_DROP
         for name, value in headers:
-            if name in REQUEST_DROP:
+            if name in drop:
                 if upgrade and name in (b"upgrade", b"connection"):
                     append(name + b": " + value + b"\r\n")
                 continue
@@ -544,6 +549,18 @@ class Exchange:
             append(b"content-length: " + str(self.content_length).encode() + b"\r\n")
         self.upstream_head = b"".join(parts)
         self.upstream_path = path
+
+    def _from_sidecar(self) -> bool:
+        """Inbound: did the caller send valid peer metadata (a sidecar)?
+        Unauthenticated, as Istio's plaintext metadata exchange; it only
+        decides whether Envoy control headers are stripped."""
+        peer = self.peer
+        if peer is None:
+            raw = self.hdict.get(PEER_METADATA)
+            if raw is None:
+                return False
+            peer = decode_peer(raw)  # no telemetry observer decoded it
+        return peer is not None and peer is not UNKNOWN_PEER
 
     # ------------------------------------------------------------------
     # timers

@@ -34,6 +34,44 @@ REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-envoy-at
 # chain of proxies reports one value, this hop's.
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-envoy-upstream-service-time"}
 
+# Envoy's control headers: they change how an Envoy routes, retries, times
+# out or injects faults, or claim an internal origin. pyproxy honours none of
+# them. Envoy sanitizes them from external requests; pyproxy strips them from
+# inbound requests whose caller is not a sidecar (no valid peer metadata),
+# so they never reach the application (or an Envoy behind it) from outside
+# the mesh. Outbound, the application's own copies pass through: the
+# destination's proxy decides.
+CONTROL_HEADERS = frozenset(
+    {
+        b"x-envoy-retry-on",
+        b"x-envoy-retry-grpc-on",
+        b"x-envoy-max-retries",
+        b"x-envoy-retriable-status-codes",
+        b"x-envoy-retriable-header-names",
+        b"x-envoy-hedge-on-per-try-timeout",
+        b"x-envoy-upstream-rq-timeout-ms",
+        b"x-envoy-upstream-rq-per-try-timeout-ms",
+        b"x-envoy-upstream-rq-timeout-alt-response",
+        b"x-envoy-upstream-alt-stat-name",
+        b"x-envoy-upstream-stream-duration-ms",
+        b"x-envoy-fault-abort-request",
+        b"x-envoy-fault-abort-grpc-request",
+        b"x-envoy-fault-abort-request-percentage",
+        b"x-envoy-fault-delay-request",
+        b"x-envoy-fault-delay-request-percentage",
+        b"x-envoy-fault-throughput-response",
+        b"x-envoy-fault-throughput-response-percentage",
+        b"x-envoy-internal",
+        b"x-envoy-force-trace",
+        b"x-envoy-ip-tags",
+        b"x-envoy-external-address",
+        b"x-envoy-downstream-service-cluster",
+        b"x-envoy-downstream-service-node",
+        b"x-envoy-decorator-operation",
+    }
+)
+INBOUND_EXTERNAL_DROP = REQUEST_DROP | CONTROL_HEADERS
+
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """Header names listed in a Connection header (they are hop-by-hop too)."""

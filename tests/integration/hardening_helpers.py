@@ -175,3 +175,26 @@ def access_log_lines(path: Any, timeout: float = 5.0, at_least: int = 1) -> list
             return lines
         time.sleep(0.05)
     return lines
+
+
+class ThreadedUpstream:
+    """A ``RecordingUpstream`` on its own event loop in a thread, for
+    synchronous tests (hypothesis drives plain functions)."""
+
+    def __init__(self, respond: Callable[[bytes], Awaitable[Any]] | None = None) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.upstream = RecordingUpstream(respond)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> RecordingUpstream:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.upstream.__aenter__(), self.loop).result(10)
+        return self.upstream
+
+    def __exit__(self, *exc: Any) -> None:
+        asyncio.run_coroutine_threadsafe(self.upstream.__aexit__(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
