@@ -69,6 +69,18 @@ _VERSIONS = frozenset({"1.0", "1.1"})
 # Host with anything else (space, "/", "?", "#", quotes, ...) is refused.
 # Userinfo ("user@host") is refused too (RFC 9110 4.2.4).
 _BAD_AUTHORITY = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:%\[\]]").search
+# Authorities already found valid: a set lookup instead of a regex search
+# per request (bounded: cleared when full).
+_GOOD_AUTHORITIES: set[bytes] = set()
+
+
+def _authority_ok(authority: bytes) -> bool:
+    if _BAD_AUTHORITY(authority) is not None:
+        return False
+    if len(_GOOD_AUTHORITIES) >= 4096:
+        _GOOD_AUTHORITIES.clear()
+    _GOOD_AUTHORITIES.add(authority)
+    return True
 
 
 class Exchange:
@@ -367,7 +379,7 @@ class Exchange:
             return 400, b"missing host"
         if self.port < 0 or self.port > 65535:
             return 400, b"invalid port in authority"
-        if _BAD_AUTHORITY(self.authority) is not None:
+        if self.authority not in _GOOD_AUTHORITIES and not _authority_ok(self.authority):
             return 400, b"invalid host"
         target = self.target
         if target[:1] != b"/" and not target[:7].lower() == b"http://":

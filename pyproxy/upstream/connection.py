@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # Envoy's max_response_headers_count / max_response_headers_kb defaults.
 MAX_RESPONSE_HEADERS = 100
 MAX_RESPONSE_HEADER_BYTES = 60 << 10
-_VERSIONS = frozenset({"1.1", "1.0"})
 
 
 class InvalidResponse(Exception):
@@ -68,7 +67,6 @@ class UpstreamConnection(asyncio.Protocol):
         "close_delimited",
         "in_head",
         "head_bytes",
-        "header_bytes",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -92,7 +90,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delimited = False
         self.in_head = False  # a response head is being received
         self.head_bytes = 0  # its bytes after the read that began it (bounded)
-        self.header_bytes = 0  # its header names and values (bounded)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -114,6 +111,12 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from an idle connection cannot belong to any request: the
             # connection is out of sync, so it must never be reused.
             self.close()
+            return
+        if not self.bytes_received and data[:7] != b"HTTP/1."[:len(data)]:
+            # The first bytes of a response: HTTP/1.0 or 1.1 only (llhttp
+            # also takes "HTTP/2.0" and "HTTP/0.9" status lines). Checked
+            # here, once per response, as get_http_version() is costly.
+            self._protocol_error(stream)
             return
         self.bytes_received += len(data)
         if self.in_head:
@@ -187,21 +190,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.in_head = True
         self.head_bytes = 0
-        self.header_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        self.header_bytes += len(name) + len(value) + 4
-        if len(headers) >= MAX_RESPONSE_HEADERS or self.header_bytes > MAX_RESPONSE_HEADER_BYTES:
-            raise InvalidResponse("header section too large")
-        headers.append((name.lower(), value))
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        parser = self.parser
-        status = parser.get_status_code()
-        if not 100 <= status <= 599 or parser.get_http_version() not in _VERSIONS:
-            raise InvalidResponse("status or version")
+        headers = self.headers
+        if len(headers) > MAX_RESPONSE_HEADERS or (
+                self.bytes_received > MAX_RESPONSE_HEADER_BYTES
+                and sum(len(n) + len(v) + 4 for n, v in headers) > MAX_RESPONSE_HEADER_BYTES):
+            # (A head read in one piece is bounded by the read size; a
+            # longer one is cut off by data_received as it arrives.)
+            raise InvalidResponse("header section too large")
+        status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise InvalidResponse("status")
         if 100 <= status < 200 and status != 101:
             # 100 Continue / 103 Early Hints: the proxy answers Expect itself
             # and does not forward interim responses (Envoy's default).
