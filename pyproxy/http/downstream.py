@@ -147,7 +147,7 @@ class DownstreamConnection:
         "read_block", "reading_paused", "write_paused", "closed", "draining", "peer_ip",
         "peer_ip_bytes", "original_dst", "tunnel", "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
-        "limits", "head_bytes", "deferred", "feeding",
+        "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -184,6 +184,11 @@ class DownstreamConnection:
         self.head_bytes = 0  # bytes of a request head received after the read that began it
         self.deferred: Exchange | None = None  # headers parsed, start after this read
         self.feeding = False  # inside parser.feed_data()
+        # A chunk-size line was parsed and its chunk is not complete; the
+        # request's body byte count at that moment. A read that delivers no
+        # body while a chunk is open went into trailer fields (bounded).
+        self.chunk_open = False
+        self.chunk_mark = 0
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -219,6 +224,7 @@ class DownstreamConnection:
                 self.pending_error = (431, b"Request Header Fields Too Large")
                 self._protocol_error()
                 return
+        watch_trailers = self.chunk_open
         self.feeding = True
         try:
             self.parser.feed_data(data)
@@ -243,6 +249,18 @@ class DownstreamConnection:
             return
         finally:
             self.feeding = False
+        if watch_trailers:
+            # httptools buffers a trailer field until it is complete, like a
+            # header: bound the reads that go into trailers.
+            ex = self.parsing
+            if self.chunk_open and ex is not None and ex.request_bytes == self.chunk_mark:
+                self.head_bytes += len(data)
+                if self.head_bytes > self.limits.max_header_bytes:
+                    self.pending_error = (431, b"Request Header Fields Too Large")
+                    self._protocol_error()
+                    return
+            else:
+                self.head_bytes = 0
         ex = self.deferred
         if ex is not None:
             # The whole read parsed cleanly: now the request may go upstream.
@@ -318,6 +336,10 @@ class DownstreamConnection:
         parser = self.parser
         ex = Exchange(self, parser.get_method(), self.url, self.headers, parser.get_http_version(),
                       parser.should_keep_alive(), parser.should_upgrade())
+        # Trailer fields of a chunked body also come through on_header: they
+        # go to a list nobody reads (still counted against the limits), never
+        # into the request's headers (RFC 9110 6.5.1; Envoy drops them too).
+        self.headers = []
         self.requests += 1
         self.parsing = ex
         if self.current is None:
@@ -334,6 +356,14 @@ class DownstreamConnection:
         ex = self.parsing
         if ex is not None and not ex.finished:
             ex.on_request_body(body)
+
+    def on_chunk_header(self) -> None:
+        ex = self.parsing
+        self.chunk_open = True
+        self.chunk_mark = ex.request_bytes if ex is not None else 0
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_open = False
 
     def on_message_complete(self) -> None:
         ex = self.parsing

@@ -67,6 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
         "close_delimited",
         "in_head",
         "head_bytes",
+        "chunk_open",
+        "chunk_data",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -90,6 +92,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delimited = False
         self.in_head = False  # a response head is being received
         self.head_bytes = 0  # its bytes after the read that began it (bounded)
+        # A chunk is open (size line parsed, not complete) / body arrived
+        # since: a read that adds no body to an open chunk went into trailer
+        # fields, which httptools buffers like headers (bounded too).
+        self.chunk_open = False
+        self.chunk_data = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -126,6 +133,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
                 self._protocol_error(stream)
                 return
+        watch_trailers = self.chunk_open
+        self.chunk_data = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -133,8 +142,17 @@ class UpstreamConnection(asyncio.Protocol):
             rest = data[offset:]
             if self.stream is not None:
                 self.stream.on_upstream_upgrade(self, rest)
+            return
         except httptools.HttpParserError:
             self._protocol_error(stream)
+            return
+        if watch_trailers:
+            if self.chunk_open and not self.chunk_data:
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
+                    self._protocol_error(stream)
+            else:
+                self.head_bytes = 0
 
     def _protocol_error(self, fed: UpstreamStream) -> None:
         """The bytes from the upstream are not a valid response: reset the
@@ -190,6 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.in_head = True
         self.head_bytes = 0
+        self.chunk_open = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
@@ -240,8 +259,15 @@ class UpstreamConnection(asyncio.Protocol):
                 stream.on_upstream_complete(self)
 
     def on_body(self, body: bytes) -> None:
+        self.chunk_data = True
         if body and self.stream is not None:
             self.stream.on_upstream_body(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_open = True
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_open = False
 
     def on_message_complete(self) -> None:
         if self.skip_informational:

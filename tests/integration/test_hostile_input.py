@@ -209,6 +209,32 @@ async def test_huge_single_header_is_cut_off_without_buffering_it() -> None:
     assert up.total_requests == 1  # only the valid request after it
 
 
+async def test_huge_trailer_is_cut_off_without_buffering_it() -> None:
+    async with RecordingUpstream() as up:
+        with running_proxy(service_entry("svc", [(up.port, {})])) as px:
+            rss_before = rss_bytes(px.process.pid)
+            reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+            answer_task = asyncio.ensure_future(reader.read(65536))
+            writer.write(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+            sent = 0
+            try:
+                for _ in range(400):
+                    if answer_task.done():
+                        break
+                    writer.write(b"v" * (64 << 10))
+                    await writer.drain()
+                    sent += 64 << 10
+                    await asyncio.sleep(0)
+            except ConnectionError:
+                pass
+            answer = await asyncio.wait_for(answer_task, 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+            assert sent < 8 << 20, f"the proxy read {sent >> 20} MiB of one trailer before refusing it"
+            assert rss_bytes(px.process.pid) - rss_before < 16 << 20
+            await _valid_request_works(px.outbound)
+
+
 async def test_invalid_chunk_after_the_head_was_forwarded_aborts_the_upstream_request() -> None:
     """A streamed body turns out malformed after the head went upstream:
     the client gets 400, the upstream request is abandoned (its connection
@@ -271,6 +297,17 @@ async def test_body_at_the_limit_is_forwarded() -> None:
     assert up.total_requests == 2
 
 
+async def test_request_trailers_never_become_headers() -> None:
+    async with RecordingUpstream() as up:
+        with running_proxy(service_entry("svc", [(up.port, {})])) as px:
+            data = await raw_request(px.outbound, b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+                                     b"3\r\nabc\r\n0\r\nX-Trailer-Injected: evil\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200")
+    sent = bytes(up.conns[0].received).lower()
+    assert b"x-trailer-injected" not in sent and b"6.6.6.6" not in sent, sent
+    assert sent.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+
+
 async def test_pipelined_request_after_a_malformed_one_is_not_forwarded() -> None:
     """A valid request followed, in the same packet, by a malformed one: the
     first is answered, then 400 and close; nothing after the bad bytes runs."""
@@ -309,6 +346,7 @@ BAD_RESPONSES: list[tuple[str, bytes]] = [
      + b"content-length: 2\r\n\r\nok"),
     ("header section over 60 KiB", b"HTTP/1.1 200 OK\r\nx-big: " + b"v" * (61 << 10)
      + b"\r\ncontent-length: 2\r\n\r\nok"),
+    ("one 4 MiB header", b"HTTP/1.1 200 OK\r\nx-big: " + b"v" * (4 << 20) + b"\r\ncontent-length: 2\r\n\r\nok"),
 ]
 
 
@@ -361,6 +399,28 @@ async def test_invalid_body_after_the_head_closes_the_client_connection_with_upe
             assert b"bad" not in data
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
             lines = access_log_lines(log)
+    assert " 200 UPE " in lines[-1], lines
+
+
+async def test_huge_response_trailer_is_cut_off(tmp_path) -> None:
+    log = tmp_path / "access.log"
+
+    async def respond(head: bytes) -> bytes | None:
+        return (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: "
+                + b"v" * (8 << 20) + b"\r\n\r\n")
+
+    async with RecordingUpstream(respond) as up:
+        with running_proxy(service_entry("svc", [(up.port, {})]), args=["--access-log", str(log)]) as px:
+            rss_before = rss_bytes(px.process.pid)
+            reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+            writer.write(VALID)
+            data, closed = await read_until_close(reader, 10)
+            writer.close()
+            assert rss_bytes(px.process.pid) - rss_before < 16 << 20
+            await asyncio.wait_for(up.conns[0].closed.wait(), 5)
+            lines = access_log_lines(log)
+    assert data.startswith(b"HTTP/1.1 200") and closed
+    assert not data.endswith(b"0\r\n\r\n")
     assert " 200 UPE " in lines[-1], lines
 
 
