@@ -126,8 +126,8 @@ class ChaosUpstream:
                         await asyncio.sleep(0.1)
                         writer.write(body[i * len(body) // 4:(i + 1) * len(body) // 4])
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError, RuntimeError):
+            pass  # (RuntimeError: uvloop refuses writes once the proxy closed the connection)
         finally:
             self.open -= 1
             writer.close()

@@ -1061,7 +1061,14 @@ class Exchange:
         self.request_bytes += len(data)
         limit = self.worker.limits.max_request_body
         if limit and self.request_bytes > limit:
-            self.reject(413, b"Payload Too Large")
+            conn = self.conn
+            if conn.current is self:
+                self.reject(413, b"Payload Too Large")
+            else:
+                # A pipelined request queued behind the one in flight: it
+                # is refused (in order) once that one is answered.
+                conn.pending_error = (413, b"Payload Too Large")
+                conn._protocol_error()
             return
         shadows = self.shadows
         if shadows is not None:

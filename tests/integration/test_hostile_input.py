@@ -284,6 +284,23 @@ async def test_chunked_body_over_the_limit_after_forwarding_started_gets_413() -
             assert stats["downstream_rq_rejected_413"] == 1
 
 
+async def test_pipelined_body_over_the_limit_is_refused_in_order() -> None:
+    async def slow(head: bytes) -> bytes:
+        await asyncio.sleep(0.3)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async with RecordingUpstream(slow) as up:
+        cfg = service_entry("svc", [(up.port, {})])
+        with running_proxy(cfg, args=["--max-request-body", "1000"]) as px:
+            raw = VALID + b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1500\r\n\r\n" + b"x" * 1500
+            data = await raw_request(px.outbound, raw, until_close=True)
+    # The first response complete and first, then the 413.
+    assert data.startswith(b"HTTP/1.1 200 OK"), data
+    first_end = data.index(b"\r\n\r\nok") + 6
+    assert data[first_end:].startswith(b"HTTP/1.1 413"), data
+    assert up.total_requests == 1
+
+
 async def test_body_at_the_limit_is_forwarded() -> None:
     async with RecordingUpstream() as up:
         cfg = service_entry("svc", [(up.port, {})])
