@@ -337,7 +337,6 @@ def stats(admin_url: str) -> dict[str, int]:
 # -- the run ---------------------------------------------------------------------------------
 
 async def soak(seconds: float, clients: int, reload_every: float, seed: int, log: bool = True) -> dict[str, Any]:
-    rng = random.Random(seed)
     up = ChaosUpstream(random.Random(seed + 1))
     await up.start(2)
     access_log = Path(os.environ.get("TMPDIR", "/tmp")) / f"pyproxy-soak-{os.getpid()}.log"

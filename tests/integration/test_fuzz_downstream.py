@@ -70,8 +70,10 @@ def request(draw: st.DrawFn) -> bytes:
     head = method + b" " + target + b" " + version + b"\r\n"
     headers = [(b"Host", b"app")] if draw(st.integers(0, 4)) else []
     for _ in range(draw(st.sampled_from([0, 0, 1, 2, 5]))):
-        name = draw(often([b"X-Fuzz", b"Accept", b"User-Agent"], st.sampled_from(NAMES) | st.binary(min_size=1, max_size=12)))
-        value = draw(often([b"1", b"text/plain", b"caf\xe9"], st.sampled_from(VALUES) | st.binary(max_size=30)))
+        name = draw(often([b"X-Fuzz", b"Accept", b"User-Agent"],
+                          st.sampled_from(NAMES) | st.binary(min_size=1, max_size=12)))
+        value = draw(often([b"1", b"text/plain", b"caf\xe9"],
+                           st.sampled_from(VALUES) | st.binary(max_size=30)))
         headers.append((name, value))
     body = b""
     framing = draw(st.sampled_from(["none", "cl", "chunked", "both"]))
