@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
@@ -130,7 +131,10 @@ class Exchange:
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.headers = headers
-        self.start_time = self.loop.time()
+        # Measurement times use time.monotonic(): uvloop's loop.time() has
+        # 1 ms granularity and is cached per loop iteration, fine for timers
+        # but not for durations, upstream service time or span timestamps.
+        self.start_time = monotonic()
         self.end_time = 0.0
         self.flags: list[str] = []
         self.finished = False
@@ -656,7 +660,7 @@ class Exchange:
         self.endpoint = ep
         self.attempt_status = 0
         self.tried.append(ep)
-        self.attempt_started = self.loop.time()
+        self.attempt_started = monotonic()
         self.head_sent = False
         ep.active_requests += 1
         result = ep.acquire(self)
@@ -870,7 +874,7 @@ class Exchange:
             # counts it a success whenever no further retry is wanted).
             cluster.stats.upstream_rq_retry_success += 1
             self._release_retry_slot()
-        self.upstream_latency = self.loop.time() - self.attempt_started
+        self.upstream_latency = monotonic() - self.attempt_started
         self.status = status
         if status == 101 and self.upgrade:
             self._commit_response(status, headers, keep_alive=True, upgraded=True)
@@ -1022,7 +1026,7 @@ class Exchange:
             # send the request again on a fresh connection once. Envoy would
             # surface this as 503 UC; see README "Differences from Envoy".
             self.tried.clear()
-            self.attempt_started = self.loop.time()
+            self.attempt_started = monotonic()
             self._attempt()
             return
         self._on_attempt_failed(RESET, reply)
@@ -1205,7 +1209,7 @@ class Exchange:
             # the connection cannot be reused, the rest of the body is unread.
             self.close_after = True
         self.finished = True
-        self.end_time = self.loop.time()
+        self.end_time = monotonic()
         shadows = self.shadows
         if shadows is not None:
             self.shadows = None

@@ -77,21 +77,21 @@ class WallClock:
     """Loop time → Envoy's START_TIME (``2024-05-01T12:00:00.123Z``), with the
     per-second prefix formatted once."""
 
-    __slots__ = ("loop", "offset", "checked", "second", "prefix")
+    __slots__ = ("offset", "checked", "second", "prefix")
 
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.offset = 0.0
         self.checked = -1e9
         self.second = -1
         self.prefix = ""
 
-    def iso(self, loop_time: float) -> str:
-        if loop_time - self.checked > 1.0:
-            # Re-anchor loop (monotonic) time to the wall clock once a second.
-            self.offset = time.time() - self.loop.time()
-            self.checked = loop_time
-        wall = loop_time + self.offset
+    def iso(self, mono: float) -> str:
+        """Wall-clock ISO 8601 for a time.monotonic() reading."""
+        if mono - self.checked > 1.0:
+            # Re-anchor monotonic time to the wall clock once a second.
+            self.offset = time.time() - time.monotonic()
+            self.checked = mono
+        wall = mono + self.offset
         sec = int(wall)
         if sec != self.second:
             self.second = sec
@@ -110,7 +110,7 @@ class AccessLog:
     def __init__(self, target: str, fmt: str, loop: asyncio.AbstractEventLoop) -> None:
         self.target = target
         self.loop = loop
-        self.clock = WallClock(loop)
+        self.clock = WallClock()
         self.format = self.format_json if fmt == "json" else self.format_text
         self.lines: list[str] = []
         self.pending = 0  # bytes handed to the writer, not yet written

@@ -329,7 +329,7 @@ class Tracer:
         if st is None or not st.record:
             return
         att = st.attempts
-        now = ex.loop.time()
+        now = time.monotonic()
         if att is None or att[-1][5] != ex.attempt:
             # This attempt sent nothing (connect failure, overflow, pending
             # cancelled): it still gets a client span.
@@ -354,8 +354,8 @@ class Tracer:
     def _export(self, ex: Exchange, st: TraceState) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
 
-        loop_now = ex.loop.time()
-        off = time.time() - loop_now  # wall clock = loop clock + off
+        loop_now = time.monotonic()
+        off = time.time() - loop_now  # wall clock = monotonic clock + off
         trace_id = int(st.trace_hex, 16)
         flags = TraceFlags(TraceFlags.SAMPLED)
         parent = SpanContext(trace_id, st.parent, True, flags) if st.parent else None
