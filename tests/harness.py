@@ -125,13 +125,32 @@ def start_proxy(
     timeout: float = 15.0,
 ) -> Proxy:
     """Start the proxy with ``config`` (one YAML text, or {filename: text})
-    written into a fresh directory, and wait until /healthz/ready is 200."""
+    written into a fresh directory, and wait until /healthz/ready is 200.
+
+    Ports are picked free by the harness; another process can take one
+    before the proxy binds it, so a start that fails to bind is retried with
+    fresh ports (up to 3 times)."""
     if config_dir is None:
         config_dir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
     if isinstance(config, str):
         config = {"mesh.yaml": config}
     for name, text in (config or {}).items():
         (config_dir / name).write_text(textwrap.dedent(text))
+    for attempt in range(3):
+        try:
+            return _start_once(config_dir, app_port, args, env, wait_ready, timeout)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_once(config_dir: Path, app_port: int | None, args: list[str] | None, env: dict[str, str] | None,
+                wait_ready: bool, timeout: float) -> Proxy:
     ports = {k: free_port() for k in ("outbound", "inbound", "admin", "stats")}
     app = app_port or free_port()
     log_path = config_dir.parent / f"{config_dir.name}.log"
@@ -150,18 +169,29 @@ def start_proxy(
     logf = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
     logf.close()
+    # A test may override a listener in ``args`` (the last flag wins).
+    for flag in ("outbound", "inbound", "admin", "stats"):
+        given = [a for i, a in enumerate(args or []) if i and (args or [])[i - 1] == f"--{flag}"]
+        if given:
+            ports[flag] = int(given[-1].rpartition(":")[2])
     proxy = Proxy(config_dir, ports["outbound"], ports["inbound"], ports["admin"], ports["stats"], app,
                   proc, log_path, args or [])
     if wait_ready:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"proxy exited with {proc.returncode}:\n{proxy.log()}")
+                text = proxy.log()
+                if "address already in use" in text.lower():
+                    raise _PortTaken(text)
+                raise RuntimeError(f"proxy exited with {proc.returncode}:\n{text}")
             try:
-                status, _ = http_get(proxy.stats_url + "/healthz/ready", timeout=1)
-                if status == 200:
-                    break
-            except OSError:
+                status, body = http_get(proxy.admin_url + "/server_info", timeout=1)
+                # Ready, and really this process (not another one that took the port).
+                if status == 200 and json.loads(body).get("pid", proc.pid) == proc.pid:
+                    status, _ = http_get(proxy.stats_url + "/healthz/ready", timeout=1)
+                    if status == 200:
+                        break
+            except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 proxy.stop()

@@ -35,6 +35,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -362,6 +363,7 @@ class AdminServer:
         o = w.options
         info = {
             "version": __version__,
+            "pid": os.getpid(),
             "state": "DRAINING" if w.draining else ("LIVE" if w.ready else "INITIALIZING"),
             "health_check_failed": w.health_failed,
             "uptime_seconds": int(time.time() - w.started_at),

@@ -376,7 +376,7 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
     back to back, get both 200s and immediate 503s with x-envoy-overloaded."""
 
     async def httpbin_get(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)  # a little service time, like httpbin in a pod
+        await asyncio.sleep(0.2)  # service time, long enough to tell "immediate" apart
         return web.json_response({"url": str(request.url)})
 
     async with Upstream("httpbin", handler=httpbin_get) as up:
@@ -384,16 +384,17 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
         with running_proxy(cfg, args=logged("--config", str(CIRCUIT_BREAKER_DR))) as px:
             async def client() -> list[tuple[int, dict[str, str], bytes, float]]:
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                    return [await fetch(s, px, "httpbin:8000", "/get") for _ in range(10)]
+                    return [await fetch(s, px, "httpbin:8000", "/get") for _ in range(8)]
 
             results = [r for rs in await asyncio.gather(*(client() for _ in range(clients))) for r in rs]
             ok = [r for r in results if r[0] == 200]
             over = [r for r in results if r[0] == 503]
-            assert len(ok) + len(over) == 10 * clients
+            assert len(ok) + len(over) == 8 * clients
             assert ok and over, f"{len(ok)} x 200, {len(over)} x 503"
             assert all(h.get("x-envoy-overloaded") == "true" for _, h, _, _ in over)
-            # Immediate: an overflow answer does not wait for the upstream's 50 ms.
-            assert statistics.median(e for *_, e in over) < 0.05
+            # Immediate: an overflow answer does not wait for the upstream's
+            # 200 ms (half of it is a wide margin for a loaded CI machine).
+            assert statistics.median(e for *_, e in over) < 0.1
             # As in the task's `pilot-agent request GET stats | grep pending`.
             assert cluster_stat(px, "httpbin", "upstream_rq_pending_overflow_total", port=8000) == len(over)
             assert sorted(set(flags(px, "httpbin:8000", len(results)))) == ["-", "UO"]
