@@ -721,7 +721,7 @@ class Exchange:
             conn.endpoint.release(conn, True)
             return
         self.upconn = conn
-        conn.attach(self, head_request=self.method == b"HEAD")
+        conn.attach(self, self.method == b"HEAD", self.conn)
         cluster = conn.endpoint.cluster
         stats = cluster.stats
         stats.upstream_rq_total += 1

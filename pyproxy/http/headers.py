@@ -78,15 +78,42 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
-_hex = "0123456789abcdef"
+# Random bytes for request ids, fetched from the OS 4 KiB at a time: one
+# getrandom() per 256 ids instead of one per request (the same randomness;
+# Envoy also draws its UUIDs from a buffered generator). The version and
+# variant bits are set for the whole batch at once. A forked child must not
+# reuse the parent's buffer.
+_RANDOM_BATCH = 4096
+_random = b""
+_random_pos = _RANDOM_BATCH
+
+
+def _refill_random() -> None:
+    global _random, _random_pos
+    b = bytearray(os.urandom(_RANDOM_BATCH))
+    b[6::16] = bytes([(x & 0x0F) | 0x40 for x in b[6::16]])  # version 4
+    b[8::16] = bytes([(x & 0x3F) | 0x80 for x in b[8::16]])  # variant RFC 4122
+    _random = bytes(b)
+    _random_pos = 0
+
+
+def _reset_random() -> None:
+    global _random, _random_pos
+    _random, _random_pos = b"", _RANDOM_BATCH
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_random)
 
 
 def new_request_id() -> bytes:
     """A random UUID4, formatted without the uuid module's object overhead."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
+    global _random_pos
+    if _random_pos >= _RANDOM_BATCH:
+        _refill_random()
+    pos = _random_pos
+    _random_pos = pos + 16
+    h = _random[pos:pos + 16].hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode("ascii")
 
 

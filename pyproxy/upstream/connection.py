@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -69,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_bytes",
         "chunk_open",
         "chunk_data",
+        "sink",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -97,6 +98,9 @@ class UpstreamConnection(asyncio.Protocol):
         # fields, which httptools buffers like headers (bounded too).
         self.chunk_open = False
         self.chunk_data = False
+        # The downstream connection the attached stream answers on (None for
+        # mirror requests): corked while a read is handled (see data_received).
+        self.sink: Any = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -119,6 +123,18 @@ class UpstreamConnection(asyncio.Protocol):
             # connection is out of sync, so it must never be reused.
             self.close()
             return
+        sink = self.sink
+        if sink is not None and sink.cork():
+            # Everything this read makes the stream write downstream (head,
+            # body, last chunk) leaves in one send().
+            try:
+                self._feed(stream, data)
+            finally:
+                sink.uncork()
+        else:
+            self._feed(stream, data)
+
+    def _feed(self, stream: UpstreamStream, data: bytes) -> None:
         if not self.bytes_received and data[:7] != b"HTTP/1."[:len(data)]:
             # The first bytes of a response: HTTP/1.0 or 1.1 only (llhttp
             # also takes "HTTP/2.0" and "HTTP/0.9" status lines). Checked
@@ -280,8 +296,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the pool and the stream -------------------------------
 
-    def attach(self, stream: UpstreamStream, head_request: bool = False) -> None:
+    def attach(self, stream: UpstreamStream, head_request: bool = False, sink: Any = None) -> None:
         self.stream = stream
+        self.sink = sink
         self.requests += 1
         self.bytes_received = 0
         self.head_request = head_request

@@ -222,9 +222,29 @@ class FakeDownstream:
         self.draining = False
         self.out = bytearray()
         self.done: list[Exchange] = []
+        self.corked = False
+        self.wbuf: list[bytes] = []
+        self.writes = 0  # transport writes (one per uncork with data)
 
     def write(self, data: bytes) -> None:
-        self.out += data
+        if self.corked:
+            self.wbuf.append(data)
+        else:
+            self.out += data
+            self.writes += 1
+
+    def cork(self) -> bool:
+        if self.corked:
+            return False
+        self.corked = True
+        return True
+
+    def uncork(self) -> None:
+        self.corked = False
+        if self.wbuf:
+            self.out += b"".join(self.wbuf)
+            self.wbuf.clear()
+            self.writes += 1
 
     def pause_reading_for(self, ex: Exchange) -> None:
         pass
