@@ -132,6 +132,15 @@ def main(argv: list[str]) -> int:
                         f" {statistics.median(x.get('c1_onecpu_p50_us') or 0 for x in rs):.0f} |")
             row += f" {max(x['rss_kb'] for x in rs) / 1024:.1f} |"
             print(row)
+        if len(targets) > 1:
+            # Paired: each round's ratio to the first variant measured in the
+            # same round (minutes apart at most), which cancels slow drift.
+            base = rounds[targets[0].name]
+            print()
+            for t in targets[1:]:
+                ratios = [b["cpu_us_per_req"] / x["cpu_us_per_req"] for b, x in zip(base, rounds[t.name])]
+                print(f"{t.name} vs {targets[0].name}: CPU per request ratio {targets[0].name}/{t.name} "
+                      f"median {statistics.median(ratios):.3f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
         return 0
     except KeyboardInterrupt:
         return 130

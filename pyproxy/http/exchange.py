@@ -65,6 +65,11 @@ _FLAG_ORDER = {f: i for i, f in enumerate(
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# A response to an upgrade (101) keeps its Upgrade and Connection fields.
+_UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
+# Connection values that name no field beyond the hop-by-hop ones (the common case).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
 _VERSIONS = frozenset({"1.0", "1.1"})
 # RFC 3986 authority characters (what Envoy's authority check admits); a
 # Host with anything else (space, "/", "?", "#", quotes, ...) is refused.
@@ -893,34 +898,38 @@ class Exchange:
         if obs is not None:
             headers = obs.on_upstream_response(self, headers)
         ops = self.response_ops
+        drop = RESPONSE_DROP
+        added = b""
         if ops is not None:
-            headers = ops.apply(headers)
+            if ops.fused_drop is not None and self.cors_origin is None:
+                drop = ops.fused_drop  # applied by the serialising pass below
+                added = ops.added_lines
+            else:
+                headers = ops.apply(headers)
         if self.cors_origin is not None:
             headers = self.route.cors.decorate(headers, self.cors_origin)  # type: ignore[union-attr]
         http10 = self.version == "1.0"
-        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
+        # Framing and hop-by-hop fields, found with one C-level dict() (last
+        # value wins, as the loop this replaced did) instead of a Python loop.
+        hd = dict(headers)
+        content_length = hd.get(b"content-length")
+        chunked_up = b"transfer-encoding" in hd
+        if upgraded:
+            drop = drop - _UPGRADE_FIELDS  # Upgrade and Connection go through
+        else:
+            connection = hd.get(b"connection")
+            if connection is not None:
+                if len(hd) != len(headers):
+                    connection = b",".join([v for n, v in headers if n == b"connection"])
+                if connection.lower() not in _PLAIN_CONNECTION:
+                    # Connection names more hop-by-hop fields: drop them too.
+                    tokens = connection_tokens(connection)
+                    if not tokens <= drop:
+                        drop = drop | tokens
+        parts = [name + b": " + value + b"\r\n" for name, value in headers if name not in drop]
         append = parts.append
-        tokens = None
-        content_length = None
-        chunked_up = False
-        for name, value in headers:
-            if name in RESPONSE_DROP:
-                if name == b"content-length":
-                    content_length = value
-                elif name == b"transfer-encoding":
-                    chunked_up = True
-                elif name == b"connection" and not upgraded:
-                    tokens = connection_tokens(value)
-                if upgraded and name in (b"upgrade", b"connection"):
-                    append(name + b": " + value + b"\r\n")
-                continue
-            if tokens is not None and name in tokens:
-                continue
-            append(name + b": " + value + b"\r\n")
-        if tokens:
-            # Connection came after the headers it names: filter them now.
-            parts = [p for p in parts if p.split(b":", 1)[0] not in tokens]
-            append = parts.append
+        if added:
+            append(added)
         if self.upstream_latency >= 0:
             append(b"x-envoy-upstream-service-time: " + str(int(self.upstream_latency * 1000)).encode() + b"\r\n")
         if self.hash_cookie is not None:
@@ -945,7 +954,7 @@ class Exchange:
             elif http10:
                 append(b"connection: keep-alive\r\n")
         append(b"\r\n")
-        conn.write(b"".join(parts))
+        conn.write((STATUS_LINES.get(status) or errors.status_line(status)) + b"".join(parts))
         if upgraded:
             self._start_tunnel()
 

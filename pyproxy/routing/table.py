@@ -13,6 +13,7 @@ import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..http.headers import RESPONSE_DROP
 from .matchers import Check
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class HeaderOps:
     it into the route's host rewrite (``authority``).
     """
 
-    __slots__ = ("added", "authority", "drop", "ops", "removes")
+    __slots__ = ("added", "added_lines", "authority", "drop", "fused_drop", "ops", "removes")
 
     def __init__(self, remove: tuple[str, ...] = (), set_: tuple[tuple[str, str], ...] = (),
                  add: tuple[tuple[str, str], ...] = ()) -> None:
@@ -63,12 +64,26 @@ class HeaderOps:
                     ops.append((name, v.encode("utf-8"), overwrite))
         self.ops = tuple(ops)
         self.drop, self.added = _reduce(self.removes, self.ops)
+        self._fuse()
+
+    def _fuse(self) -> None:
+        """Response side: when the operations touch no framing or hop-by-hop
+        field, the exchange drops ``fused_drop`` (its own drop set plus
+        ``RESPONSE_DROP``) in the same pass that serialises the head and
+        appends ``added_lines``, instead of copying the header list first.
+        ``fused_drop`` is None when that would change what the head says."""
+        if self.drop & RESPONSE_DROP or any(n in RESPONSE_DROP for n, _ in self.added):
+            self.fused_drop = None
+        else:
+            self.fused_drop = RESPONSE_DROP | self.drop
+        self.added_lines = b"".join(n + b": " + v + b"\r\n" for n, v in self.added)
 
     @classmethod
     def _of(cls, removes: frozenset[bytes], ops: tuple[tuple[bytes, bytes, bool], ...],
             drop: frozenset[bytes], added: tuple[tuple[bytes, bytes], ...], authority: bytes | None) -> HeaderOps:
         self = cls.__new__(cls)
         self.removes, self.ops, self.drop, self.added, self.authority = removes, ops, drop, added, authority
+        self._fuse()
         return self
 
     def merged(self, later: HeaderOps | None) -> HeaderOps:
