@@ -28,7 +28,7 @@ def venv_python() -> Path:
 
 
 def ensure_env(extras: str) -> Path:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - must run on older Pythons to say why it stops
         sys.exit(f"pyproxy needs Python >= 3.11, this is {sys.version.split()[0]}")
     py = venv_python()
     if not py.exists():

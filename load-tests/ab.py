@@ -26,7 +26,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench  # noqa: E402  (the driver next to this file)
+import bench  # after the sys.path insert above: the driver next to this file
 
 
 def start_variant(procs: bench.Procs, wd: Path, name: str, tree: Path, extra: list[str],

@@ -52,7 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import http_get, start_proxy  # noqa: E402
+from tests.harness import http_get, start_proxy  # after the sys.path insert above
 
 # -- the chaotic upstream -------------------------------------------------------------
 
@@ -296,7 +296,7 @@ async def client(port: int, rng: random.Random, stop: asyncio.Event, tally: Tall
             writer.close()
             writer = None
             continue
-        except asyncio.TimeoutError:
+        except TimeoutError:
             tally.lose(f"{path!r}: no response within 15 s")
             writer.close()
             writer = None

@@ -21,8 +21,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, cast
 
 from . import __version__
 from .config.model import LoadedConfig
@@ -49,6 +50,14 @@ class WorkerStats:
                  "downstream_rq_idle_timeout", "downstream_rq_rejected_400", "downstream_rq_rejected_408",
                  "downstream_rq_rejected_413", "downstream_rq_rejected_414", "downstream_rq_rejected_431",
                  "downstream_rq_rejected_501", "downstream_rq_rejected_500")
+    # Declared for the type checker; __init__ zeroes every slot.
+    downstream_cx_total: int
+    downstream_cx_active: int
+    downstream_cx_overflow: int
+    downstream_rq_rejected: int
+    downstream_cx_header_timeout: int
+    downstream_cx_idle_timeout: int
+    downstream_rq_idle_timeout: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -97,6 +106,11 @@ class Listener:
             self.connections.discard(conn)
             self.worker.stats.downstream_cx_active -= 1
 
+    def _new_connection(self) -> asyncio.Protocol:
+        # DownstreamConnection has the asyncio.Protocol methods without
+        # inheriting the class; the loop only calls those methods.
+        return cast(asyncio.Protocol, DownstreamConnection(self))
+
     async def start(self, reuse_port: bool) -> None:
         loop = self.worker.loop
         if self.host == "::":
@@ -104,10 +118,10 @@ class Listener:
             # default), so one listener takes both families' redirected
             # connections. Any other address binds exactly that address.
             self.server = await loop.create_server(
-                lambda: DownstreamConnection(self), sock=dual_stack_socket(self.port, reuse_port), backlog=1024)
+                self._new_connection, sock=dual_stack_socket(self.port, reuse_port), backlog=1024)
         else:
             self.server = await loop.create_server(
-                lambda: DownstreamConnection(self), self.host, self.port,
+                self._new_connection, self.host, self.port,
                 reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
             )
         if self.port == 0:
@@ -257,10 +271,10 @@ class Worker:
             retired = retire(old, snap)
             if retired:
                 log.info("reload: %d cluster(s) replaced and draining", len(retired))
-        for w in loaded.warnings:
-            log.warning("config: %s", w)
-        for w in snap.warnings:
-            log.warning("config: %s", w)
+        for diag in loaded.warnings:
+            log.warning("config: %s", diag)
+        for warning in snap.warnings:
+            log.warning("config: %s", warning)
         status.ok = True
         status.version = version
         status.successes += 1
@@ -411,11 +425,13 @@ class Worker:
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
-        for t in self.tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        # The tasks' own CancelledError comes back as a result; stop() being
+        # cancelled itself still propagates.
+        tasks = list(self.tasks)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for t, res in zip(tasks, results, strict=True):
+            if isinstance(res, Exception):
+                log.warning("background task %s had failed: %r", t.get_name(), res)
         for listener in self.listeners:
             listener.stop_accepting()
         for conn in self.all_connections():

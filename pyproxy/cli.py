@@ -8,6 +8,7 @@ a flag on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -121,7 +122,7 @@ class _Flags:
             number = float(value.strip())
         except ValueError:
             raise ValueError(f"{source}: {value!r} is not a number") from None
-        if not (lo <= number and (hi is None or number <= hi)) or number != number:
+        if not (lo <= number and (hi is None or number <= hi)) or math.isnan(number):
             bound = f"within {lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
             raise ValueError(f"{source}: must be {bound}, got {value.strip()}")
         return number

@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         if args.apply:
             _quiet(exe, cleanup_rules())  # start from a clean slate: --apply is idempotent
         for r in rule_set:
-            res = subprocess.run([exe, *r], capture_output=True, text=True)
+            res = subprocess.run([exe, *r], capture_output=True, text=True, check=False)
             if res.returncode != 0 and args.apply:
                 print(f"pyproxy iptables: {shlex.join([binary, *r])}: {res.stderr.strip()}", file=sys.stderr)
                 # Never leave half a rule set behind (some traffic captured, some not).
@@ -193,4 +193,4 @@ def main(args: argparse.Namespace) -> int:
 def _quiet(exe: str, rule_set: list[list[str]]) -> None:
     """Run rules whose failure is expected (removing what may not exist)."""
     for r in rule_set:
-        subprocess.run([exe, *r], capture_output=True)
+        subprocess.run([exe, *r], capture_output=True, check=False)

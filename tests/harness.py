@@ -20,9 +20,10 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -166,9 +167,8 @@ def _start_once(config_dir: Path, app_port: int | None, args: list[str] | None, 
     # proxy after each test should not wait for it.
     full_env.setdefault("PYPROXY_DRAIN_GRACE", "0")
     full_env.update(env or {})
-    logf = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
-    logf.close()
+    with open(log_path, "wb") as logf:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
     # A test may override a listener in ``args`` (the last flag wins).
     for flag in ("outbound", "inbound", "admin", "stats"):
         given = [a for i, a in enumerate(args or []) if i and (args or [])[i - 1] == f"--{flag}"]
@@ -246,7 +246,7 @@ class Upstream:
                               {k.lower(): v for k, v in request.headers.items()}, body))
         return await self.handler(request)
 
-    async def start(self) -> Upstream:
+    async def start(self) -> Self:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -261,10 +261,10 @@ class Upstream:
             await self.runner.cleanup()
             self.runner = None
 
-    async def __aenter__(self) -> Upstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
 
@@ -289,12 +289,12 @@ class RawUpstream:
         finally:
             writer.close()
 
-    async def __aenter__(self) -> RawUpstream:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):

@@ -8,8 +8,9 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Self
 
 from tests.harness import Proxy, http_get
 
@@ -105,12 +106,12 @@ class RecordingUpstream:
             conn.closed.set()
             writer.close()
 
-    async def __aenter__(self) -> RecordingUpstream:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=1 << 20)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -153,7 +154,7 @@ async def read_until_close(reader: asyncio.StreamReader, timeout: float) -> tupl
             return bytes(data), False
         try:
             chunk = await asyncio.wait_for(reader.read(65536), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return bytes(data), False
         except ConnectionError:
             return bytes(data), True
@@ -193,7 +194,7 @@ class ThreadedUpstream:
         asyncio.run_coroutine_threadsafe(self.upstream.__aenter__(), self.loop).result(10)
         return self.upstream
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.upstream.__aexit__(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -138,7 +138,7 @@ def exchange(port: int, raw: bytes) -> tuple[bytes, bool]:
             s.settimeout(0.15 if not data else 0.05)
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             except OSError:
                 closed = True
@@ -228,7 +228,7 @@ def test_fuzzed_requests_never_crash_or_wedge_the_proxy() -> None:
                     break
                 assert time.monotonic() < deadline, (stats, busy)
                 time.sleep(0.2)
-            status, body = http_get(px.stats_url + "/healthz/ready")
+            status, _body = http_get(px.stats_url + "/healthz/ready")
             assert status == 200
             assert "Traceback" not in px.log() and "internal error" not in px.log(), px.log()[-3000:]
     print(f"fuzz: {counts['examples']} exchanges in {elapsed:.1f} s, "

@@ -144,7 +144,7 @@ async def test_malformed_requests_are_rejected_and_never_forwarded(tmp_path) -> 
                 seen_bytes, seen_conns = up.total_bytes, len(up.conns)
                 try:
                     data = await raw_request(px.outbound, raw, until_close=True, read_timeout=5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     failures.append(f"{name}: connection not closed within 5 s")
                     continue
                 head = data.split(b"\r\n\r\n", 1)[0].lower()
@@ -376,7 +376,7 @@ async def test_invalid_upstream_response_becomes_502_upe(name: str, response: by
 
     async with RecordingUpstream(respond) as up:
         with running_proxy(service_entry("svc", [(up.port, {})]), args=["--access-log", str(log)]) as px:
-            data, closed = await _request_until_close(px.outbound, VALID)
+            data, _closed = await _request_until_close(px.outbound, VALID)
             assert data.startswith(b"HTTP/1.1 502"), data[:200]
             assert data.endswith(b"reset reason: protocol error"), data[-200:]
             # Nothing of the invalid response reached the client.

@@ -12,7 +12,7 @@ import time
 import pytest
 from aiohttp import web
 
-from tests.harness import Proxy, Upstream, http_get, read_response, start_proxy, service_entry
+from tests.harness import Proxy, Upstream, http_get, read_response, service_entry, start_proxy
 from tests.integration.hardening_helpers import RecordingUpstream, read_until_close
 
 
@@ -85,7 +85,7 @@ async def _drain_scenario(trigger: str) -> None:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", px.outbound)
         # The request in flight at the signal completes.
-        data, r, w = await asyncio.wait_for(slow, 10)
+        data, _r, w = await asyncio.wait_for(slow, 10)
         w.close()
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"slow done")
         code = await _wait_exit(px, 5)
@@ -138,7 +138,7 @@ async def test_second_signal_exits_at_once(second: int) -> None:
     up = await RecordingUpstream(_never_answers).__aenter__()
     px = start_proxy(service_entry("svc", [(up.port, {})]), args=["--drain-timeout", "30"])
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
         writer.write(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
         await asyncio.sleep(0.3)
         px.process.send_signal(signal.SIGTERM)

@@ -21,7 +21,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import Proxy, RawUpstream, Upstream, free_port, read_request_head, running_proxy, service_entry
+from tests.harness import (
+    Proxy,
+    RawUpstream,
+    Upstream,
+    free_port,
+    read_request_head,
+    running_proxy,
+    service_entry,
+)
 from tests.integration.obs_helpers import scrape, value
 
 CIRCUIT_BREAKER_DR = Path("/work/shared/reference/istio/circuit-breaking/destination-rule-httpbin-circuit-breaker.yaml")
@@ -221,7 +229,7 @@ async def test_route_timeout_fires_on_time_with_504_ut() -> None:
         cfg = mesh(se("slow", up.port), vs("slow", "timeout: 500ms"))
         with running_proxy(cfg, args=logged()) as px:
             async with aiohttp.ClientSession() as s:
-                status, headers, body, elapsed = await fetch(s, px, "slow", "/?s=2.5")
+                status, _headers, body, elapsed = await fetch(s, px, "slow", "/?s=2.5")
             assert (status, body) == (504, b"upstream request timeout")
             assert 0.45 <= elapsed < 0.5 + 1.5, elapsed
             assert up.seen[0].headers["x-envoy-expected-rq-timeout-ms"] == "500"

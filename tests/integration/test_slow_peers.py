@@ -116,7 +116,7 @@ async def test_client_disconnect_cancels_the_upstream_request(tmp_path) -> None:
     async with RecordingUpstream(respond) as up:
         cfg = service_entry("svc", [(up.port, {})])
         with running_proxy(cfg, args=["--access-log", str(log)]) as px:
-            reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
             writer.write(VALID)
             for _ in range(100):
                 if up.total_requests:
@@ -136,7 +136,7 @@ async def test_client_disconnect_cancels_the_upstream_request(tmp_path) -> None:
 async def test_client_disconnect_mid_body_cancels_the_upstream_request() -> None:
     async with RecordingUpstream() as up:
         with running_proxy(service_entry("svc", [(up.port, {})])) as px:
-            reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
             writer.write(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1000\r\n\r\n" + b"a" * 300)
             await writer.drain()
             for _ in range(100):

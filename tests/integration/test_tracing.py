@@ -12,7 +12,7 @@ import asyncio
 import gzip
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -55,7 +55,7 @@ class InProcessProxy:
         )
         self.worker: Worker | None = None
 
-    async def __aenter__(self) -> InProcessProxy:
+    async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
         exporter = self.exporter
         self.worker = Worker(
@@ -67,7 +67,7 @@ class InProcessProxy:
         await self.worker.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.worker is not None
         await self.worker.stop()
 
@@ -192,7 +192,7 @@ async def test_connect_failure_attempts_get_spans_with_their_flag(tmp_path: Path
     assert len(client) == 3  # the mesh default: 2 retries on connect failure
     assert [sp.attributes["response_flags"] for sp in client] == ["UF", "UF", "UF,URX"]
     assert all(sp.attributes["http.response.status_code"] == 0 for sp in client)
-    server = [sp for sp in spans if sp.kind == SpanKind.SERVER][0]
+    server = next(sp for sp in spans if sp.kind == SpanKind.SERVER)
     assert (
         server.attributes["response_flags"] == "UF,URX"
         and server.attributes["http.response.status_code"] == 503
@@ -317,7 +317,7 @@ class Collector:
             body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
         )
 
-    async def __aenter__(self) -> Collector:
+    async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_post("/v1/traces", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
@@ -327,7 +327,7 @@ class Collector:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.runner is not None
         await self.runner.cleanup()
 

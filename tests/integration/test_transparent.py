@@ -142,7 +142,7 @@ spec:
 
 
 def run(*argv: str, timeout: float = 15.0, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
     return res
@@ -162,7 +162,7 @@ def skip_reason() -> str | None:
             return f"{tool} not found (.ci/run installs iproute2 and iptables)"
     probe = subprocess.run(
         [*as_user(PROXY_UID), sys.executable, "-c", "import pyproxy.cli, uvloop, httptools, aiohttp, yaml"],
-        capture_output=True, text=True, timeout=30, cwd="/",
+        capture_output=True, text=True, timeout=30, cwd="/", check=False,
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)})
     if probe.returncode != 0:
         return (f"UID {PROXY_UID} cannot run {sys.executable} with pyproxy from {ROOT} "
@@ -186,10 +186,9 @@ class Lab:
         return ["ip", "netns", "exec", self.ns(role)]
 
     def start(self, role: str, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.tmp / log_name, "wb")
-        proc = subprocess.Popen([*self.exec_in(role), *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd="/", start_new_session=True)
-        log.close()
+        with open(self.tmp / log_name, "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([*self.exec_in(role), *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd="/", start_new_session=True)
         self.processes.append(proc)
         return proc
 
@@ -198,7 +197,7 @@ class Lab:
         argv = [*self.exec_in(role), *as_user(APP_UID), sys.executable, "-c", CLIENT, url]
         if host is not None:
             argv.append(host)
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd="/",
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd="/", check=False,
                              env={"PATH": os.environ.get("PATH", "")})
         if res.returncode != 0:
             raise AssertionError(f"client {url} (Host {host}) failed: {res.stderr.strip()[-800:]}\n"
@@ -313,7 +312,7 @@ def lab() -> Iterator[Lab]:
             wait_for(lambda n=name: "ready" in (tmp / n).read_text(), name, lab)
         # /healthz/ready answers 200 once config is loaded and every listener is bound.
         ready = subprocess.run([*lab.exec_in("pod"), py, "-c", WAIT_READY, "http://127.0.0.1:15090/healthz/ready",
-                                "20"], capture_output=True, timeout=30, cwd="/")
+                                "20"], capture_output=True, timeout=30, cwd="/", check=False)
         if ready.returncode != 0:
             raise RuntimeError(f"the proxy did not become ready:\n{lab.log()[-3000:]}")
         assert servers[0].poll() is None and servers[1].poll() is None

@@ -120,7 +120,7 @@ async def test_request_data_cannot_forge_or_break_access_log_lines(tmp_path) -> 
                 data = await raw_request(px.outbound, req, until_close=True)
                 assert data.startswith(b"HTTP/1.1 400")
             lines = access_log_lines(text_log, at_least=sent)
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
             raw = text_log.read_bytes()
     assert len(lines) == sent, lines
     assert raw.count(b"\n") == sent
@@ -198,16 +198,15 @@ def test_admin_mutations_refused_to_non_loopback_callers_even_when_bound_wide() 
             _sh("ip", "-n", ns, "link", "set", dev, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        log = open(config_dir / "proxy.log", "wb")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns_proxy, sys.executable, "-m", "pyproxy", "run", "--config", str(config_dir),
-             "--admin", "0.0.0.0:15000", "--stats", "127.0.0.1:15090", "--outbound", "127.0.0.1:15001",
-             "--inbound", "127.0.0.1:15006"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        log.close()
+        with open(config_dir / "proxy.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns_proxy, sys.executable, "-m", "pyproxy", "run", "--config", str(config_dir),
+                 "--admin", "0.0.0.0:15000", "--stats", "127.0.0.1:15090", "--outbound", "127.0.0.1:15001",
+                 "--inbound", "127.0.0.1:15006"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
         def call(ns: str, method: str, url: str) -> int:
             out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, method, url],
-                                 capture_output=True, text=True, timeout=20)
+                                 capture_output=True, text=True, timeout=20, check=False)
             return int(out.stdout.strip() or 0)
 
         deadline = time.monotonic() + 20
@@ -234,7 +233,7 @@ def test_admin_mutations_refused_to_non_loopback_callers_even_when_bound_wide() 
             except subprocess.TimeoutExpired:
                 proc.kill()
         for ns in (ns_proxy, ns_client):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
         shutil.rmtree(config_dir, ignore_errors=True)
 
 

@@ -15,7 +15,8 @@ import heapq
 import itertools
 import random
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pyproxy.app import WorkerStats
 from pyproxy.config.loader import load_text

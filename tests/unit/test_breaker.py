@@ -3,10 +3,10 @@ fake transports, no sockets)."""
 
 from __future__ import annotations
 
-from pyproxy.upstream.cluster import Cluster
-from pyproxy.upstream.settings import UNLIMITED, cluster_settings
 from pyproxy.config.loader import load_text
 from pyproxy.config.model import DestinationRule
+from pyproxy.upstream.cluster import Cluster
+from pyproxy.upstream.settings import UNLIMITED, cluster_settings
 from tests.unit.fakes import Mesh, service
 
 NO_RETRY_VS = """apiVersion: networking.istio.io/v1
@@ -57,7 +57,7 @@ def test_pending_queue_overflow_fails_at_once_with_uo_and_counters() -> None:
     m = mesh("{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}")
     cluster = m.cluster("svc")
     s = cluster.stats
-    ex1, down1 = m.request("svc")  # queued while its connection opens
+    _ex1, down1 = m.request("svc")  # queued while its connection opens
     assert (s.upstream_rq_pending_active, s.upstream_cx_total) == (1, 1)
     ex2, down2 = m.request("svc")  # the queue (1) is full
     assert down2.status == 503
@@ -70,7 +70,7 @@ def test_pending_queue_overflow_fails_at_once_with_uo_and_counters() -> None:
     ex3, down3 = m.request("svc")
     assert down3.status is None and s.upstream_rq_pending_active == 1
     assert s.upstream_cx_overflow == 1 and not m.loop.connects
-    ex4, down4 = m.request("svc")
+    _ex4, down4 = m.request("svc")
     assert down4.status == 503 and s.upstream_rq_pending_overflow == 2
     up.respond(200)
     assert down1.status == 200
@@ -89,8 +89,8 @@ def test_one_connection_per_endpoint_is_always_allowed() -> None:
     # endpoint that has none so its queued requests cannot be stranded.
     m = mesh("{tcp: {maxConnections: 1}}", ports=(1001, 1002))
     cluster = m.cluster("svc")
-    ex1, _ = m.request("svc")
-    ex2, _ = m.request("svc")
+    _ex1, _ = m.request("svc")
+    _ex2, _ = m.request("svc")
     assert {ep for ep, _ in m.loop.connects} == set(cluster.endpoints)
     assert cluster.stats.upstream_cx_overflow == 1
     assert cluster.stats.upstream_cx_active == 2
@@ -99,7 +99,7 @@ def test_one_connection_per_endpoint_is_always_allowed() -> None:
 def test_max_requests_per_connection_one_means_no_keepalive() -> None:
     m = mesh("{tcp: {maxConnections: 1}, http: {maxRequestsPerConnection: 1}}")
     s = m.cluster("svc").stats
-    ex1, down1 = m.request("svc")
+    _ex1, down1 = m.request("svc")
     up1 = m.loop.connect()
     ex2, down2 = m.request("svc")
     assert ex2.waiting_pending and not m.loop.connects
@@ -118,7 +118,7 @@ def test_max_requests_per_connection_one_means_no_keepalive() -> None:
 def test_http2_max_requests_bounds_concurrent_requests_for_http1_too() -> None:
     m = mesh("{http: {http2MaxRequests: 1}}")
     s = m.cluster("svc").stats
-    ex1, down1 = m.request("svc")
+    _ex1, _down1 = m.request("svc")
     up = m.loop.connect()
     ex2, down2 = m.request("svc")
     assert down2.status == 503 and ex2.flags == ["UO"]
@@ -146,14 +146,14 @@ def test_client_gone_while_queued_releases_the_pending_slot() -> None:
     assert down.out == b""
     gauges_idle(cluster)
     # The slot is really free: a new request gets the idle connection.
-    ex2, down2 = m.request("svc")
+    ex2, _down2 = m.request("svc")
     assert ex2.upconn is up.conn
 
 
 def test_client_gone_mid_request_closes_the_upstream_connection() -> None:
     m = mesh("{tcp: {maxConnections: 1}}")
     cluster = m.cluster("svc")
-    ex, down = m.request("svc")
+    ex, _down = m.request("svc")
     up = m.loop.connect()
     ex.on_downstream_closed()
     assert up.transport.closing, "a connection with an unread response is never reused"
@@ -173,9 +173,9 @@ spec:
     timeout: 1s
 """]))
     cluster = m.cluster("svc")
-    ex1, down1 = m.request("svc")
+    _ex1, down1 = m.request("svc")
     m.loop.connect()  # ex1 holds the only connection and never gets an answer
-    ex2, down2 = m.request("svc")
+    _ex2, down2 = m.request("svc")
     assert cluster.stats.upstream_rq_pending_active == 1
     m.loop.advance(1.0)
     assert down1.status == 504 and down2.status == 504
@@ -201,7 +201,7 @@ def test_connect_failure_fails_every_request_queued_on_that_endpoint() -> None:
 def test_idle_connection_past_idle_timeout_is_not_reused() -> None:
     m = mesh("{http: {idleTimeout: 2s}}")
     s = m.cluster("svc").stats
-    ex, down = m.request("svc")
+    _ex, _down = m.request("svc")
     up = m.loop.connect()
     up.respond(200)
     m.loop.advance(2.5)
@@ -213,7 +213,7 @@ def test_idle_connection_past_idle_timeout_is_not_reused() -> None:
 def test_connection_older_than_max_connection_duration_is_not_reused() -> None:
     m = mesh("{tcp: {maxConnectionDuration: 10s}}")
     s = m.cluster("svc").stats
-    ex, _ = m.request("svc")
+    _ex, _ = m.request("svc")
     up = m.loop.connect()
     up.respond(200)
     m.loop.advance(5.0)

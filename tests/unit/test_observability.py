@@ -255,24 +255,24 @@ def test_escape_blocks_log_forging() -> None:
 
 
 def _fake_exchange(**kw: object) -> SimpleNamespace:
-    base = dict(
-        method=b"GET",
-        path=b"/reviews/0",
-        query=b"a=1",
-        version="1.1",
-        status=200,
-        flag_string="-",
-        request_bytes=0,
-        response_bytes=295,
-        start_time=1000.0,
-        end_time=1000.0042,
-        upstream_latency=0.003,
-        hdict={b"user-agent": b"curl/8.5.0"},
-        request_id=b"5b4c-id",
-        authority=b"reviews:9080",
-        upstream_host=SimpleNamespace(address="127.0.0.1:9081"),
-        cluster=SimpleNamespace(name="outbound|9080||r"),
-    )
+    base = {
+        "method": b"GET",
+        "path": b"/reviews/0",
+        "query": b"a=1",
+        "version": "1.1",
+        "status": 200,
+        "flag_string": "-",
+        "request_bytes": 0,
+        "response_bytes": 295,
+        "start_time": 1000.0,
+        "end_time": 1000.0042,
+        "upstream_latency": 0.003,
+        "hdict": {b"user-agent": b"curl/8.5.0"},
+        "request_id": b"5b4c-id",
+        "authority": b"reviews:9080",
+        "upstream_host": SimpleNamespace(address="127.0.0.1:9081"),
+        "cluster": SimpleNamespace(name="outbound|9080||r"),
+    }
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -279,7 +280,7 @@ spec:
     cluster = m.cluster("svc")
     bad = cluster.endpoints[0]
     for _ in range(6):
-        ex, down = m.request("svc")
+        ex, _down = m.request("svc")
         up = m.loop.upstream_of(ex)
         if up.conn.endpoint is bad:
             up.respond(503)

@@ -371,8 +371,8 @@ def test_http1_port_protocols_load_without_warning(protocol: str | None) -> None
 def test_other_port_protocols_warn(protocol: str) -> None:
     ws = warnings_of(doc("ServiceEntry", f"hosts: [a.example.com]\nports: [{{number: 443, name: p, protocol: {protocol}}}]\n"
                                          "resolution: DNS"))
-    assert ws == [f"w.yaml#0: spec.ports[0].protocol: {protocol}: pyproxy carries plain HTTP/1.1 only; other traffic "
-                  "to this port fails (keep it out of capture with pyproxy iptables --exclude-outbound-ports 443)"]
+    assert ws == [(f"w.yaml#0: spec.ports[0].protocol: {protocol}: pyproxy carries plain HTTP/1.1 only; other traffic "
+                   "to this port fails (keep it out of capture with pyproxy iptables --exclude-outbound-ports 443)")]
 
 
 def test_cidr_addresses_warn_but_single_addresses_do_not() -> None:

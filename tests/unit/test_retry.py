@@ -207,7 +207,7 @@ def test_exhausted_retries_return_the_last_response_with_urx() -> None:
 
 def test_default_policy_retries_refused_connection_on_the_other_endpoint() -> None:
     m = mesh()
-    ex, down = m.request("svc")
+    _ex, down = m.request("svc")
     refused = m.loop.refuse()
     m.loop.advance(0.025)
     up = m.loop.connect()
@@ -301,7 +301,7 @@ def test_route_timeout_starts_when_the_request_body_is_complete() -> None:
 
 def test_expected_timeout_header_is_what_is_left_of_the_route_timeout() -> None:
     m = mesh(vs("{attempts: 2, retryOn: '503'}", timeout="2s"))
-    ex, down = m.request("svc")
+    _ex, _down = m.request("svc")
     up = m.loop.connect()
     assert up.header("x-envoy-expected-rq-timeout-ms") == "2000"
     m.loop.advance(1.5)
@@ -314,7 +314,7 @@ def test_expected_timeout_header_is_what_is_left_of_the_route_timeout() -> None:
 
 def test_no_timeout_no_expected_timeout_header() -> None:
     m = mesh()
-    ex, down = m.request("svc")
+    _ex, _down = m.request("svc")
     assert m.loop.connect().header("x-envoy-expected-rq-timeout-ms") is None
 
 
@@ -347,7 +347,7 @@ def test_max_retries_bounds_concurrent_retries_per_cluster() -> None:
 def test_retry_slot_released_when_the_client_leaves_during_backoff() -> None:
     m = mesh(vs("{attempts: 3, retryOn: '503'}"))
     cluster = m.cluster("svc")
-    ex, down = m.request("svc")
+    ex, _down = m.request("svc")
     m.loop.connect().respond(503)
     assert cluster.retries_active == 1 and m.loop.pending_timers()
     ex.on_downstream_closed()
@@ -361,7 +361,7 @@ def test_retry_slot_released_when_the_client_leaves_during_backoff() -> None:
 def test_request_body_over_the_replay_buffer_is_not_retried_and_counted() -> None:
     m = mesh(vs("{attempts: 3, retryOn: '503'}"), limits=Limits(retry_buffer=8))
     stats = m.cluster("svc").stats
-    ex, down = m.request("svc", method=b"POST", body=b"0123456789abcdef")
+    _ex, down = m.request("svc", method=b"POST", body=b"0123456789abcdef")
     up = m.loop.connect()
     assert up.sent.endswith(b"0123456789abcdef")
     up.respond(503)
@@ -372,7 +372,7 @@ def test_request_body_over_the_replay_buffer_is_not_retried_and_counted() -> Non
 
 def test_small_request_body_is_replayed_on_retry() -> None:
     m = mesh(vs("{attempts: 3, retryOn: '503'}"))
-    ex, down = m.request("svc", method=b"POST", body=b"payload")
+    _ex, down = m.request("svc", method=b"POST", body=b"payload")
     m.loop.connect().respond(503)
     m.loop.advance(0.025)
     second = m.loop.connect()

@@ -288,8 +288,8 @@ def test_two_virtual_services_for_one_host_are_concatenated_in_load_order() -> N
     assert [r.virtual_host for r in vh.routes] == ["first", "second"]
     assert [r.targets[0].subset for r in vh.routes] == ["v2", "v3"]
     assert [w for w in snap.warnings if "are concatenated" in w] == [
-        "host reviews.default.svc.cluster.local: rules of VirtualServices default/first (mesh.yaml#2), "
-        "default/second (mesh.yaml#3) are concatenated in that order"
+        ("host reviews.default.svc.cluster.local: rules of VirtualServices default/first (mesh.yaml#2), "
+         "default/second (mesh.yaml#3) are concatenated in that order")
     ]
 
 
