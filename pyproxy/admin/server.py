@@ -1,7 +1,7 @@
 """Admin (``--admin``, loopback by default) and stats (``--stats``) HTTP servers.
 
-Both run on aiohttp in the primary worker's event loop: they are not on the
-data path. Envoy's admin paths where they fit:
+Both run in the primary worker's event loop on a small HTTP/1.1 server
+(``admin/http.py``): they are not on the data path. Envoy's admin paths where they fit:
 
 =============================  =====================================================
 ``GET /``                      this list
@@ -40,9 +40,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from .. import __version__
+from .http import AdminHTTPServer, Request, Response, Router
 
 if TYPE_CHECKING:
     from ..app import Worker
@@ -108,7 +107,7 @@ def jsonable(obj: Any, max_depth: int = 64, max_nodes: int = 1_000_000) -> Any:
     return conv(obj, 0)
 
 
-def _loopback(request: web.Request) -> bool:
+def _loopback(request: Request) -> bool:
     remote = request.remote
     if not remote:
         return False
@@ -122,13 +121,10 @@ def _loopback(request: web.Request) -> bool:
     return bool(mapped is not None and mapped.is_loopback)
 
 
-@web.middleware
-async def loopback_only_for_mutations(request: web.Request, handler: Any) -> web.StreamResponse:
+def loopback_only_for_mutations(request: Request) -> Response | None:
     if request.method not in ("GET", "HEAD") and not _loopback(request):
-        return web.Response(
-            status=403, text="admin: mutating endpoints are only served to loopback callers\n"
-        )
-    return await handler(request)
+        return Response(status=403, text="admin: mutating endpoints are only served to loopback callers\n")
+    return None
 
 
 def clusters_view(worker: Worker) -> list[dict]:
@@ -299,11 +295,10 @@ class AdminServer:
     def __init__(self, worker: Worker, pool: WorkerPool | None = None) -> None:
         self.worker = worker
         self.pool = pool
-        self.runners: list[web.AppRunner] = []
+        self.servers: list[AdminHTTPServer] = []
 
-    def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[loopback_only_for_mutations])
-        r = app.router
+    def admin_app(self) -> Router:
+        r = Router(guard=loopback_only_for_mutations)
         r.add_get("/", self.index)
         r.add_get("/ready", self.ready)
         r.add_get("/server_info", self.server_info)
@@ -317,48 +312,46 @@ class AdminServer:
         r.add_post("/healthcheck/ok", self.healthcheck_ok)
         r.add_post("/drain_listeners", self.drain_listeners)
         r.add_post("/quitquitquit", self.quit)
-        return app
+        return r
 
-    def stats_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/healthz/ready", self.ready)
-        app.router.add_get("/stats/prometheus", self.prometheus)
-        return app
+    def stats_app(self) -> Router:
+        r = Router()
+        r.add_get("/healthz/ready", self.ready)
+        r.add_get("/stats/prometheus", self.prometheus)
+        return r
 
     async def start(self) -> None:
         o = self.worker.options
-        for app, addr in ((self.admin_app(), o.admin), (self.stats_app(), o.stats)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
-            await site.start()
-            self.runners.append(runner)
+        for router, addr in ((self.admin_app(), o.admin), (self.stats_app(), o.stats)):
+            server = AdminHTTPServer(router, self.worker.loop)
+            await server.start(addr.host, addr.port)
+            self.servers.append(server)
 
     async def stop(self) -> None:
-        for runner in self.runners:
-            await runner.cleanup()
-        self.runners = []
+        for server in self.servers:
+            await server.stop()
+        self.servers = []
 
     # -- read-only ----------------------------------------------------------
 
-    async def index(self, request: web.Request) -> web.Response:
+    async def index(self, request: Request) -> Response:
         lines = ["pyproxy admin commands:"] + [f"  {m:<5} {p:<24} {d}" for m, p, d in ENDPOINTS]
-        return web.Response(text="\n".join(lines) + "\n")
+        return Response(text="\n".join(lines) + "\n")
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         w = self.worker
         if w.health_failed:
-            return web.Response(status=503, text="FAILED (healthcheck/fail)\n")
+            return Response(status=503, text="FAILED (healthcheck/fail)\n")
         if not (w.ready and not w.draining and w.snapshot is not None):
-            return web.Response(status=503, text="DRAINING\n" if w.draining else "NOT READY\n")
+            return Response(status=503, text="DRAINING\n" if w.draining else "NOT READY\n")
         if self.pool is not None:
             results = await self.pool.query_all("ready", timeout=1.0)
             waiting = [i for i, r in results.items() if not r.get("ready")]
             if waiting or len(results) < w.options.workers - 1:
-                return web.Response(status=503, text=f"NOT READY (workers {waiting} starting)\n")
-        return web.Response(text="LIVE\n")
+                return Response(status=503, text=f"NOT READY (workers {waiting} starting)\n")
+        return Response(text="LIVE\n")
 
-    async def server_info(self, request: web.Request) -> web.Response:
+    async def server_info(self, request: Request) -> Response:
         w = self.worker
         o = w.options
         info = {
@@ -391,7 +384,7 @@ class AdminServer:
                 "trace_sampling": o.trace_sampling * 100,
             },
         }
-        return web.Response(text=_dumps(info), content_type="application/json")
+        return Response(text=_dumps(info), content_type="application/json")
 
     async def worker_status(self) -> list[dict]:
         """Per worker process: pid, readiness, connections and requests served."""
@@ -413,10 +406,10 @@ class AdminServer:
                 out.append(summary(i, r))
         return out
 
-    async def config_dump(self, request: web.Request) -> web.Response:
-        return web.Response(text=_dumps(config_dump(self.worker)), content_type="application/json")
+    async def config_dump(self, request: Request) -> Response:
+        return Response(text=_dumps(config_dump(self.worker)), content_type="application/json")
 
-    async def clusters(self, request: web.Request) -> web.Response:
+    async def clusters(self, request: Request) -> Response:
         views = [clusters_view(self.worker)]
         if self.pool is not None:
             for _, r in sorted((await self.pool.query_all("clusters")).items()):
@@ -426,8 +419,8 @@ class AdminServer:
                     log.warning("/clusters: %s", r.get("error"))
         view = merge_clusters(views)
         if request.query.get("format") == "text":
-            return web.Response(text=clusters_text(view))
-        return web.Response(text=_dumps({"cluster_statuses": view}), content_type="application/json")
+            return Response(text=clusters_text(view))
+        return Response(text=_dumps({"cluster_statuses": view}), content_type="application/json")
 
     async def gather_state(self) -> dict:
         from ..observability.metrics import merge_states
@@ -441,7 +434,7 @@ class AdminServer:
                     log.warning("stats: %s", r.get("error"))
         return merge_states(states)
 
-    async def stats(self, request: web.Request) -> web.Response:
+    async def stats(self, request: Request) -> Response:
         from ..observability.metrics import render_text
 
         flt = request.query.get("filter")
@@ -450,7 +443,7 @@ class AdminServer:
             try:
                 regex = re.compile(flt)
             except re.error as exc:
-                return web.Response(status=400, text=f"invalid filter regex: {exc}\n")
+                return Response(status=400, text=f"invalid filter regex: {exc}\n")
         state = await self.gather_state()
         if request.query.get("format") == "json":
             text = render_text(state, regex)
@@ -458,20 +451,20 @@ class AdminServer:
             for line in text.splitlines():
                 name, _, value = line.partition(": ")
                 stats.append({"name": name, "value": int(value) if value.lstrip("-").isdigit() else value})
-            return web.Response(text=_dumps({"stats": stats}), content_type="application/json")
-        return web.Response(text=render_text(state, regex))
+            return Response(text=_dumps({"stats": stats}), content_type="application/json")
+        return Response(text=render_text(state, regex))
 
-    async def prometheus(self, request: web.Request) -> web.Response:
+    async def prometheus(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         from ..observability.metrics import render_prometheus
 
         body = render_prometheus(await self.gather_state())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(body=body, content_type=CONTENT_TYPE_LATEST)
 
     # -- mutating -----------------------------------------------------------
 
-    async def reload(self, request: web.Request) -> web.Response:
+    async def reload(self, request: Request) -> Response:
         ok = await self.worker.reload("admin /reload")
         status = self.worker.reload_status
         body: dict[str, Any] = {
@@ -485,47 +478,47 @@ class AdminServer:
             body["workers"] = {str(i): r for i, r in results.items()}
             ok = ok and all(r.get("ok") for r in results.values())
             body["ok"] = ok
-        return web.Response(text=_dumps(body), status=200 if ok else 400, content_type="application/json")
+        return Response(text=_dumps(body), status=200 if ok else 400, content_type="application/json")
 
-    async def logging(self, request: web.Request) -> web.Response:
+    async def logging(self, request: Request) -> Response:
         level = request.query.get("level")
         if level is None:
             current = logging.getLevelName(logging.getLogger("pyproxy").getEffectiveLevel()).lower()
-            return web.Response(
+            return Response(
                 text=f"current level: {current}\nuse POST /logging?level=LEVEL "
                 f"({', '.join(sorted(LEVELS))})\n"
             )
         if level.lower() not in LEVELS:
-            return web.Response(
+            return Response(
                 status=400, text=f"unknown level {level!r}; one of {', '.join(sorted(LEVELS))}\n"
             )
         set_log_level(level)
         if self.pool is not None:
             await self.pool.query_all("logging", level=level)
-        return web.Response(text=f"log level set to {level.lower()}\n")
+        return Response(text=f"log level set to {level.lower()}\n")
 
-    async def healthcheck_fail(self, request: web.Request) -> web.Response:
+    async def healthcheck_fail(self, request: Request) -> Response:
         self.worker.health_failed = True
         log.warning("admin: health check failed by /healthcheck/fail")
-        return web.Response(text="OK\n")
+        return Response(text="OK\n")
 
-    async def healthcheck_ok(self, request: web.Request) -> web.Response:
+    async def healthcheck_ok(self, request: Request) -> Response:
         self.worker.health_failed = False
         log.info("admin: health check restored by /healthcheck/ok")
-        return web.Response(text="OK\n")
+        return Response(text="OK\n")
 
-    async def drain_listeners(self, request: web.Request) -> web.Response:
+    async def drain_listeners(self, request: Request) -> Response:
         w = self.worker
         w.loop.create_task(w.drain(w.options.drain_timeout))
         if self.pool is not None:
             await self.pool.query_all("drain")
-        return web.Response(text="OK\n")
+        return Response(text="OK\n")
 
-    async def quit(self, request: web.Request) -> web.Response:
+    async def quit(self, request: Request) -> Response:
         ev = getattr(self.worker, "quit_event", None)
         if ev is not None:
             ev.set()
-        return web.Response(text="OK\n")
+        return Response(text="OK\n")
 
 
 def set_log_level(level: str) -> None:
