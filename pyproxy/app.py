@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import __version__
+from .config.loader import ParseCache
 from .config.model import LoadedConfig
 from .filters.mirror import Mirror
+from .heap import HEAP
 from .http.downstream import DownstreamConnection
 from .http.exchange import INBOUND, OUTBOUND
 from .options import RunOptions
-from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot, retire
+from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
 from .upstream.cluster import Cluster
 from .upstream.dns import Resolver
 
@@ -161,6 +163,10 @@ class ReloadStatus:
     # The most recent rejected config, kept after later successes (/config_dump).
     last_failure_at: float = 0.0
     last_failure_errors: list[str] = field(default_factory=list)
+    # The latest load: files parsed and validated vs. reused unchanged
+    # (config/loader.py ParseCache, with running totals) and VirtualService
+    # route sets compiled vs. reused from the previous snapshot.
+    counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +175,7 @@ class ReloadStatus:
             "successes": self.successes, "failures": self.failures,
             "last_failure": None if not self.last_failure_at else {
                 "at": self.last_failure_at, "errors": list(self.last_failure_errors)},
+            **self.counts,
         }
 
     def failed(self, errors: list[str]) -> None:
@@ -217,6 +224,9 @@ class Worker:
         # Stat signature of the config files last loaded (config/watch.py).
         self.config_signature: tuple | None = None
         self._reload_lock = asyncio.Lock()
+        # Per-file parse results kept between reloads: unchanged files are
+        # not parsed or validated again.
+        self.parse_cache = ParseCache()
         self.health_failed = False  # POST /healthcheck/fail
 
     # -- config ------------------------------------------------------------
@@ -231,7 +241,7 @@ class Worker:
     def load_config(self) -> LoadedConfig:
         from .config.loader import load_paths
 
-        return load_paths(list(self.options.config))
+        return load_paths(list(self.options.config), self.parse_cache)
 
     def _load_with_signature(self) -> tuple[tuple, LoadedConfig]:
         from .config.watch import config_signature
@@ -255,22 +265,24 @@ class Worker:
             return False
         try:
             version = self.version + 1
-            snap = build_snapshot(loaded, self.identity, self._build_context(), self.snapshot, version)
+            # Cooperative: the loop keeps serving between build steps.
+            snap = await build_snapshot_async(loaded, self.identity, self._build_context(), self.snapshot,
+                                              version)
         except Exception as exc:  # a builder bug must not take the proxy down
             log.exception("config rejected: snapshot build failed")
             status.failed([f"internal error building the snapshot: {exc!r}"])
             return False
         await self.resolver.resolve_all(snap.dns_names - set(self.resolver.cache))
         old = self.snapshot
+        snap.commit()
         self.snapshot = snap  # the swap: one reference
         self.version = version
         self.loaded = loaded
         for c in snap.all_clusters():
             c.outlier.start()
-        if old is not None:
-            retired = retire(old, snap)
-            if retired:
-                log.info("reload: %d cluster(s) replaced and draining", len(retired))
+        retired = retire(old, snap) if old is not None else []
+        if retired:
+            log.info("reload: %d cluster(s) replaced and draining", len(retired))
         for diag in loaded.warnings:
             log.warning("config: %s", diag)
         for warning in snap.warnings:
@@ -280,31 +292,42 @@ class Worker:
         status.successes += 1
         status.errors = []
         status.warnings = [str(w) for w in loaded.warnings] + list(snap.warnings)
+        status.counts = {**self.parse_cache.stats(), "routes_compiled": snap.routes_compiled,
+                        "routes_reused": snap.routes_reused}
         for cb in self.on_reload:
             cb(self)
+        # The new config's objects leave the collector's way (pyproxy/heap.py).
+        HEAP.settle(len(retired), len(snap.clusters))
         return True
 
     async def reload(self, trigger: str = "reload") -> bool:
         """Load and apply the config files; reloads run one at a time."""
         async with self._reload_lock:
-            started = time.perf_counter()
-            self.reload_status.trigger = trigger
-            try:
-                sig, loaded = await self.loop.run_in_executor(None, self._load_with_signature)
-            except Exception as exc:
-                log.exception("config reload failed")
-                self.reload_status.at = time.time()
-                self.reload_status.failed([repr(exc)])
-                return False
-            # Recorded for a rejected config too: the watcher then waits for
-            # the next edit instead of retrying the same broken files.
-            self.config_signature = sig
-            ok = await self.apply(loaded)
-            self.reload_status.duration_ms = (time.perf_counter() - started) * 1000
-            if ok:
-                log.info("config reloaded (%s): version %d in %.1f ms", trigger, self.version,
-                         self.reload_status.duration_ms)
-            return ok
+            with HEAP.paused():
+                return await self._reload(trigger)
+
+    async def _reload(self, trigger: str) -> bool:
+        started = time.perf_counter()
+        self.reload_status.trigger = trigger
+        try:
+            # Parsing runs in a thread (only changed files are parsed at all).
+            sig, loaded = await self.loop.run_in_executor(None, self._load_with_signature)
+        except Exception as exc:
+            log.exception("config reload failed")
+            self.reload_status.at = time.time()
+            self.reload_status.failed([repr(exc)])
+            return False
+        finally:
+            self.reload_status.counts = self.parse_cache.stats()
+        # Recorded for a rejected config too: the watcher then waits for
+        # the next edit instead of retrying the same broken files.
+        self.config_signature = sig
+        ok = await self.apply(loaded)
+        self.reload_status.duration_ms = (time.perf_counter() - started) * 1000
+        if ok:
+            log.info("config reloaded (%s): version %d in %.1f ms", trigger, self.version,
+                     self.reload_status.duration_ms)
+        return ok
 
     def metric_state(self) -> dict:
         """This worker's metric state (see observability/metrics.py)."""
@@ -323,9 +346,11 @@ class Worker:
             # Before the first build: the observer binds metric state to
             # every cluster as it is created (cluster_listeners).
             self.observer = self._observer_factory(self)
-        sig, loaded = self._load_with_signature()
-        if not await self.apply(loaded):
-            raise ConfigError(self.reload_status.errors)
+        with HEAP.paused():
+            sig, loaded = self._load_with_signature()
+            self.reload_status.counts = self.parse_cache.stats()
+            if not await self.apply(loaded):
+                raise ConfigError(self.reload_status.errors)
         self.config_signature = sig
         # The initial load is not a reload (pyproxy_config_reloads_total).
         self.reload_status.successes = 0

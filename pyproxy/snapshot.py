@@ -18,8 +18,9 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .config.model import (
     DestinationRule,
@@ -109,6 +110,26 @@ class BuildContext:
     on_cluster_created: Callable[[Cluster], None] | None = None
 
 
+# What a resolved destination came to: (canonical host, cluster, clusters by
+# port, warning or "").
+Resolution = tuple[str, "Cluster | None", tuple[tuple[int, Cluster], ...], str]
+
+
+@dataclass(slots=True)
+class CompiledHostRoutes:
+    """The compiled routes of one host's VirtualServices, kept so the next
+    build can reuse them: valid while the VirtualServices are the same
+    objects (the loader's parse cache keeps unchanged documents as the same
+    objects) and every destination resolves to the same clusters."""
+
+    vss: tuple[VirtualService, ...]
+    routes: tuple[CompiledRoute, ...]
+    # Every destination lookup the compilation made: (host, subset, port,
+    # namespace, origin) and what it resolved to.
+    lookups: tuple[tuple[tuple[str, str, int | None, str, str], Resolution], ...]
+    warnings: tuple[str, ...]
+
+
 @dataclass(slots=True)
 class Snapshot:
     version: int
@@ -124,9 +145,26 @@ class Snapshot:
     warnings: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     dns_names: frozenset[str] = frozenset()
+    # Clusters carried over from the previous snapshot whose Service object
+    # is new (same endpoints and settings): the new Service is set on them by
+    # ``commit`` at the swap, not while the previous snapshot still serves.
+    pending_services: list[tuple[Cluster, Service | None]] = field(default_factory=list)
+    # Compiled routes by the ids of the VirtualServices they came from (the
+    # entries hold those objects, so the ids stay theirs); the next build
+    # reuses what did not change.
+    route_cache: dict[tuple[int, ...], CompiledHostRoutes] = field(default_factory=dict)
+    # Build statistics: VirtualService route sets compiled vs. reused.
+    routes_compiled: int = 0
+    routes_reused: int = 0
 
     def all_clusters(self) -> list[Cluster]:
         return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
+
+    def commit(self) -> None:
+        """Finish a build at the moment the snapshot goes into service."""
+        for cluster, service in self.pending_services:
+            cluster.service = service
+        self.pending_services = []
 
 
 def vs_applies_to_mesh(vs: VirtualService) -> bool:
@@ -177,6 +215,20 @@ class _Builder:
         self.previous = previous
         self.warnings: list[str] = []
         self.clusters: dict[str, Cluster] = {}
+        # Carry-over candidates by name (one dict lookup per cluster, not a
+        # scan of every previous cluster: that was quadratic in the config).
+        self.previous_clusters: dict[str, Cluster] = (
+            {c.name: c for c in previous.all_clusters()} if previous is not None else {})
+        self.pending_services: list[tuple[Cluster, Service | None]] = []
+        # Compiled routes of the previous snapshot, reusable when built for
+        # the same proxy identity.
+        self.previous_routes: dict[tuple[int, ...], CompiledHostRoutes] = (
+            previous.route_cache if previous is not None and previous.identity == identity else {})
+        self.route_cache: dict[tuple[int, ...], CompiledHostRoutes] = {}
+        self.routes_compiled = 0
+        self.routes_reused = 0
+        # Set while compiling one host's routes: the lookups it makes.
+        self._lookups: list[tuple[tuple[str, str, int | None, str, str], Resolution]] | None = None
         self.dns_names: set[str] = set()
         self.ses: list[ServiceEntry] = []
         self.wes: list[WorkloadEntry] = []
@@ -244,11 +296,11 @@ class _Builder:
         for spec in endpoints:
             if not is_ip(spec[0]) and not spec[0].startswith("unix://"):
                 self.dns_names.add(spec[0])
-        if self.previous is not None:
-            for old in self.previous.all_clusters():
-                if old.name == name and old.fingerprint == fingerprint:
-                    old.service = service
-                    return old
+        old = self.previous_clusters.get(name)
+        if old is not None and old.fingerprint == fingerprint:
+            if old.service is not service:
+                self.pending_services.append((old, service))
+            return old
         ctx = self.ctx
         cluster = cls(name, settings, fingerprint, ctx.loop, ctx.rng, ctx.resolver,
                       kind=kind, service=service, service_port=port, subset=subset)
@@ -270,7 +322,7 @@ class _Builder:
             ctx.on_cluster_created(cluster)
         return cluster
 
-    def build_service_clusters(self) -> None:
+    def build_service_clusters(self) -> Generator[None, None, None]:
         # Wildcard ServiceEntry hosts (``*.example.com``) get clusters too:
         # with resolution NONE they pass requests through to the original
         # destination, so REGISTRY_ONLY admits the hosts they declare.
@@ -297,38 +349,49 @@ class _Builder:
                         cluster = self.make_cluster(name, settings, selected, service=svc,
                                                     port=port.number, subset=sname)
                     self.clusters[name] = cluster
+            yield  # a point where a cooperative build lets the event loop run
 
     # -- routes -------------------------------------------------------------------
 
     def resolve_target(self, target: RouteTarget, namespace: str, origin: str) -> None:
-        host = canonical_host(target.host, namespace)
+        key = (target.host, target.subset, target.port, namespace, origin)
+        res = self.resolve(*key)
+        if self._lookups is not None:
+            self._lookups.append((key, res))
+        host, cluster, by_port, warning = res
         target.host = host
+        target.cluster = cluster
+        if by_port:
+            target.by_port = dict(by_port)
+        if warning:
+            self.warn(warning)
+
+    def resolve(self, host: str, subset: str, port: int | None, namespace: str, origin: str) -> Resolution:
+        """Where a destination goes in this build (no side effects)."""
+        host = canonical_host(host, namespace)
         svc = self.registry.get(host)
         if svc is None:
-            self.warn(f"{origin}: destination host {host} is not in the service registry (503 NC)")
-            return
-        if target.subset:
+            return host, None, (), f"{origin}: destination host {host} is not in the service registry (503 NC)"
+        if subset:
             dr = self.dr_for(host)
-            if dr is None or all(s.name != target.subset for s in dr.subsets):
-                self.warn(f"{origin}: subset {target.subset!r} of {host} is not defined by any "
-                          f"DestinationRule (503 NC)")
-                return
+            if dr is None or all(s.name != subset for s in dr.subsets):
+                return host, None, (), (f"{origin}: subset {subset!r} of {host} is not defined by any "
+                                        f"DestinationRule (503 NC)")
         ports = [p.number for p in svc.ports]
-        if target.port is not None:
-            if target.port not in ports:
-                self.warn(f"{origin}: {host} has no port {target.port} (503 NC)")
-                return
-            target.cluster = self.clusters.get(f"outbound|{target.port}|{target.subset}|{host}")
-            return
+        if port is not None:
+            if port not in ports:
+                return host, None, (), f"{origin}: {host} has no port {port} (503 NC)"
+            return host, self.clusters.get(f"outbound|{port}|{subset}|{host}"), (), ""
         if not ports:
-            self.warn(f"{origin}: {host} declares no ports (503 NC)")
-            return
-        target.cluster = self.clusters.get(f"outbound|{ports[0]}|{target.subset}|{host}")
+            return host, None, (), f"{origin}: {host} declares no ports (503 NC)"
+        cluster = self.clusters.get(f"outbound|{ports[0]}|{subset}|{host}")
+        by_port: tuple[tuple[int, Cluster], ...] = ()
         if len(ports) > 1:
-            target.by_port = {
-                p: c for p in ports
-                if (c := self.clusters.get(f"outbound|{p}|{target.subset}|{host}")) is not None
-            }
+            by_port = tuple(
+                (p, c) for p in ports
+                if (c := self.clusters.get(f"outbound|{p}|{subset}|{host}")) is not None
+            )
+        return host, cluster, by_port, ""
 
     def match_applies(self, m: HTTPMatchRequest, namespace: str) -> bool:
         if m.gateways:
@@ -410,6 +473,41 @@ class _Builder:
         return tuple(out)
 
     def compile_routes(self, vss: list[VirtualService]) -> tuple[CompiledRoute, ...]:
+        """The routes of one host's VirtualServices: reused from the previous
+        snapshot when the VirtualServices are the same objects and every
+        destination still resolves to the same clusters (and the same
+        warnings, which are reported again), else compiled."""
+        key = tuple(map(id, vss))
+        old = self.previous_routes.get(key)
+        if old is not None and self._still_valid(old, vss):
+            self.routes_reused += 1
+            self.route_cache[key] = old
+            self.warnings.extend(old.warnings)
+            return old.routes
+        self.routes_compiled += 1
+        first_warning = len(self.warnings)
+        self._lookups = []
+        try:
+            routes = self._compile_routes(vss)
+            lookups = tuple(self._lookups)
+        finally:
+            self._lookups = None
+        self.route_cache[key] = CompiledHostRoutes(tuple(vss), routes, lookups,
+                                                   tuple(self.warnings[first_warning:]))
+        return routes
+
+    def _still_valid(self, old: CompiledHostRoutes, vss: list[VirtualService]) -> bool:
+        if len(old.vss) != len(vss) or any(a is not b for a, b in zip(old.vss, vss)):
+            return False
+        for key, (host, cluster, by_port, warning) in old.lookups:
+            n_host, n_cluster, n_by_port, n_warning = self.resolve(*key)
+            if (n_cluster is not cluster or n_warning != warning or n_host != host
+                    or len(n_by_port) != len(by_port)
+                    or any(a[0] != b[0] or a[1] is not b[1] for a, b in zip(n_by_port, by_port))):
+                return False
+        return True
+
+    def _compile_routes(self, vss: list[VirtualService]) -> tuple[CompiledRoute, ...]:
         routes: list[CompiledRoute] = []
         for vs in vss:
             for rule in vs.http:
@@ -468,7 +566,7 @@ class _Builder:
                       f"is served by Gateway {self.identity.gateway}")
         return out
 
-    def build_hosts(self) -> HostIndex:
+    def build_hosts(self) -> Generator[None, None, HostIndex]:
         by_host: dict[str, list[VirtualService]] = defaultdict(list)
         gateway = self.identity.gateway
         gw_hosts = self.gateway_hosts() if gateway else None
@@ -493,20 +591,21 @@ class _Builder:
         service_hosts: list[VirtualHost] = []
 
         for svc in self.registry.values():
-            vss = by_host.get(svc.hostname)
-            if vss is None:
+            svc_vss = by_host.get(svc.hostname)
+            if svc_vss is None:
                 for pattern, wvss in wild_vs:
                     if pattern == "*" or svc.hostname.endswith(pattern[1:]):
-                        vss = wvss
+                        svc_vss = wvss
                         break
-            if not vss and gateway:
+            if not svc_vss and gateway:
                 continue  # a gateway routes only the hosts bound to it
-            routes = self.compile_routes(vss) if vss else (self.default_route(svc),)
-            vh = VirtualHost(svc.hostname, routes, svc, has_vs=bool(vss))
+            routes = self.compile_routes(svc_vss) if svc_vss else (self.default_route(svc),)
+            vh = VirtualHost(svc.hostname, routes, svc, has_vs=bool(svc_vss))
             if svc.is_wildcard:
                 wildcards.append((svc.hostname[1:].encode(), vh))
             else:
                 service_hosts.append(vh)
+            yield
         for vh in service_hosts:
             written.add(vh.name.encode())
             exact[vh.name.encode()] = vh
@@ -525,6 +624,7 @@ class _Builder:
             if host in self.registry:
                 continue
             vh = VirtualHost(host, self.compile_routes(vss), None, has_vs=True)
+            yield
             if host == "*":
                 catch_all = vh
             elif host.startswith("*"):
@@ -578,11 +678,15 @@ class _Builder:
         best = self.sidecar()
         return best is not None and best.outbound_traffic_policy_mode == "REGISTRY_ONLY"
 
-    def build(self, version: int) -> Snapshot:
+    def build(self, version: int) -> Generator[None, None, Snapshot]:
+        """The build as steps: each ``yield`` is a point where a cooperative
+        caller may let the event loop run (no shared state is half-updated
+        there: everything built so far is private to this builder)."""
         self.registry = build_registry(self.ses, self.wes, self.warn)
+        yield
         self.index_destination_rules()
-        self.build_service_clusters()
-        hosts = self.build_hosts()
+        yield from self.build_service_clusters()
+        hosts = yield from self.build_hosts()
         ident = self.identity
         inbound = self.make_cluster(
             f"inbound|{ident.app_port}||", ClusterSettings(),
@@ -612,6 +716,10 @@ class _Builder:
             registry_only=self.registry_only(),
             warnings=self.warnings,
             dns_names=frozenset(self.dns_names),
+            pending_services=self.pending_services,
+            route_cache=self.route_cache,
+            routes_compiled=self.routes_compiled,
+            routes_reused=self.routes_reused,
         )
 
 
@@ -646,8 +754,42 @@ def _ops(ops: Any) -> HeaderOps | None:
 def build_snapshot(loaded: LoadedConfig, identity: ProxyIdentity, ctx: BuildContext,
                    previous: Snapshot | None = None, version: int = 1) -> Snapshot:
     """Raises nothing for valid config: problems a valid file can still have
-    (unknown subsets, unreachable rules) become warnings on the snapshot."""
-    return _Builder(loaded, identity, ctx, previous).build(version)
+    (unknown subsets, unreachable rules) become warnings on the snapshot.
+
+    The snapshot is committed (ready to serve) when returned."""
+    steps = _Builder(loaded, identity, ctx, previous).build(version)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            snap: Snapshot = done.value
+            snap.commit()
+            return snap
+
+
+# How long a cooperative build runs before it lets the event loop serve
+# requests again. The longest step (one service's routes) is ~1 ms.
+BUILD_SLICE_S = 0.005
+
+
+async def build_snapshot_async(loaded: LoadedConfig, identity: ProxyIdentity, ctx: BuildContext,
+                               previous: Snapshot | None = None, version: int = 1,
+                               slice_s: float = BUILD_SLICE_S) -> Snapshot:
+    """:func:`build_snapshot` on the event loop without stalling it: the
+    build yields to the loop every ``slice_s`` seconds. The snapshot is not
+    committed: call ``commit()`` at the swap (``previous`` keeps serving
+    unchanged until then)."""
+    steps = _Builder(loaded, identity, ctx, previous).build(version)
+    clock = time.perf_counter
+    deadline = clock() + slice_s
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if clock() >= deadline:
+            await asyncio.sleep(0)
+            deadline = clock() + slice_s
 
 
 def retire(old: Snapshot, new: Snapshot) -> list[Cluster]:

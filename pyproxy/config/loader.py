@@ -14,6 +14,7 @@ should refuse a config whose ``errors`` is not empty.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from ._virtual_service import VIRTUAL_SERVICE, parse_virtual_service
 from ._yaml import read_documents
 from .model import Diagnostic, LoadedConfig, Meta, Resource, Source
 
-__all__ = ["expand_paths", "load_paths", "load_text", "parse_duration"]
+__all__ = ["ParseCache", "expand_paths", "load_paths", "load_text", "parse_duration"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,41 @@ class _Collector:
     loaded: list[_Loaded]
 
 
+@dataclass(frozen=True, slots=True)
+class _FileResult:
+    """Everything loading one file's text produced. It depends only on the
+    file's path and bytes, so it can be reused while both stay the same."""
+
+    digest: bytes
+    errors: tuple[Diagnostic, ...]
+    warnings: tuple[Diagnostic, ...]
+    loaded: tuple[_Loaded, ...]
+
+
+class ParseCache:
+    """Per-file load results kept from one :func:`load_paths` call to the
+    next, so a reload re-parses and re-validates only the files whose bytes
+    changed (the rest of a large config is reused as the same objects).
+
+    Keyed by path and a digest of the file's bytes, not by stat data: every
+    file is still read on every load (cheap next to parsing), so an edit that
+    keeps size and mtime is never missed. Only the files of the latest load
+    are kept. Not thread-safe: one load at a time (the worker serialises
+    reloads)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _FileResult] = {}
+        # The latest load: files parsed and validated vs. reused unchanged.
+        self.parsed = 0
+        self.reused = 0
+        self.parsed_total = 0
+        self.reused_total = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"files_parsed": self.parsed, "files_reused": self.reused,
+                "files_parsed_total": self.parsed_total, "files_reused_total": self.reused_total}
+
+
 # -- public API ------------------------------------------------------------------
 
 
@@ -98,16 +134,43 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
     return _expand(paths)[0]
 
 
-def load_paths(paths: Sequence[str]) -> LoadedConfig:
-    """Load files and directories; later paths override earlier ones."""
+def load_paths(paths: Sequence[str], cache: ParseCache | None = None) -> LoadedConfig:
+    """Load files and directories; later paths override earlier ones.
+
+    With a ``cache``, a file whose bytes are unchanged since the cache's
+    previous load is not parsed or validated again: its resources,
+    errors and warnings are reused. The result is the same either way."""
     files, problems = _expand(paths)
     out = _Collector(list(problems), [], [])
     read: list[str] = []
+    kept: dict[str, _FileResult] = {}
+    parsed = reused = 0
     for file in files:
-        text = _read_file(file, out)
-        if text is not None:
-            read.append(file)
-            _load_file(text, file, out)
+        data = _read_bytes(file, out)
+        if data is None:
+            continue
+        digest = hashlib.blake2b(data, digest_size=20).digest() if cache is not None else b""
+        result = cache._entries.get(file) if cache is not None else None
+        if result is not None and result.digest == digest:
+            reused += 1
+        else:
+            text = _decode(file, data, out)
+            if text is None:
+                continue
+            one = _Collector([], [], [])
+            _load_file(text, file, one)
+            result = _FileResult(digest, tuple(one.errors), tuple(one.warnings), tuple(one.loaded))
+            parsed += 1
+        read.append(file)
+        kept[file] = result
+        out.errors.extend(result.errors)
+        out.warnings.extend(result.warnings)
+        out.loaded.extend(result.loaded)
+    if cache is not None:
+        cache._entries = kept
+        cache.parsed, cache.reused = parsed, reused
+        cache.parsed_total += parsed
+        cache.reused_total += reused
     return _finish(out, read)
 
 
@@ -144,7 +207,7 @@ def _expand(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
     return files, problems
 
 
-def _read_file(file: str, out: _Collector) -> str | None:
+def _read_bytes(file: str, out: _Collector) -> bytes | None:
     try:
         with open(file, "rb") as fh:
             data = fh.read(MAX_FILE_BYTES + 1)
@@ -154,6 +217,10 @@ def _read_file(file: str, out: _Collector) -> str | None:
     if len(data) > MAX_FILE_BYTES:
         out.errors.append(Diagnostic(file, None, "", f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"))
         return None
+    return data
+
+
+def _decode(file: str, data: bytes, out: _Collector) -> str | None:
     try:
         if data.startswith((b"\xff\xfe", b"\xfe\xff")):
             return data.decode("utf-16")

@@ -142,6 +142,75 @@ async def test_admin_reload_endpoint() -> None:
             assert reload_counts(px) == (1, 0)
 
 
+async def test_reload_reparses_only_changed_files_and_drops_deleted_ones() -> None:
+    """The parse cache and route reuse, seen through /config_dump's reload
+    counters: an unchanged file is not parsed again, an edited one is, an
+    invalid edit is still rejected whole with its path, and a deleted file's
+    resources are gone."""
+    async with Upstream("a") as a, Upstream("b") as b, Upstream("o") as o:
+        other = service_entry("other", [(o.port, {"version": "o"})]) + "---\n" + textwrap.dedent("""\
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: other}
+            spec:
+              hosts: [other]
+              http:
+              - route: [{destination: {host: other}}]
+            """)
+        cfg = {"base.yaml": two_subsets(a.port, b.port), "vs.yaml": route_to("a"), "other.yaml": other}
+        with running_proxy(cfg, args=["--watch-interval", "0"]) as px:
+            async with aiohttp.ClientSession() as s:
+                last = px.admin_json("/config_dump")["last_reload"]
+                assert (last["files_parsed"], last["files_reused"]) == (3, 0)
+
+                # Nothing changed: nothing parsed, every route set reused.
+                assert (await asyncio.to_thread(px.reload))["ok"]
+                last = px.admin_json("/config_dump")["last_reload"]
+                assert (last["files_parsed"], last["files_reused"]) == (0, 3)
+                assert (last["routes_compiled"], last["routes_reused"]) == (0, 2)
+
+                # One file edited: only it is parsed; its route is compiled again.
+                px.write_config("vs.yaml", route_to("b"))
+                assert (await asyncio.to_thread(px.reload))["ok"]
+                assert await who(px, s) == "b"
+                last = px.admin_json("/config_dump")["last_reload"]
+                assert (last["files_parsed"], last["files_reused"]) == (1, 2)
+                assert (last["routes_compiled"], last["routes_reused"]) == (1, 1)
+
+                # An invalid edit: rejected whole, with its path; b stays.
+                px.write_config("vs.yaml", route_to("b").replace("subset: b}}", "subset: b}, weight: -5}"))
+                result = await asyncio.to_thread(px.reload)
+                assert result["http_status"] == 400 and not result["ok"]
+                assert any("vs.yaml#0: spec.http[0].route[0].weight" in e for e in result["errors"]), result
+                assert await who(px, s) == "b"
+                dump = px.admin_json("/config_dump")
+                assert dump["version"] == 3 and dump["last_reload"]["ok"] is False
+                assert dump["last_reload"]["files_parsed"] == 1
+                assert reload_counts(px) == (2, 1)
+
+                # The fix, and other.yaml deleted: its resources are gone.
+                px.write_config("vs.yaml", route_to("a"))
+                assert await who_host(px, s, "other") == "o"
+                px.remove_config("other.yaml")
+                assert (await asyncio.to_thread(px.reload))["ok"]
+                assert await who(px, s) == "a"
+                dump = px.admin_json("/config_dump")
+                assert {r["source"]["file"].rsplit("/", 1)[-1] for r in dump["resources"]} == {"base.yaml",
+                                                                                               "vs.yaml"}
+                assert not any(r["name"] == "other" for r in dump["resources"])
+                assert (dump["last_reload"]["files_parsed"], dump["last_reload"]["files_reused"]) == (1, 1)
+                async with s.get(px.outbound_url + "/", headers={"Host": "other"}) as r:
+                    assert r.status != 200 or (await r.json()).get("upstream") != "o"
+            assert reload_counts(px) == (3, 1)
+            assert px.alive()
+
+
+async def who_host(px, session: aiohttp.ClientSession, host: str) -> str:
+    async with session.get(px.outbound_url + "/", headers={"Host": host}) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["upstream"]
+
+
 async def test_invalid_config_is_kept_out_and_a_later_fix_applies() -> None:
     async with Upstream("a") as a, Upstream("b") as b:
         cfg = {"base.yaml": two_subsets(a.port, b.port), "vs.yaml": route_to("a")}
