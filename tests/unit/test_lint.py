@@ -25,7 +25,6 @@ PENDING = frozenset({
     "pyproxy/http/downstream.py",
     "pyproxy/http/exchange.py",
     "pyproxy/observability/accesslog.py",
-    "pyproxy/snapshot.py",
     "pyproxy/upstream/cluster.py",
     "pyproxy/upstream/connection.py",
     "pyproxy/upstream/dns.py",
