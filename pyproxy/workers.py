@@ -178,7 +178,7 @@ class WorkerPool:
                 return await control_request(socket_path(self.control_dir, i), cmd, timeout, **args)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a dead or busy worker must not break admin
+            except Exception as exc:  # noqa: BLE001 - a dead or busy worker must not break admin
                 return {"error": f"worker {i}: {type(exc).__name__}: {exc}"}
 
         results = await asyncio.gather(*(one(i) for i in indexes))

@@ -173,7 +173,9 @@ class DownstreamConnection:
         self.peer_ip = ""
         self.peer_ip_bytes = b""
         self.original_dst: tuple[str, int] | None = None
-        self.tunnel: UpstreamConnection | None = None
+        # Raw bytes go here: the upstream after a 101, or a sink while a
+        # refused connection lingers before it closes.
+        self.tunnel: UpstreamConnection | _Discard | None = None
         self.pending_error: tuple[int, bytes] | None = None
         self.advancing = False
         self.last_activity = 0.0
@@ -555,7 +557,8 @@ class DownstreamConnection:
         if not linger or self.tunnel is not None:
             t.close()
             return
-        self.tunnel = _Discard(self)
+        discard = _Discard(self)
+        self.tunnel = discard
         self.current = None
         self.pipeline.clear()
         self.read_block = 0
@@ -565,7 +568,7 @@ class DownstreamConnection:
         except (OSError, RuntimeError, NotImplementedError):
             t.close()
             return
-        self.worker.loop.call_later(LINGER_SECONDS, self.tunnel.close)
+        self.worker.loop.call_later(LINGER_SECONDS, discard.close)
 
     def start_drain(self, close_idle: bool = True) -> None:
         """Graceful drain: the next response carries Connection: close and

@@ -36,7 +36,6 @@ from ..routing.table import DIRECT_RESPONSE, REDIRECT, ROUTE
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
 from .headers import (
-    HOP_BY_HOP,
     HTTP_DATE,
     INBOUND_EXTERNAL_DROP,
     LAST_CHUNK,
@@ -391,9 +390,9 @@ class Exchange:
         if self.authority not in _GOOD_AUTHORITIES and not _authority_ok(self.authority):
             return 400, b"invalid host"
         target = self.target
-        if target[:1] != b"/" and not target[:7].lower() == b"http://":
-            if not (target == b"*" and self.method == b"OPTIONS"):
-                return 400, b"invalid request target"
+        if target[:1] != b"/" and target[:7].lower() != b"http://" \
+                and not (target == b"*" and self.method == b"OPTIONS"):
+            return 400, b"invalid request target"
         if b"#" in target:
             return 400, b"fragment in request target"
         return None
@@ -1101,9 +1100,9 @@ class Exchange:
                     self.unsent_bytes = self.request_bytes - len(data)
             else:
                 replay.append(data)
-        conn = self.upconn
-        if conn is not None and self.head_sent:
-            conn.write(chunk(data) if self.chunked_in else data)
+        up = self.upconn
+        if up is not None and self.head_sent:
+            up.write(chunk(data) if self.chunked_in else data)
             return
         if self.replay is None:
             self.unsent.append(data)

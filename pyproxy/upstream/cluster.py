@@ -19,7 +19,8 @@ import logging
 import random
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .connection import UpstreamConnection, UpstreamStream
 from .settings import ClusterSettings
@@ -245,7 +246,7 @@ class ClusterEndpoint:
             conn.abort()
             self._connect_done(None if conn.transport is None else conn)
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             cluster.stats.upstream_cx_connect_timeout += 1
             reason = "connection timeout"
             conn.abort()
@@ -481,4 +482,4 @@ class PassthroughCluster(Cluster):
             ep.close_idle()
 
 
-__all__ = ["Cluster", "ClusterEndpoint", "ClusterStats", "PassthroughCluster", "OVERFLOW", "UpstreamStream"]
+__all__ = ["OVERFLOW", "Cluster", "ClusterEndpoint", "ClusterStats", "PassthroughCluster", "UpstreamStream"]

@@ -250,10 +250,10 @@ class UpstreamConnection(asyncio.Protocol):
         if not keep_alive:
             self.reusable = False
         self.close_delimited = False
-        framed = False
+        framed = 0  # 1: content-length seen, 2: chunked
         for name, value in self.headers:
             if name == b"content-length":
-                framed = True
+                framed = 1
             elif name == b"transfer-encoding":
                 # Only a single "chunked" can be passed on (pyproxy re-frames
                 # bodies); anything else would change the body's meaning.

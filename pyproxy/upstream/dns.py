@@ -57,7 +57,7 @@ class Resolver:
             infos = await asyncio.wait_for(
                 self.loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), timeout
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.failed(name, exc)
             return
         ips: list[str] = []

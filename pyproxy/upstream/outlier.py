@@ -36,7 +36,8 @@ Semantics (Envoy ``outlier_detection``; Istio's field names in brackets):
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .settings import MAX_EJECTION_TIME, OutlierSettings
 

@@ -137,9 +137,7 @@ class RetryPolicy:
             return True
         if f & RETRY_RETRIABLE_4XX and status == 409:
             return True
-        if f & RETRY_RETRIABLE_STATUS_CODES and status in self.status_codes:
-            return True
-        return False
+        return bool(f & RETRY_RETRIABLE_STATUS_CODES) and status in self.status_codes
 
     def retries_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         """Would this response be retried (limits aside)? The header scan
