@@ -111,12 +111,12 @@ async def run(args: argparse.Namespace) -> list[float]:
                                    else bench.istio_bench_config(ports))
     _, run_parser = build_parser()
     flags = ["--config", str(wd), "--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0",
-             "--tracing", "off" if args.bare else "on", "--trace-sampling", str(args.sampling),
+             "--tracing", "off" if args.bare or args.no_tracing else "on", "--trace-sampling", str(args.sampling),
              "--watch-interval", "0", "--access-log", args.access_log or "off"]
     opts = parse_run_options(run_parser.parse_args(flags), {})
     loop = asyncio.get_running_loop()
     worker = Worker(opts, loop, rng=random.Random(1),
-                    observer_factory=lambda w: build_observer(w, processor=DropSpans()))
+                    observer_factory=lambda w: build_observer(w, processor=None if args.export else DropSpans()))
     await worker.start()
     try:
         listener = worker.listeners[0]
@@ -183,6 +183,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sampling", type=float, default=1.0, help="trace sampling percent")
     p.add_argument("--access-log", default="", help="access log path (default off)")
     p.add_argument("--bare", action="store_true", help="registry-only config, tracing off")
+    p.add_argument("--no-tracing", action="store_true", help="realistic config, tracing off")
+    p.add_argument("--export", action="store_true",
+                   help="export spans as configured by OTEL_* variables (default: a processor that drops them)")
     p.add_argument("--profile", action="store_true", help="cProfile instead of timing")
     p.add_argument("--sort", default="tottime")
     p.add_argument("--top", type=int, default=40)

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request, counted by valgrind (callgrind).
+
+    python load-tests/instructions.py                          # this tree, realistic config
+    python load-tests/instructions.py --tree /tmp/before --tree .
+    python load-tests/instructions.py -- --tracing off         # pyproxy flags after --
+
+Why: on a shared or virtualised 2-CPU machine, wrk rounds of the same
+build differ by ±15% (see load-tests/README.md), which hides most single
+optimisations. callgrind counts the instructions the proxy process executes
+(all its threads, user space; the kernel's share is not counted), and that
+count is the same from run to run whatever else the machine does.
+
+How: the real ``pyproxy run`` (realistic bench config, telemetry as
+``bench.py`` sets it, access log off) runs under callgrind in front of four
+uvloop upstreams (``bench_upstream.py``); a client sends N requests over 20
+keep-alive connections. Two runs per tree, with N and 5N requests; the
+difference divided by 4N is the per-request count, free of start-up cost.
+Each run takes about half a minute (valgrind slows Python ~50×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench  # the config and the port helper
+
+CONNS = 20
+ADDR = "127.0.0.1"
+
+
+async def _client(port: int, conns: int, per_conn: int) -> None:
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(ADDR, port)
+        try:
+            for _ in range(per_conn):
+                writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if not head.startswith(b"HTTP/1.1 200") or m is None:
+                    raise RuntimeError(f"unexpected response: {head[:200]!r}")
+                await reader.readexactly(int(m.group(1)))
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(conns)))
+
+
+def count(tree: Path, requests: int, flags: list[str], wd: Path) -> int:
+    """Instructions the proxy process executed for start-up + ``requests``."""
+    ports = {"v1": [bench.free_port(), bench.free_port()], "v2": [bench.free_port(), bench.free_port()]}
+    cfg = wd / "config"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "bench.yaml").write_text(bench.istio_bench_config(ports))
+    procs: list[subprocess.Popen] = []
+    try:
+        for p in ports["v1"] + ports["v2"]:
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_upstream.py"), str(p)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out = bench.free_port()
+        log = wd / "proxy.log"
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+               sys.executable, "-m", "pyproxy", "run", "--config", str(cfg),
+               "--outbound", f"{ADDR}:{out}", "--inbound", f"{ADDR}:{bench.free_port()}",
+               "--admin", f"{ADDR}:{bench.free_port()}", "--stats", f"{ADDR}:{bench.free_port()}",
+               "--app", f"{ADDR}:{ports['v1'][0]}", "--access-log", "off", *flags]
+        with open(log, "wb") as logf:
+            proxy = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=wd)
+        procs.append(proxy)
+        bench.wait_until(lambda: bench.http_probe(out)[0] == 200, 300,
+                         "pyproxy under valgrind", proxy, log)
+        asyncio.run(_client(out, CONNS, max(1, requests // CONNS)))
+        proxy.send_signal(2)
+        proxy.wait(timeout=300)
+        m = re.search(r"Collected : (\d+)", log.read_text())
+        if m is None:
+            raise RuntimeError(f"no callgrind total in {log}:\n{log.read_text()[-2000:]}")
+        return int(m.group(1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main(argv: list[str]) -> int:
+    if "--" in argv:
+        i = argv.index("--")
+        argv, flags = argv[:i], argv[i + 1:]
+    else:
+        flags = []
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tree", action="append", type=Path,
+                   help="a pyproxy source tree (repeatable; default: this checkout)")
+    p.add_argument("--requests", type=int, default=1000, help="N: the runs send N and 5N requests")
+    p.add_argument("--trace-sampling", default="0",
+                   help="percent (default 0: tracing on, nothing sampled, so runs are repeatable; "
+                        "1%% adds the cost of exporting ~1%% of requests as spans, at random)")
+    args = p.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    tel = bench.plan_telemetry(bench.pyproxy_help(), float(args.trace_sampling))
+    flags = tel.flags + flags
+    trees = args.tree or [HERE.parent]
+    for tree in trees:
+        wd = Path(tempfile.mkdtemp(prefix="pyproxy-instr-"))
+        try:
+            t0 = time.monotonic()
+            small = count(tree.resolve(), args.requests, flags, wd)
+            large = count(tree.resolve(), args.requests * 5, flags, wd)
+            per = (large - small) / (args.requests * 4)
+            print(f"{tree}: {per:,.0f} instructions per request "
+                  f"(flags: {' '.join(flags) or '-'}; {time.monotonic() - t0:.0f} s)", flush=True)
+        finally:
+            shutil.rmtree(wd, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
