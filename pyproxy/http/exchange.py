@@ -630,11 +630,15 @@ class Exchange:
         self._on_attempt_failed(PER_TRY_TIMEOUT, errors.UT_504)
 
     def _cancel_timers(self) -> None:
-        for name in ("per_try_timer", "global_timer", "retry_timer"):
-            t = getattr(self, name)
-            if t is not None:
-                t.cancel()
-                setattr(self, name, None)
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        if self.global_timer is not None:
+            self.global_timer.cancel()
+            self.global_timer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
 
     # ------------------------------------------------------------------
     # attempts

@@ -84,22 +84,27 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 # variant bits are set for the whole batch at once. A forked child must not
 # reuse the parent's buffer.
 _RANDOM_BATCH = 4096
-_random = b""
+_random = ""  # hex digits of the current batch
 _random_pos = _RANDOM_BATCH
+
+
+# Byte maps that set the version (4) and the variant (RFC 4122) bits.
+_VERSION_4 = bytes((x & 0x0F) | 0x40 for x in range(256))
+_VARIANT = bytes((x & 0x3F) | 0x80 for x in range(256))
 
 
 def _refill_random() -> None:
     global _random, _random_pos
     b = bytearray(os.urandom(_RANDOM_BATCH))
-    b[6::16] = bytes([(x & 0x0F) | 0x40 for x in b[6::16]])  # version 4
-    b[8::16] = bytes([(x & 0x3F) | 0x80 for x in b[8::16]])  # variant RFC 4122
-    _random = bytes(b)
+    b[6::16] = b[6::16].translate(_VERSION_4)
+    b[8::16] = b[8::16].translate(_VARIANT)
+    _random = b.hex()  # formatted once per batch: an id is slices of it
     _random_pos = 0
 
 
 def _reset_random() -> None:
     global _random, _random_pos
-    _random, _random_pos = b"", _RANDOM_BATCH
+    _random, _random_pos = "", _RANDOM_BATCH
 
 
 if hasattr(os, "register_at_fork"):
@@ -111,9 +116,9 @@ def new_request_id() -> bytes:
     global _random_pos
     if _random_pos >= _RANDOM_BATCH:
         _refill_random()
-    pos = _random_pos
-    _random_pos = pos + 16
-    h = _random[pos:pos + 16].hex()
+    pos = _random_pos * 2
+    _random_pos += 16
+    h = _random[pos:pos + 32]
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode("ascii")
 
 
