@@ -479,7 +479,8 @@ def _status(code: int) -> Status:
 
 
 def otlp_processor_from_env(environ: dict[str, str] | None = None) -> SpanProcessor | None:
-    """A BatchSpanProcessor + OTLP/HTTP exporter when an OTLP endpoint is
+    """An OTLP/HTTP span processor (``otlp.OtlpHttpProcessor``; the SDK's
+    BatchSpanProcessor + OTLPSpanExporter for TLS client settings) when an OTLP endpoint is
     configured (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
     ``OTEL_EXPORTER_OTLP_ENDPOINT``) and ``OTEL_TRACES_EXPORTER`` is not
     ``none``; otherwise None (no exporter, no span objects)."""
@@ -504,10 +505,18 @@ def otlp_processor_from_env(environ: dict[str, str] | None = None) -> SpanProces
             "OTLP protocol %r is not supported (only http/protobuf): spans will not be exported", protocol
         )
         return None
+    from .otlp import from_env
+
+    fast = from_env(env)
+    if fast is not None:
+        log.info("tracing: exporting spans over OTLP/HTTP to %s", fast.url)
+        return fast
+    # Settings only the SDK's exporter implements (client certificates, a
+    # custom CA): its batch processor, whose export thread encodes in Python.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    log.info("tracing: exporting spans over OTLP/HTTP to %s", endpoint)
+    log.info("tracing: exporting spans over OTLP/HTTP to %s (SDK exporter)", endpoint)
     return BatchSpanProcessor(OTLPSpanExporter())
 
 
