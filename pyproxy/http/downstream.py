@@ -420,7 +420,8 @@ class DownstreamConnection:
         if ex is not self.current:
             return
         self.current = None
-        self._unblock(BLOCK_BODY)
+        if self.read_block & BLOCK_BODY:
+            self._unblock(BLOCK_BODY)
         now = self.worker.loop.time()
         self.last_activity = now
         if self.headers_started:
@@ -435,7 +436,8 @@ class DownstreamConnection:
         if self.pending_error is not None and not self.pipeline:
             self._send_error()
             return
-        self._advance()
+        if self.pipeline or self.read_block & BLOCK_PIPELINE:
+            self._advance()
         if self.current is None and self.draining and not self.pipeline:
             self.close()
 

@@ -316,7 +316,8 @@ class Exchange:
             route = snap.inbound_route
             self.match_index = 0
         else:
-            vh = snap.hosts.lookup(self.host)
+            hosts = snap.hosts
+            vh = hosts.exact.get(self.host) or hosts.lookup(self.host)
             if vh is None:
                 self._passthrough()
                 return
@@ -357,8 +358,11 @@ class Exchange:
             return orig[1]
         port = self.port
         # No port, or the sidecar's own listener port (an app configured to
-        # call ``details:15001``): that names the service, not one of its ports.
-        return vh.effective_port(port if port > 0 and port != self.conn.listen_port else None)
+        # call ``details:15001``): that names the service, not one of its ports
+        # (VirtualHost.effective_port, inlined).
+        if port > 0 and port != self.conn.listen_port and (port in vh.ports or not vh.ports):
+            return port
+        return vh.default_port
 
     def _validate(self) -> tuple[int, bytes] | None:
         """RFC 9112 checks llhttp leaves to us (it already refuses bad
@@ -492,7 +496,8 @@ class Exchange:
             return
         target = route.pick(self.worker.rng)
         self.target_choice = target
-        cluster = target.cluster_for(self.port)
+        by_port = target.by_port  # RouteTarget.cluster_for, inlined
+        cluster = by_port.get(self.port, target.cluster) if by_port else target.cluster
         if cluster is None:
             self.send_reply(errors.NC_503)
             return
@@ -500,7 +505,7 @@ class Exchange:
         self._prepare_upstream(route)
         if route.mirrors and not self.upgrade:
             self.shadows = self.worker.mirror.start(self, route)
-        if self.request_complete:
+        if self.request_complete and route.timeout:
             # Envoy's route timeout starts when the router has the whole
             # request (after any fault delay); else on_request_complete arms it.
             self._arm_global_timer()
@@ -653,7 +658,11 @@ class Exchange:
                 return
         else:
             route = self.route
-            ep = cluster.lb.pick(self, self.tried if route is None or route.retry.avoid_previous_hosts else None)
+            lb = cluster.lb
+            if not self.tried and lb.hosts:
+                ep = lb.choose(self)  # what pick() does with nothing to avoid
+            else:
+                ep = lb.pick(self, self.tried if route is None or route.retry.avoid_previous_hosts else None)
             if ep is None:
                 self._give_up(errors.UH_503)
                 return
@@ -734,13 +743,16 @@ class Exchange:
         stats = cluster.stats
         stats.upstream_rq_total += 1
         stats.upstream_rq_active += 1
-        cluster.outlier.on_local_success(conn.endpoint)
-        if self.request_complete:
-            self._arm_per_try_timer()
+        if conn.endpoint.consecutive_local:  # (only the detector's reset, so skip the call at 0)
+            cluster.outlier.on_local_success(conn.endpoint)
+        route = self.route
         head = self.upstream_head + b"x-envoy-attempt-count: " + str(self.attempt).encode() + b"\r\n"
-        expected = self._expected_timeout_ms()
-        if expected:
-            head += b"x-envoy-expected-rq-timeout-ms: " + expected + b"\r\n"
+        if route is not None and (route.timeout or route.retry.per_try_timeout):
+            if self.request_complete:
+                self._arm_per_try_timer()
+            expected = self._expected_timeout_ms()
+            if expected:
+                head += b"x-envoy-expected-rq-timeout-ms: " + expected + b"\r\n"
         obs = self.worker.observer
         if obs is not None:
             # Trace context differs per attempt (one client span each).
@@ -864,7 +876,8 @@ class Exchange:
         ep = self.endpoint
         assert cluster is not None
         self.attempt_status = status
-        if ep is not None:
+        if ep is not None and (status >= 500 or ep.consecutive_5xx or ep.consecutive_gateway):
+            # (a success below 500 only resets these counters: no call when they are 0)
             cluster.outlier.on_response(ep, status)
         route = self.route
         if route is not None and route.retry.any_response and route.retry.retries_response(status, headers) \
@@ -1228,11 +1241,15 @@ class Exchange:
             if not self.request_complete:
                 for shadow in shadows:
                     shadow.abandon()
-        self._cancel_timers()
+        # (each call guarded by what it would do: this runs once per request)
+        if self.per_try_timer is not None or self.global_timer is not None or self.retry_timer is not None:
+            self._cancel_timers()
         if self.upconn is not None or self.waiting_pending:
             self._abort_attempt(reusable=False)
-        self._end_attempt_counters()
-        self._release_retry_slot()
+        if self.endpoint is not None:
+            self._end_attempt_counters()
+        if self.retry_active:
+            self._release_retry_slot()
         obs = self.worker.observer
         if obs is not None:
             try:

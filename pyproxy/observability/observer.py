@@ -142,9 +142,9 @@ class TelemetryObserver(Observer):
         return tracer.attempt_headers(ex)
 
     def on_attempt_end(self, ex: Exchange) -> None:
-        tracer = self.tracer
-        if tracer is not None:
-            tracer.attempt_end(ex)
+        st = ex.obs
+        if st is not None and st.record:  # spans are recorded (sampled, exporter set)
+            self.tracer.attempt_end(ex)  # type: ignore[union-attr]  # ex.obs is set only by a tracer
 
     def on_upstream_response(
         self, ex: Exchange, headers: list[tuple[bytes, bytes]]
@@ -174,9 +174,9 @@ class TelemetryObserver(Observer):
 
     def on_request_done(self, ex: Exchange) -> None:
         self.metrics.record(ex)
-        tracer = self.tracer
-        if tracer is not None:
-            tracer.finish(ex)
+        st = ex.obs
+        if st is not None and st.record:
+            self.tracer.finish(ex)  # type: ignore[union-attr]  # ex.obs is set only by a tracer
         access_log = self.access_log
         if access_log is not None:
             access_log.log(ex)

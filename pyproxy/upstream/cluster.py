@@ -320,7 +320,11 @@ class ClusterEndpoint:
             cluster.stats.upstream_cx_max_duration_reached += 1
             conn.close()
             return
-        self.hand_over(conn)
+        if self.pending:
+            self.hand_over(conn)
+        else:  # hand_over's idle branch, inlined: the common case
+            conn.idle_since = cluster.loop.time()
+            self.idle.append(conn)
 
     def on_connection_closed(self, conn: UpstreamConnection) -> None:
         if conn.counted:
