@@ -53,6 +53,9 @@ MAX_PENDING_BYTES = 8 << 20
 PIPE_BUF = 4096  # POSIX minimum; Linux's value
 
 _UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+# The bytes _UNSAFE does not match: deleting them from a value leaves
+# nothing when the value needs no escaping (one C-level translate).
+_SAFE = bytes(b for b in range(256) if _UNSAFE.match(bytes((b,))) is None)
 
 
 def _sub(m: re.Match) -> bytes:
@@ -153,21 +156,34 @@ class AccessLog:
         hd = ex.hdict
         ust = ex.upstream_latency
         up = ex.upstream_host
+        method = ex.method
+        path = hd.get(b"x-envoy-original-path") or (ex.path + b"?" + ex.query if ex.query else ex.path)
+        xff = hd.get(b"x-forwarded-for")
+        ua = hd.get(b"user-agent")
+        rid = ex.request_id
+        authority = ex.authority
+        if b"".join((method, path, xff or b"", ua or b"", rid, authority)).translate(None, _SAFE):
+            # Some value has a byte to escape: the general path.
+            fields = [escape(method), escape(path), escape(xff), escape(ua), escape(rid), escape(authority)]
+        else:  # (the common case: plain ASCII, decoded as is)
+            fields = [method.decode("ascii") or "-", path.decode("ascii") or "-",
+                      xff.decode("ascii") if xff else "-", ua.decode("ascii") if ua else "-",
+                      rid.decode("ascii") or "-", authority.decode("ascii") or "-"]
         return '[%s] "%s %s HTTP/%s" %d %s %d %d %d %s "%s" "%s" "%s" "%s" "%s"\n' % (
             self.clock.iso(ex.start_time),
-            escape(ex.method),
-            escape(original_path(ex)),
+            fields[0],
+            fields[1],
             ex.version,
             ex.status,
-            ex.flag_string,
+            ex.flag_string if ex.flags else "-",
             ex.request_bytes,
             ex.response_bytes,
             int(((ex.end_time or ex.start_time) - ex.start_time) * 1000),
             int(ust * 1000) if ust >= 0 else "-",
-            escape(hd.get(b"x-forwarded-for")),
-            escape(hd.get(b"user-agent")),
-            escape(ex.request_id),
-            escape(ex.authority),
+            fields[2],
+            fields[3],
+            fields[4],
+            fields[5],
             up.address if up is not None else "-",
         )
 

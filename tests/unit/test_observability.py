@@ -261,6 +261,7 @@ def _fake_exchange(**kw: object) -> SimpleNamespace:
         "query": b"a=1",
         "version": "1.1",
         "status": 200,
+        "flags": [],
         "flag_string": "-",
         "request_bytes": 0,
         "response_bytes": 295,
