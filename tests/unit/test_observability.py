@@ -296,6 +296,7 @@ def test_text_format_is_envoys_default_layout() -> None:
             upstream_latency=-1.0,
             upstream_host=None,
             status=404,
+            flags=["NR"],
             flag_string="NR",
             hdict={b"x-envoy-original-path": b"/orig"},
         )
