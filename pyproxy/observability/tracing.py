@@ -212,6 +212,7 @@ class TraceState:
 
     __slots__ = (
         "trace_hex",
+        "trace_hex32",
         "parent",
         "span",
         "span_hex",
@@ -232,6 +233,8 @@ class TraceState:
         b3_single: bool,
     ) -> None:
         self.trace_hex = trace_hex
+        # traceparent carries 32 hex digits: a 64-bit B3 trace id, left-padded.
+        self.trace_hex32 = trace_hex if len(trace_hex) == 32 else trace_hex.zfill(32)
         self.parent = parent
         self.span = _bits(64) or 1
         self.span_hex = "%016x" % self.span
@@ -314,7 +317,7 @@ class Tracer:
         th = st.trace_hex
         s = "1" if st.sampled else "0"
         out = (
-            f"traceparent: 00-{th:0>32}-{sid_hex}-0{s}\r\n"
+            f"traceparent: 00-{st.trace_hex32}-{sid_hex}-0{s}\r\n"
             f"x-b3-traceid: {th}\r\nx-b3-spanid: {sid_hex}\r\nx-b3-parentspanid: {st.span_hex}\r\n"
             f"x-b3-sampled: {s}\r\n"
         )
