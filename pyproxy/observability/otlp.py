@@ -38,12 +38,12 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 log = logging.getLogger("pyproxy.tracing")
 
-# Spans waiting for the sender, at most (as the SDK's default queue); more
-# are dropped and counted.
+# The SDK batch processor's defaults (OTEL_BSP_* override them): spans
+# waiting for the sender at most (more are dropped and counted), spans per
+# POST at most, and how often the sender wakes.
 MAX_QUEUE = 2048
-# A POST carries at most this many spans; the sender also wakes this often.
 MAX_BATCH = 512
-SCHEDULE_DELAY = 1.0
+SCHEDULE_DELAY = 5.0
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 MAX_ATTEMPTS = 3
 
@@ -196,7 +196,8 @@ def request_body(envelope: tuple[bytes, bytes], spans: Sequence[bytes]) -> bytes
 
 class OtlpHttpProcessor(SpanProcessor):
     def __init__(self, url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-                 compression: str = "none") -> None:
+                 compression: str = "none", max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH,
+                 schedule_delay: float = SCHEDULE_DELAY) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"OTLP endpoint {url!r}: need http:// or https://host[:port]/path")
@@ -211,6 +212,9 @@ class OtlpHttpProcessor(SpanProcessor):
         if compression in ("gzip", "deflate"):
             self.headers["Content-Encoding"] = compression
         self.timeout = timeout
+        self.max_queue = max(1, max_queue)
+        self.max_batch = max(1, min(max_batch, self.max_queue))
+        self.schedule_delay = max(0.01, schedule_delay)
         # (envelope, encoded span): the envelope is the resource and scope
         # the span belongs to, encoded once per distinct pair.
         self.queue: collections.deque[tuple[tuple[bytes, bytes], bytes]] = collections.deque()
@@ -233,7 +237,7 @@ class OtlpHttpProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if self.stopping:
             return
-        if len(self.queue) >= MAX_QUEUE:
+        if len(self.queue) >= self.max_queue:
             self.spans_dropped += 1
             return
         resource, scope = span.resource, span.instrumentation_scope
@@ -248,7 +252,7 @@ class OtlpHttpProcessor(SpanProcessor):
             # Started on first use, in the process that uses it (after any fork).
             self.thread = threading.Thread(target=self._run, name="pyproxy-otlp", daemon=True)
             self.thread.start()
-        if len(self.queue) >= MAX_BATCH:
+        if len(self.queue) >= self.max_batch:
             self.wake.set()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -277,14 +281,14 @@ class OtlpHttpProcessor(SpanProcessor):
 
     def _run(self) -> None:
         while not self.stopping:
-            self.wake.wait(SCHEDULE_DELAY)
+            self.wake.wait(self.schedule_delay)
             self.wake.clear()
             self.idle.clear()
             try:
                 while self.queue:
                     envelope = self.queue[0][0]
                     batch: list[bytes] = []
-                    while self.queue and len(batch) < MAX_BATCH and self.queue[0][0] is envelope:
+                    while self.queue and len(batch) < self.max_batch and self.queue[0][0] is envelope:
                         batch.append(self.queue.popleft()[1])
                     self._send(request_body(envelope, batch), len(batch))
             except Exception:  # the sender must outlive any one failure
@@ -346,7 +350,11 @@ def from_env(env: Mapping[str, str]) -> OtlpHttpProcessor | None:
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as is) or
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` (+ ``/v1/traces``); ``..._HEADERS``
     (``k=v,k2=v2``, URL-encoded values); ``..._TIMEOUT`` (seconds, default
-    10); ``..._COMPRESSION`` (``gzip``, ``deflate``, ``none``)."""
+    10); ``..._COMPRESSION`` (``gzip``, ``deflate``, ``none``); and the
+    batch processor's ``OTEL_BSP_SCHEDULE_DELAY`` (ms, default 5000),
+    ``OTEL_BSP_MAX_QUEUE_SIZE`` (2048), ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
+    (512). ``OTEL_BSP_EXPORT_TIMEOUT`` is not used: each POST is bounded by
+    the OTLP timeout."""
     for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
         if _env(env, name):
             return None
@@ -364,8 +372,20 @@ def from_env(env: Mapping[str, str]) -> OtlpHttpProcessor | None:
         k, eq, v = item.partition("=")
         if eq and k.strip():
             headers[urllib.parse.unquote(k.strip())] = urllib.parse.unquote(v.strip())
+    timeout = _number(_env(env, "TIMEOUT"), 10.0)
+    return OtlpHttpProcessor(
+        url, headers, timeout, compression,
+        max_queue=int(_number(env.get("OTEL_BSP_MAX_QUEUE_SIZE"), MAX_QUEUE)),
+        max_batch=int(_number(env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), MAX_BATCH)),
+        schedule_delay=_number(env.get("OTEL_BSP_SCHEDULE_DELAY"), SCHEDULE_DELAY * 1000) / 1000.0,
+    )
+
+
+def _number(raw: str | None, default: float) -> float:
+    """A positive number from the environment, else the default (as the SDK
+    ignores an unusable value)."""
     try:
-        timeout = float(_env(env, "TIMEOUT") or 10.0)
+        value = float(raw) if raw is not None and raw.strip() else default
     except ValueError:
-        timeout = 10.0
-    return OtlpHttpProcessor(url, headers, timeout, compression)
+        return default
+    return value if value > 0 else default

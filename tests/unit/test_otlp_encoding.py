@@ -62,6 +62,13 @@ def test_from_env_reads_the_otlp_variables_and_defers_tls_client_settings() -> N
     assert (p.host, p.port, p.path, p.timeout) == ("collector", 4318, "/v1/traces", 3.0)
     assert p.headers["x-token"] == "a b" and p.headers["tenant"] == "t1"
     assert p.headers["Content-Encoding"] == "gzip"
+    assert (p.max_queue, p.max_batch, p.schedule_delay) == (2048, 512, 5.0)  # the SDK's defaults
+    b = from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_BSP_SCHEDULE_DELAY": "250",
+                  "OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "10"})
+    assert b is not None and (b.max_queue, b.max_batch, b.schedule_delay) == (100, 10, 0.25)
+    bad = from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_BSP_SCHEDULE_DELAY": "soon",
+                    "OTEL_EXPORTER_OTLP_TIMEOUT": "-1"})
+    assert bad is not None and (bad.schedule_delay, bad.timeout) == (5.0, 10.0)
     t = from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:1",
                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example:8443/custom"})
     assert t is not None and (t.https, t.host, t.port, t.path) == (True, "traces.example", 8443, "/custom")
