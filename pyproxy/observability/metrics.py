@@ -284,17 +284,7 @@ class IstioMetrics:
             s = cache.get(key)
             if s is None:
                 s = self._bind_other(key, ex)
-        # Series.record, inlined (once per request).
-        ms = (ex.end_time - ex.start_time) * 1000.0
-        req = ex.request_bytes
-        resp = ex.response_bytes
-        s.count += 1
-        s.dur[bisect_left(BUCKETS, ms)] += 1
-        s.dur_sum += ms
-        s.req[bisect_left(BUCKETS, req)] += 1
-        s.req_sum += req
-        s.resp[bisect_left(BUCKETS, resp)] += 1
-        s.resp_sum += resp
+        s.record((ex.end_time - ex.start_time) * 1000.0, ex.request_bytes, ex.response_bytes)
 
     # -- label computation (once per distinct key) ----------------------------
 
