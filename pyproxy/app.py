@@ -35,6 +35,7 @@ from .http.exchange import INBOUND, OUTBOUND
 from .options import RunOptions
 from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
 from .upstream.cluster import Cluster
+from .upstream.connection import UpstreamConnection
 from .upstream.dns import Resolver
 
 log = logging.getLogger("pyproxy")
@@ -409,6 +410,17 @@ class Worker:
                         ex.idle_since = now
                     elif now - ex.idle_since >= stream_idle:
                         ex.on_stream_idle_timeout()
+                continue
+            tunnel = conn.tunnel
+            if tunnel is not None and stream_idle and isinstance(tunnel, UpstreamConnection):
+                # An upgraded (WebSocket) tunnel: Envoy's stream idle timeout
+                # still applies; bytes either way count as progress.
+                if conn.tunnel_bytes != conn.tunnel_mark:
+                    conn.tunnel_mark = conn.tunnel_bytes
+                    conn.tunnel_since = now
+                elif now - conn.tunnel_since >= stream_idle:
+                    self.stats.downstream_rq_idle_timeout += 1
+                    conn.close()
                 continue
             if conn.headers_started and now - conn.headers_started > limits.header_timeout:
                 self.stats.downstream_cx_header_timeout += 1

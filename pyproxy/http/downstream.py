@@ -145,7 +145,8 @@ class DownstreamConnection:
         "listener", "worker", "direction", "listen_port", "transport", "parser",
         "url", "url_len", "headers", "header_bytes", "current", "parsing", "pipeline",
         "read_block", "reading_paused", "write_paused", "closed", "draining", "peer_ip",
-        "peer_ip_bytes", "original_dst", "tunnel", "pending_error", "advancing",
+        "peer_ip_bytes", "original_dst", "tunnel", "tunnel_bytes", "tunnel_mark", "tunnel_since",
+        "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
         "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
         "corked", "wbuf",
@@ -176,6 +177,11 @@ class DownstreamConnection:
         # Raw bytes go here: the upstream after a 101, or a sink while a
         # refused connection lingers before it closes.
         self.tunnel: UpstreamConnection | _Discard | None = None
+        # An upgraded tunnel's bytes moved (both ways), and the worker sweep's
+        # last look at them: Envoy's stream idle timeout for upgraded streams.
+        self.tunnel_bytes = 0
+        self.tunnel_mark = -1
+        self.tunnel_since = 0.0
         self.pending_error: tuple[int, bytes] | None = None
         self.advancing = False
         self.last_activity = 0.0
@@ -221,6 +227,7 @@ class DownstreamConnection:
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
+            self.tunnel_bytes += len(data)
             tunnel.write(data)
             return
         self.last_activity = self.worker.loop.time()

@@ -115,6 +115,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
+            if self.sink is not None:
+                self.sink.tunnel_bytes += len(data)  # (the downstream end's idle watch)
             self.tunnel.write(data)
             return
         stream = self.stream

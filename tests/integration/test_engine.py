@@ -19,6 +19,7 @@ from tests.harness import (
     running_proxy,
     service_entry,
 )
+from tests.integration.hardening_helpers import downstream_stats
 
 
 async def test_registry_routing_and_forwarding_headers() -> None:
@@ -323,6 +324,49 @@ async def test_websocket_is_tunnelled() -> None:
                         await ws.send_str(f"m{i}")
                         msg = await asyncio.wait_for(ws.receive(), 5)
                         assert msg.data == f"echo:m{i}"
+
+
+async def test_idle_websocket_tunnel_is_closed_by_the_stream_idle_timeout() -> None:
+    """Envoy's stream idle timeout applies to upgraded streams: a tunnel
+    that moves bytes either way stays open, an idle one is closed (both
+    ends) and counted as downstream_rq_idle_timeout."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo:" + msg.data)
+        return ws
+
+    async with Upstream(handler=handler) as up:
+        with running_proxy(service_entry("ws", [(up.port, {})]), args=["--stream-idle-timeout", "2"]) as px:
+            async with aiohttp.ClientSession() as s:
+                busy = await s.ws_connect(px.outbound_url + "/busy", headers={"Host": "ws"}, autoping=False,
+                                          heartbeat=None)
+                idle = await s.ws_connect(px.outbound_url + "/idle", headers={"Host": "ws"}, autoping=False,
+                                          heartbeat=None)
+                await idle.send_str("once")
+                assert (await asyncio.wait_for(idle.receive(), 5)).data == "echo:once"
+                # 5 s: the busy tunnel moves a message every 0.4 s; the idle one
+                # moves nothing after its first exchange.
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 5.0
+                i = 0
+                while loop.time() < end:
+                    await busy.send_str(f"m{i}")
+                    msg = await asyncio.wait_for(busy.receive(), 5)
+                    assert msg.data == f"echo:m{i}", msg
+                    i += 1
+                    await asyncio.sleep(0.4)
+                closed = await asyncio.wait_for(idle.receive(), 5)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                       aiohttp.WSMsgType.ERROR), closed
+                await busy.send_str("still")
+                assert (await asyncio.wait_for(busy.receive(), 5)).data == "echo:still"
+                await busy.close()
+                await idle.close()
+            stats = downstream_stats(px)
+    assert stats["downstream_rq_idle_timeout"] == 1, stats
 
 
 async def test_large_body_streams_with_bounded_memory() -> None:
