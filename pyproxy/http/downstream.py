@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from .. import errors
 from ..errors import STATUS_LINES
 from .exchange import Exchange
 
@@ -549,7 +550,27 @@ class DownstreamConnection:
         status, body = self.pending_error or (400, b"Bad Request")
         self.pipeline.clear()
         self.write(simple_response(status, body))
+        obs = self.worker.observer
+        if obs is not None:
+            self._report_refused(obs, status, len(body))
         self.close(linger=True)
+
+    def _report_refused(self, obs: Any, status: int, body_len: int) -> None:
+        """The observer's view of a request refused before it had an
+        exchange: what was parsed of it (method, target, headers so far)."""
+        try:
+            # The method is known once the target began (before that llhttp's
+            # method field still holds its zero value, which reads "DELETE").
+            method = self.parser.get_method() if self.url else b"-"
+            ex = Exchange(self, method or b"-", self.url or b"-", self.headers, "1.1", False, False)
+            ex.status = status
+            ex.flags.append(errors.DOWNSTREAM_PROTOCOL_ERROR)
+            ex.response_bytes = body_len
+            ex.started = ex.finished = True
+            ex.end_time = ex.start_time
+            obs.on_request_refused(ex)
+        except Exception:  # telemetry must never break the refusal itself
+            log.exception("observer failed on a refused request")
 
     def close(self, linger: bool = False) -> None:
         """Close the connection. ``linger``: unread request bytes may follow

@@ -58,6 +58,10 @@ class Observer:
     def on_request_done(self, ex: Exchange) -> None:
         """The exchange finished: record metrics, finish spans, write the log line."""
 
+    def on_request_refused(self, ex: Exchange) -> None:
+        """A request refused before its head was complete (malformed, or over
+        a header limit): ``ex`` holds what was parsed, status and flag DPE."""
+
     def close(self) -> None:
         """Worker shutdown: flush what is buffered."""
 
@@ -177,6 +181,14 @@ class TelemetryObserver(Observer):
         st = ex.obs
         if st is not None and st.record:
             self.tracer.finish(ex)  # type: ignore[union-attr]  # ex.obs is set only by a tracer
+        access_log = self.access_log
+        if access_log is not None:
+            access_log.log(ex)
+
+    def on_request_refused(self, ex: Exchange) -> None:
+        # As Envoy: an access log line (flag DPE) for a request its codec
+        # refused. No span and no istio_requests_total sample: it never
+        # became a routed request (it is in the listener's rejection counters).
         access_log = self.access_log
         if access_log is not None:
             access_log.log(ex)

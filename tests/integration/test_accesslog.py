@@ -189,3 +189,31 @@ async def test_missing_log_directory_refuses_to_start(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "access log directory" in proc.stderr
+
+
+async def test_requests_refused_before_routing_get_a_line_with_flag_dpe(tmp_path: Path) -> None:
+    """As Envoy: a request the codec refuses (malformed, or over a header
+    limit) still gets an access log line, with what was parsed and flag DPE."""
+    log = tmp_path / "access.log"
+    async with Upstream() as up:
+        with running_proxy(service_entry("svc", [(up.port, {})]), args=["--access-log", str(log)]) as px:
+            bad_header = await raw_request(px.outbound, b"GET /p?q=1 HTTP/1.1\r\nHost: svc\r\nBad Name: x\r\n\r\n",
+                                           until_close=True)
+            assert bad_header.startswith(b"HTTP/1.1 400")
+            garbage = await raw_request(px.outbound, b"\x01\x02 nonsense\r\n\r\n", until_close=True)
+            assert garbage.startswith(b"HTTP/1.1 400")
+            too_long = await raw_request(px.outbound, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: svc\r\n\r\n",
+                                         until_close=True)
+            assert too_long.startswith(b"HTTP/1.1 414")
+            ok = await raw_request(px.outbound, b"GET /fine HTTP/1.1\r\nHost: svc\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200")
+            await wait_for(lambda: len(lines_of(log)) >= 4, timeout=5, what="four access log lines")
+    lines = lines_of(log)
+    assert len(lines) == 4 and len(up.seen) == 1, lines  # only the good request went upstream
+    parsed = [LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    got = sorted((m["code"], m["flags"], m["method"], m["path"][:8]) for m in parsed if m)
+    assert got == [("200", "-", "GET", "/fine"),
+                   ("400", "DPE", "-", "-"),  # nothing of the request line was usable
+                   ("400", "DPE", "GET", "/p?q=1"),
+                   ("414", "DPE", "-", "-")], lines  # the target was refused while it was read
