@@ -1,4 +1,4 @@
-"""Command line: ``pyproxy run | validate | iptables | demo``.
+"""Command line: ``pyproxy run | validate | iptables | ca | demo``.
 
 Every ``run`` flag can also come from the environment as ``PYPROXY_<FLAG>``
 (upper case, dashes as underscores), which is how a container is configured;
@@ -199,6 +199,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from .iptables import add_arguments as add_iptables_args
 
     add_iptables_args(ipt)
+    ca = sub.add_parser("ca", help="mesh CA: create one, issue workload certificates")
+    from .security.cacli import add_arguments as add_ca_args
+
+    add_ca_args(ca)
     demo = sub.add_parser("demo", help="run a demo mesh locally")
     demo.add_argument("name", choices=["bookinfo"])
     demo.add_argument("--config-dir", default=None,
@@ -222,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         from .iptables import main as iptables_main
 
         return iptables_main(args)
+    if args.command == "ca":
+        from .security.cacli import main as ca_main
+
+        return ca_main(args)
     if args.command == "demo":
         from .demo.launcher import main as demo_main
 

@@ -1,0 +1,1 @@
+"""Workload identity and mutual TLS (Istio ISTIO_MUTUAL, PeerAuthentication)."""
