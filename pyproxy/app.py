@@ -14,6 +14,7 @@ snapshot does not carry over drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
 from .config.loader import ParseCache
@@ -37,6 +38,9 @@ from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_asyn
 from .upstream.cluster import Cluster
 from .upstream.connection import UpstreamConnection
 from .upstream.dns import Resolver
+
+if TYPE_CHECKING:
+    from .security.certs import CertStore
 
 log = logging.getLogger("pyproxy")
 
@@ -189,8 +193,11 @@ class ReloadStatus:
 
 class Worker:
     def __init__(self, options: RunOptions, loop: asyncio.AbstractEventLoop | None = None,
-                 rng: random.Random | None = None, observer_factory: Callable[[Worker], Any] | None = None) -> None:
+                 rng: random.Random | None = None, observer_factory: Callable[[Worker], Any] | None = None,
+                 certs: CertStore | None = None) -> None:
         self.options = options
+        # Workload credentials (mTLS); None = plaintext only.
+        self.certs = certs
         self.loop = loop or asyncio.get_event_loop()
         self.rng = rng or (random.Random(options.seed) if options.seed is not None else random.Random())
         self.limits = options.limits
@@ -365,6 +372,11 @@ class Worker:
             await listener.start(reuse)
         self.tasks.append(self.loop.create_task(self._sweep_loop()))
         self.tasks.append(self.loop.create_task(self.resolver.run(lambda: self.snapshot.dns_names)))
+        if self.certs is not None:
+            # Files re-checked as often as the config (at least every 5 s:
+            # the expiry warning rides on the same poll).
+            interval = min(self.options.watch_interval or 5.0, 5.0)
+            self.tasks.append(self.loop.create_task(self.certs.watch(interval)))
         if self.options.watch_interval > 0:
             from .config.watch import ConfigWatcher
 
@@ -517,7 +529,22 @@ async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None =
     from .observability import build_observer
 
     loop = asyncio.get_running_loop()
-    worker = Worker(options, loop, observer_factory=build_observer)
+    certs = None
+    if options.certs:
+        from .security.certs import CertStore, CredentialError, resolve_identity
+
+        certs = CertStore(options.certs)
+        try:
+            creds = certs.load()
+            resolve_identity(creds, options.service_account, options.trust_domain,
+                             options.namespace if options.namespace_set else "")
+        except CredentialError as exc:
+            print(f"pyproxy: workload certificate: {exc}; not starting", file=sys.stderr)
+            return 1
+        if not options.namespace_set:
+            options = dataclasses.replace(options, namespace=creds.identity.namespace)
+        log.info("workload identity %s from %s", creds.uri, options.certs)
+    worker = Worker(options, loop, observer_factory=build_observer, certs=certs)
     try:
         await worker.start()
     except ConfigError as exc:

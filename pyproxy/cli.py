@@ -22,6 +22,9 @@ T = TypeVar("T")
 
 ENV_PREFIX = "PYPROXY_"
 
+# istio-agent's file-mounted credentials path (relative, as in Istio).
+DEFAULT_CERTS_DIR = "./var/run/secrets/workload-spiffe-credentials"
+
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -80,6 +83,16 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stream-idle-timeout", metavar="SECONDS",
                    help="end a request when no byte moved either way for this long: 504 (408 while the "
                         "request is still arriving), flag SI; 0 = off (default: 300)")
+    p.add_argument("--certs", metavar="DIR|off",
+                   help="workload certificate directory (cert-chain.pem, key.pem, root-cert.pem: istio-agent's "
+                        "file-mounted layout) for mutual TLS; watched for rotation (default: "
+                        f"{DEFAULT_CERTS_DIR} when it exists, else no mTLS)")
+    p.add_argument("--service-account", metavar="SA",
+                   help="this workload's service account (default: from the certificate's URI SAN; "
+                        "a different one refuses to start)")
+    p.add_argument("--trust-domain", metavar="TD",
+                   help="the mesh trust domain (default: from the certificate's URI SAN; a different one "
+                        "refuses to start)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -152,7 +165,13 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         configs = [c.strip() for c in env.get(env_name("config"), "").split(",") if c.strip()]
     if not configs:
         raise ValueError(f"at least one --config PATH is required (or {env_name('config')}=PATH,PATH)")
-    namespace = f.text("namespace", "default") or "default"
+    namespace = f.text("namespace", "") or "default"
+    namespace_set = bool(f.text("namespace", ""))
+    certs = f.text("certs", "")
+    if certs.lower() == "off":
+        certs = ""
+    elif not certs and os.path.isdir(DEFAULT_CERTS_DIR):
+        certs = DEFAULT_CERTS_DIR
     log_level = f.choice("log-level", "info", LOG_LEVELS)
     log_level = {"warn": "warning", "trace": "debug", "off": "critical"}.get(log_level, log_level)
     return RunOptions(
@@ -184,6 +203,10 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         ),
         worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,
+        certs=certs,
+        service_account=f.text("service-account", ""),
+        trust_domain=f.text("trust-domain", ""),
+        namespace_set=namespace_set,
     )
 
 

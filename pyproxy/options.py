@@ -110,6 +110,14 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)
     worker_index: int = 0
     seed: int | None = None
+    # Workload credentials (security/certs.py): the directory with
+    # cert-chain.pem, key.pem and root-cert.pem; "" = no mTLS.
+    certs: str = ""
+    # Expected identity; "" = whatever the certificate says.
+    service_account: str = ""
+    trust_domain: str = ""
+    # --namespace was given (else the certificate's namespace is used).
+    namespace_set: bool = False
 
     @property
     def workload_name(self) -> str:

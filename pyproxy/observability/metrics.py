@@ -411,7 +411,23 @@ def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None =
         "started_at": worker.started_at,
         "config_version": worker.version,
         "workers": 1,
+        "tls": tls_state(getattr(worker, "certs", None)),
         **(extra or {}),
+    }
+
+
+def tls_state(certs: Any) -> dict:
+    """The workload certificate and the TLS handshake counters (empty
+    without --certs)."""
+    if certs is None:
+        return {}
+    creds = certs.current
+    return {
+        "ssl": dict(certs.stats),
+        "cert": {} if creds is None else {
+            "uri": creds.uri, "not_before": creds.not_before, "not_after": creds.not_after,
+        },
+        "cert_reloads": {"success": certs.reloads, "failure": certs.reload_failures},
     }
 
 
@@ -426,6 +442,7 @@ def merge_states(states: list[dict]) -> dict:
     clusters: dict[str, dict[str, int]] = {}
     downstream: dict[str, int] = {}
     mirror: dict[str, int] = {}
+    ssl_counts: dict[str, int] = {}
     dropped = 0
     for state in states:
         for row in state["istio"]:
@@ -457,7 +474,13 @@ def merge_states(states: list[dict]) -> dict:
         for k, v in state.get("mirror", {}).items():
             mirror[k] = mirror.get(k, 0) + v
         dropped += state.get("access_log_dropped", 0)
+        for k, v in state.get("tls", {}).get("ssl", {}).items():
+            ssl_counts[k] = ssl_counts.get(k, 0) + v
+    tls = first.get("tls", {})
+    if tls:
+        tls = {**tls, "ssl": ssl_counts}
     return {
+        "tls": tls,
         "istio": list(istio.values()),
         "clusters": clusters,
         "downstream": downstream,
@@ -557,6 +580,7 @@ class StateCollector:
         )
         dropped.add_metric([], state.get("access_log_dropped", 0))
         yield dropped
+        yield from _tls_metrics(state.get("tls", {}))
         for name, value, doc in (
             ("envoy_server_live", 1, "1 while the proxy serves"),
             ("envoy_server_uptime", int(time.time() - state["started_at"]), "Seconds since start"),
@@ -565,6 +589,34 @@ class StateCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+
+
+def _tls_metrics(tls: dict) -> Iterator[Metric]:
+    if not tls:
+        return
+    for stat, value in sorted(tls.get("ssl", {}).items()):
+        # Envoy's listener/cluster ssl.* counters, summed over both directions.
+        c = CounterMetricFamily("envoy_" + stat.replace(".", "_"), f"TLS {stat} (inbound and outbound)")
+        c.add_metric([], value)
+        yield c
+    cert = tls.get("cert") or {}
+    if cert:
+        # Envoy's server.days_until_first_cert_expiring, plus the exact time.
+        days = GaugeMetricFamily("envoy_server_days_until_first_cert_expiring",
+                                 "Days until the workload certificate expires")
+        days.add_metric([], int((cert["not_after"] - time.time()) // 86400))
+        yield days
+        expiry = GaugeMetricFamily("pyproxy_workload_cert_expiry_timestamp_seconds",
+                                   "When the workload certificate expires (Unix time)", labels=["spiffe_id"])
+        expiry.add_metric([cert["uri"]], cert["not_after"])
+        yield expiry
+    reloads = tls.get("cert_reloads")
+    if reloads is not None:
+        c = CounterMetricFamily("pyproxy_workload_cert_reloads", "Workload certificate reloads by result",
+                                labels=["result"])
+        c.add_metric(["success"], reloads["success"])
+        c.add_metric(["failure"], reloads["failure"])
+        yield c
 
 
 def render_prometheus(state: dict) -> bytes:
@@ -589,6 +641,8 @@ def render_text(state: dict, filter_re: Any = None) -> str:
     lines.append(f"pyproxy.access_log_dropped: {state.get('access_log_dropped', 0)}")
     total = sum(row[1] for row in state["istio"])
     lines.append(f"pyproxy.istio_requests_total: {total}")
+    for stat, value in sorted(state.get("tls", {}).get("ssl", {}).items()):
+        lines.append(f"{stat}: {value}")
     lines.append(f"server.concurrency: {state.get('workers', 1)}")
     lines.append("server.live: 1")
     lines.append(f"server.uptime: {int(time.time() - state['started_at'])}")
