@@ -99,11 +99,11 @@ class DropSpans:
 
 
 async def run(args: argparse.Namespace) -> list[float]:
-    from pyproxy.app import Worker
     from pyproxy.cli import build_parser, parse_run_options
     from pyproxy.http.downstream import DownstreamConnection
     from pyproxy.observability import build_observer
     from pyproxy.upstream.connection import UpstreamConnection
+    from pyproxy.worker import Worker
 
     ports = {"v1": [20001, 20002], "v2": [20003, 20004]}
     wd = Path(tempfile.mkdtemp(prefix="pyproxy-micro-"))

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_run_options(args)
     except ValueError as exc:
         run_parser.error(str(exc))  # usage + "pyproxy run: error: ...", exit status 2
-    from .app import run
+    from .process import run
 
     return run(options)
 

@@ -24,7 +24,7 @@ Mutating endpoints (every POST) answer 403 to callers that are not on a
 loopback address, even when ``--admin`` binds a wider address.
 
 With ``--workers N`` the primary asks every other worker over its control
-socket (``workers.py``) and merges: ``/stats``, ``/stats/prometheus`` and
+socket (``supervisor.py``) and merges: ``/stats``, ``/stats/prometheus`` and
 ``/clusters`` cover all workers; ``/reload``, ``/logging`` and
 ``/drain_listeners`` apply to all of them.
 """
@@ -38,14 +38,16 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..observability import worker_metric_state
 from .http import AdminHTTPServer, Request, Response, Router
 
 if TYPE_CHECKING:
-    from ..app import Worker
-    from ..workers import WorkerPool
+    from ..supervisor import WorkerPool
+    from ..worker import Worker
 
 log = logging.getLogger("pyproxy.admin")
 
@@ -292,9 +294,13 @@ def config_dump(worker: Worker) -> dict:
 
 
 class AdminServer:
-    def __init__(self, worker: Worker, pool: WorkerPool | None = None) -> None:
+    def __init__(self, worker: Worker, pool: WorkerPool | None = None,
+                 quit: Callable[[], None] | None = None) -> None:
         self.worker = worker
         self.pool = pool
+        # POST /quitquitquit: the process's own shutdown (process.serve), which
+        # drains this worker and the others; without one the endpoint only answers.
+        self._quit = quit
         self.servers: list[AdminHTTPServer] = []
 
     def admin_app(self) -> Router:
@@ -400,7 +406,7 @@ class AdminServer:
                 "requests_total": sum(row[1] for row in state["istio"]),
             }
 
-        out = [summary(0, self.worker.metric_state())]
+        out = [summary(0, worker_metric_state(self.worker))]
         if self.pool is not None:
             for i, r in sorted((await self.pool.query_all("state")).items()):
                 out.append(summary(i, r))
@@ -425,7 +431,7 @@ class AdminServer:
     async def gather_state(self) -> dict:
         from ..observability.metrics import merge_states
 
-        states = [self.worker.metric_state()]
+        states = [worker_metric_state(self.worker)]
         if self.pool is not None:
             for _, r in sorted((await self.pool.query_all("state")).items()):
                 if "istio" in r:
@@ -515,9 +521,8 @@ class AdminServer:
         return Response(text="OK\n")
 
     async def quit(self, request: Request) -> Response:
-        ev = getattr(self.worker, "quit_event", None)
-        if ev is not None:
-            ev.set()
+        if self._quit is not None:
+            self._quit()
         return Response(text="OK\n")
 
 

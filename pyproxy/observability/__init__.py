@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..app import Worker
+    from ..worker import Worker
 
 
 def build_observer(worker: Worker, processor: Any = None) -> Any:
@@ -38,3 +39,15 @@ def build_observer(worker: Worker, processor: Any = None) -> Any:
         )
     access_log = open_access_log(opts.access_log, opts.access_log_format, worker.loop)
     return TelemetryObserver(metrics, me, tracer, access_log)
+
+
+def worker_metric_state(worker: Worker) -> dict:
+    """A worker's metric state, what ``/stats`` and ``/stats/prometheus`` merge
+    across workers (see ``metrics.worker_state``)."""
+    from .metrics import worker_state
+
+    obs = worker.observer
+    metrics = getattr(obs, "metrics", None)
+    log_ = getattr(obs, "access_log", None)
+    return worker_state(worker, metrics, {"access_log_dropped": log_.dropped if log_ is not None else 0,
+                                          "pid": os.getpid()})

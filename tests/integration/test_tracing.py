@@ -20,9 +20,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from pyproxy.app import Worker
 from pyproxy.observability import build_observer
 from pyproxy.options import Address, RunOptions, parse_labels
+from pyproxy.worker import Worker
 from tests.harness import Upstream, running_proxy, service_entry
 from tests.integration.obs_helpers import wait_for
 

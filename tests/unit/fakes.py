@@ -18,13 +18,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pyproxy.app import WorkerStats
 from pyproxy.config.loader import load_text
 from pyproxy.http.exchange import OUTBOUND, Exchange
 from pyproxy.options import Limits
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot
 from pyproxy.upstream.cluster import Cluster, ClusterEndpoint
 from pyproxy.upstream.connection import UpstreamConnection
+from pyproxy.worker import WorkerStats
 
 
 class FakeTimer:

@@ -1,9 +1,11 @@
-"""The sidecar process: one ``Worker`` per event loop.
+"""One ``Worker`` per event loop: the data plane of one process.
 
 A worker owns the listeners (inbound, outbound), the current snapshot, the
 cluster state, the DNS resolver and the background tasks (housekeeping
-sweep, DNS refresh, outlier timers, config watching). The first worker also
-serves the admin and stats endpoints.
+sweep, DNS refresh, outlier timers, config watching). It knows nothing of
+the process around it: signals, the admin and stats servers, the supervisor
+and the control socket are wired in ``process.py``, which imports this module
+(never the other way round), and so do the admin server and the telemetry.
 
 Reload: parse and validate everything, build a new snapshot on the side
 (reusing unchanged clusters), resolve its DNS names, then swap one reference.
@@ -14,19 +16,14 @@ snapshot does not carry over drain.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 import random
-import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__
 from .config.loader import ParseCache
 from .config.model import LoadedConfig
 from .filters.mirror import Mirror
@@ -337,16 +334,6 @@ class Worker:
                      self.reload_status.duration_ms)
         return ok
 
-    def metric_state(self) -> dict:
-        """This worker's metric state (see observability/metrics.py)."""
-        from .observability.metrics import worker_state
-
-        obs = self.observer
-        metrics = getattr(obs, "metrics", None)
-        log_ = getattr(obs, "access_log", None)
-        return worker_state(self, metrics, {"access_log_dropped": log_.dropped if log_ is not None else 0,
-                                            "pid": os.getpid()})
-
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
@@ -501,179 +488,3 @@ class ConfigError(Exception):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
-
-
-def install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-async def serve(options: RunOptions, ready_cb: Callable[[Worker], None] | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT/quitquitquit; returns the exit code.
-
-    Worker 0 (the primary) serves admin and stats and, with ``--workers N``,
-    supervises the other workers (workers.py); the others serve only the
-    data plane and a control socket for the primary."""
-    from .admin.server import AdminServer
-    from .observability import build_observer
-
-    loop = asyncio.get_running_loop()
-    certs = None
-    if options.certs:
-        from .security.certs import CertStore, CredentialError, resolve_identity
-
-        certs = CertStore(options.certs)
-        try:
-            creds = certs.load()
-            resolve_identity(creds, options.service_account, options.trust_domain,
-                             options.namespace if options.namespace_set else "")
-        except CredentialError as exc:
-            print(f"pyproxy: workload certificate: {exc}; not starting", file=sys.stderr)
-            return 1
-        if not options.namespace_set:
-            options = dataclasses.replace(options, namespace=creds.identity.namespace)
-        log.info("workload identity %s from %s", creds.uri, options.certs)
-    worker = Worker(options, loop, observer_factory=build_observer, certs=certs)
-    try:
-        await worker.start()
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        print(f"pyproxy: invalid configuration ({len(exc.errors)} error(s)); not starting", file=sys.stderr)
-        await worker.stop()
-        return 1
-    except OSError as exc:
-        print(f"pyproxy: cannot bind a listener or open a file: {exc}", file=sys.stderr)
-        await worker.stop()
-        return 1
-    primary = options.worker_index == 0
-    pool = None
-    admin = None
-    control = None
-    if primary:
-        if options.workers > 1:
-            from .workers import WorkerPool
-
-            pool = WorkerPool(options.workers)
-            pool.spawn_all()
-            pool.start_monitor(loop)
-        admin = AdminServer(worker, pool)
-        try:
-            await admin.start()
-        except OSError as exc:
-            print(f"pyproxy: cannot bind admin/stats: {exc}", file=sys.stderr)
-            if pool is not None:
-                await pool.stop(options.drain_timeout + 2)
-            await worker.stop()
-            return 1
-    else:
-        control = await _start_control(worker)
-    stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_term() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second termination signal: exiting now")
-            os._exit(0)
-        stop.set()
-
-    def on_hup() -> None:
-        loop.create_task(worker.reload("SIGHUP"))
-        if pool is not None:
-            pool.signal_all(signal.SIGHUP)
-
-    def on_usr1() -> None:
-        access_log = getattr(worker.observer, "access_log", None)
-        if access_log is not None:
-            access_log.reopen()
-        if pool is not None:
-            pool.signal_all(signal.SIGUSR1)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    worker.quit_event = stop  # type: ignore[attr-defined]
-    log.info(
-        "pyproxy %s ready (worker %d of %d): outbound %s, inbound %s -> app %s, admin %s, stats %s (workload %s.%s)",
-        __version__, options.worker_index, options.workers, options.outbound, options.inbound, options.app,
-        options.admin if primary else "-", options.stats if primary else "-",
-        worker.identity.workload, worker.identity.namespace,
-    )
-    if ready_cb is not None:
-        ready_cb(worker)
-    await stop.wait()
-    log.info("draining (up to %.1fs)", options.drain_timeout)
-    if pool is not None:
-        pool.signal_all(signal.SIGTERM)  # all workers drain at the same time
-    await worker.drain(options.drain_timeout)
-    if pool is not None:
-        await pool.stop(options.drain_timeout + 2)
-    if admin is not None:
-        await admin.stop()
-    if control is not None:
-        await control.stop()
-    await worker.stop()
-    return 0
-
-
-async def _start_control(worker: Worker) -> Any:
-    """A secondary worker's control socket (see workers.py)."""
-    from .admin.server import clusters_view, set_log_level
-    from .workers import ControlServer, set_parent_death_signal, socket_path
-
-    set_parent_death_signal()
-    control_dir = os.environ.get("PYPROXY_CONTROL_DIR")
-    if not control_dir:
-        return None
-
-    async def state(req: dict) -> Any:
-        return worker.metric_state()
-
-    async def clusters(req: dict) -> Any:
-        return clusters_view(worker)
-
-    async def ready(req: dict) -> Any:
-        return {"ready": worker.ready and not worker.draining}
-
-    async def reload(req: dict) -> Any:
-        ok = await worker.reload("admin /reload")
-        return {"ok": ok, "version": worker.version, "errors": worker.reload_status.errors}
-
-    async def logging_(req: dict) -> Any:
-        set_log_level(str(req.get("level", "info")))
-        return {"ok": True}
-
-    async def drain(req: dict) -> Any:
-        worker.loop.create_task(worker.drain(worker.options.drain_timeout))
-        return {"ok": True}
-
-    control = ControlServer(socket_path(control_dir, worker.options.worker_index), {
-        "state": state, "clusters": clusters, "ready": ready, "reload": reload, "logging": logging_,
-        "drain": drain,
-    })
-    await control.start()
-    return control
-
-
-def run(options: RunOptions) -> int:
-    configure_logging(options.log_level)
-    install_uvloop()
-    return asyncio.run(serve(options))
-
-
-def reuse_port_supported() -> bool:
-    return hasattr(socket, "SO_REUSEPORT")
