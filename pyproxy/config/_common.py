@@ -12,8 +12,21 @@ from .model import Destination, HeaderOperations, Headers, StringMatch
 
 PERCENT = message("Percent", "value")
 STRING_MATCH = message("StringMatch", "exact prefix regex")
-DESTINATION = message("Destination", "host subset port")
 PORT_SELECTOR = message("PortSelector", "number")
+DESTINATION = message("Destination", "host subset port", port=PORT_SELECTOR)
+REGEX_REWRITE = message("RegexRewrite", "match rewrite")
+# Gateway servers and Sidecar ingress listeners; pyproxy serves no TLS there.
+# credentialNames and tlsCertificates (several certificates per server) are
+# the newest additions to the message.
+TLS_CERTIFICATE = message("ServerTLSSettings.TLSCertificate", "", "serverCertificate privateKey caCertificates")
+SERVER_TLS = message(
+    "ServerTLSSettings",
+    "",
+    "httpsRedirect mode serverCertificate privateKey caCertificates caCrl credentialName credentialNames "
+    "tlsCertificates subjectAltNames verifyCertificateSpki verifyCertificateHash minProtocolVersion "
+    "maxProtocolVersion cipherSuites",
+    tlsCertificates=TLS_CERTIFICATE,
+)
 HEADERS = message("Headers", "request response")
 HEADER_OPERATIONS = message("Headers.HeaderOperations", "set add remove")
 # Two WorkloadSelector messages exist: networking's (``labels``: Sidecar,

@@ -24,32 +24,53 @@ from .model import (
 )
 
 DESTINATION_RULE = message("DestinationRule", "host trafficPolicy subsets exportTo workloadSelector")
-TRAFFIC_POLICY = message(
-    "TrafficPolicy",
-    "loadBalancer connectionPool outlierDetection portLevelSettings",
-    ignored="tls tunnel proxyProtocol",
+# Messages pyproxy does not implement: not read, but checked for unknown fields.
+CLIENT_TLS = message(
+    "ClientTLSSettings",
+    "",
+    "mode clientCertificate privateKey caCertificates credentialName subjectAltNames sni insecureSkipVerify caCrl",
 )
-PORT_TRAFFIC_POLICY = message(
-    "TrafficPolicy.PortTrafficPolicy", "port loadBalancer connectionPool outlierDetection", ignored="tls"
+TUNNEL = message("TrafficPolicy.TunnelSettings", "", "protocol targetHost targetPort")
+PROXY_PROTOCOL = message("TrafficPolicy.ProxyProtocol", "", "version")
+RETRY_BUDGET = message("TrafficPolicy.RetryBudget", "", "percent minRetryConcurrency budgetInterval")
+LOCALITY_DISTRIBUTE = message("LocalityLoadBalancerSetting.Distribute", "", "from to")
+LOCALITY_FAILOVER = message("LocalityLoadBalancerSetting.Failover", "", "from to")
+LOCALITY_LB = message(
+    "LocalityLoadBalancerSetting",
+    "",
+    "distribute failover failoverPriority enabled",
+    distribute=LOCALITY_DISTRIBUTE,
+    failover=LOCALITY_FAILOVER,
 )
-SUBSET = message("Subset", "name labels trafficPolicy")
-LOAD_BALANCER = message(
-    "LoadBalancerSettings", "simple consistentHash", ignored="localityLbSetting warmupDurationSecs warmup"
-)
+WARMUP = message("WarmupConfiguration", "", "duration minimumPercent aggression")
+TCP_KEEPALIVE = message("ConnectionPoolSettings.TCPSettings.TcpKeepalive", "", "probes time interval")
+
+RING_HASH = message("ConsistentHashLB.RingHash", "minimumRingSize")
+MAGLEV = message("ConsistentHashLB.MagLev", "tableSize")
+COOKIE_ATTRIBUTE = message("HTTPCookie.Attribute", "name value")
+HTTP_COOKIE = message("ConsistentHashLB.HTTPCookie", "name path ttl attributes", attributes=COOKIE_ATTRIBUTE)
 CONSISTENT_HASH = message(
     "LoadBalancerSettings.ConsistentHashLB",
     "httpHeaderName httpCookie useSourceIp httpQueryParameterName ringHash maglev minimumRingSize",
     ignored="httpHeaderRegexRewrite",
+    httpHeaderRegexRewrite=c.REGEX_REWRITE,
+    httpCookie=HTTP_COOKIE,
+    ringHash=RING_HASH,
+    maglev=MAGLEV,
 )
-RING_HASH = message("ConsistentHashLB.RingHash", "minimumRingSize")
-MAGLEV = message("ConsistentHashLB.MagLev", "tableSize")
-HTTP_COOKIE = message("ConsistentHashLB.HTTPCookie", "name path ttl attributes")
-COOKIE_ATTRIBUTE = message("HTTPCookie.Attribute", "name value")
-CONNECTION_POOL = message("ConnectionPoolSettings", "tcp http")
+LOAD_BALANCER = message(
+    "LoadBalancerSettings",
+    "simple consistentHash",
+    ignored="localityLbSetting warmupDurationSecs warmup",
+    consistentHash=CONSISTENT_HASH,
+    localityLbSetting=LOCALITY_LB,
+    warmup=WARMUP,
+)
 TCP_SETTINGS = message(
     "ConnectionPoolSettings.TCPSettings",
     "maxConnections connectTimeout maxConnectionDuration idleTimeout",
     ignored="tcpKeepalive",
+    tcpKeepalive=TCP_KEEPALIVE,
 )
 HTTP_SETTINGS = message(
     "ConnectionPoolSettings.HTTPSettings",
@@ -57,11 +78,30 @@ HTTP_SETTINGS = message(
     "maxConcurrentStreams",
     ignored="h2UpgradePolicy useClientProtocol",
 )
+# Also the shape of Sidecar's inboundConnectionPool and ingress[].connectionPool.
+CONNECTION_POOL = message("ConnectionPoolSettings", "tcp http", tcp=TCP_SETTINGS, http=HTTP_SETTINGS)
 OUTLIER_DETECTION = message(
     "OutlierDetection",
     "consecutiveErrors consecutive5xxErrors consecutiveGatewayErrors consecutiveLocalOriginFailures "
     "splitExternalLocalOriginErrors interval baseEjectionTime maxEjectionPercent minHealthPercent",
 )
+PORT_TRAFFIC_POLICY = message(
+    "TrafficPolicy.PortTrafficPolicy",
+    "port loadBalancer connectionPool outlierDetection",
+    ignored="tls",
+    tls=CLIENT_TLS,
+)
+# retryBudget: Istio 1.27.
+TRAFFIC_POLICY = message(
+    "TrafficPolicy",
+    "loadBalancer connectionPool outlierDetection portLevelSettings",
+    ignored="tls tunnel proxyProtocol retryBudget",
+    tls=CLIENT_TLS,
+    tunnel=TUNNEL,
+    proxyProtocol=PROXY_PROTOCOL,
+    retryBudget=RETRY_BUDGET,
+)
+SUBSET = message("Subset", "name labels trafficPolicy")
 
 SIMPLE_LB = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
 MAGLEV_MAX_TABLE = 5000011  # Envoy's limit (exclusive)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 
+from . import _common as c
 from ._reader import Node, is_dns1123_label, message
 from .model import Gateway, GatewayServer, Meta
 
 GATEWAY = message("Gateway", "servers selector")
-SERVER = message("Server", "port hosts name", ignored="bind tls defaultEndpoint")
+SERVER = message("Server", "port hosts name", ignored="bind tls defaultEndpoint", tls=c.SERVER_TLS)
 PORT = message("Port", "number protocol name targetPort")
 
 # Istio's protocol names (case-insensitive); only HTTP is served by pyproxy.

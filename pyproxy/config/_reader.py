@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import date
 
 from ._duration import duration_ns
@@ -64,20 +64,40 @@ class Report:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """The YAML field names of one Istio proto message.
+    """The YAML field names of one Istio proto message: a strict list.
 
     ``parsed`` fields are read by pyproxy; ``ignored`` ones are valid Istio
     fields that pyproxy does not implement (one warning per occurrence).
-    Anything else is an unknown field (a warning: Istio would reject it).
+    Anything else is an unknown field: an error, as in Istio (the API
+    server's schema rejects it), because a misspelled field silently
+    dropped can change what a rule matches (``uri: {prefx: /api}`` would
+    match every request).
+
+    ``shapes`` gives the message type of fields whose values are messages
+    (or lists of messages). It is what lets a field pyproxy does not read
+    (an ignored one, or a message used only as a shape) still be checked for
+    unknown fields, so a typo inside an unimplemented block is reported as
+    well. Parsed fields are checked by their parser (``Node.child``).
     """
 
     name: str
     parsed: frozenset[str]
     ignored: frozenset[str] = frozenset()
+    shapes: Mapping[str, Message] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self.parsed | self.ignored
 
 
-def message(name: str, parsed: str, ignored: str = "") -> Message:
-    return Message(name, frozenset(parsed.split()), frozenset(ignored.split()))
+def message(name: str, parsed: str, ignored: str = "", **shapes: Message) -> Message:
+    """A :class:`Message` from space-separated field names; keyword arguments
+    are the message types of message-valued fields (``tls=CLIENT_TLS``)."""
+    msg = Message(name, frozenset(parsed.split()), frozenset(ignored.split()), shapes)
+    stray = set(shapes) - msg.known
+    if stray:  # a programming error in a field list
+        raise ValueError(f"{name}: shapes given for fields it does not have: {sorted(stray)}")
+    return msg
 
 
 NOT_IMPLEMENTED = "not implemented by pyproxy, ignored"
@@ -136,14 +156,42 @@ def range_message(lo: float | None, hi: float | None, value: float) -> str:
 
 
 def _unknown_field_message(key: str, msg: Message) -> str:
-    known = msg.parsed | msg.ignored
+    known = msg.known
     camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key)
     guess = camel if camel != key and camel in known else None
     if guess is None:
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
         guess = close[0] if close else None
     hint = f" (did you mean {guess!r}?)" if guess else ""
-    return f"unknown field {key!r} in {msg.name}{hint}; ignored, but Istio would reject this document"
+    return f"unknown field {key!r} in {msg.name}{hint}"
+
+
+def check_unknown_fields(rep: Report, path: str, value: object, msg: Message) -> None:
+    """Report unknown fields in a value pyproxy does not otherwise read (an
+    ignored field's message, or a list of them), recursively along
+    ``msg.shapes``. Values of the wrong type are not reported: pyproxy does
+    not use them."""
+    items: list[tuple[str, object]]
+    if isinstance(value, list):
+        rep.spend(len(value))
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        items = [(path, value)]
+    for item_path, item in items:
+        if not isinstance(item, dict):
+            continue
+        rep.spend(1 + len(item))
+        for key, sub in item.items():
+            if not isinstance(key, str):
+                rep.error(item_path, _non_string_field_message(key, msg))
+            elif key not in msg.known:
+                rep.error(join(item_path, key), _unknown_field_message(key, msg))
+            elif sub is not None and key in msg.shapes:
+                check_unknown_fields(rep, join(item_path, key), sub, msg.shapes[key])
+
+
+def _non_string_field_message(key: object, msg: Message) -> str:
+    return f"unknown field {describe(key)} in {msg.name} (field names are strings){_quote_hint(key)}"
 
 
 class Node:
@@ -161,18 +209,17 @@ class Node:
     def _check_fields(self, msg: Message) -> None:
         for key, value in self.data.items():
             if not isinstance(key, str):
-                self.rep.warn(
-                    self.path,
-                    f"unknown field {describe(key)} in {msg.name} (field names are strings); "
-                    "ignored, but Istio would reject this document",
-                )
+                self.rep.error(self.path, _non_string_field_message(key, msg))
             elif key in msg.parsed:
                 continue
             elif key in msg.ignored:
                 if value is not None:
                     self.rep.warn(join(self.path, key), NOT_IMPLEMENTED)
+                    shape = msg.shapes.get(key)
+                    if shape is not None:
+                        check_unknown_fields(self.rep, join(self.path, key), value, shape)
             else:
-                self.rep.warn(join(self.path, key), _unknown_field_message(key, msg))
+                self.rep.error(join(self.path, key), _unknown_field_message(key, msg))
 
     # -- basics -------------------------------------------------------------
 

@@ -8,13 +8,31 @@ the workload selector and the outbound traffic policy mode; listeners
 from __future__ import annotations
 
 from . import _common as c
+from ._destination_rule import CONNECTION_POOL
 from ._reader import Node, message
 from .model import Meta, Sidecar
 
-SIDECAR = message(
-    "Sidecar", "workloadSelector outboundTrafficPolicy", ignored="ingress egress inboundConnectionPool"
+SIDECAR_PORT = message("SidecarPort", "", "number protocol name targetPort")
+INGRESS_LISTENER = message(
+    "IstioIngressListener",
+    "",
+    "port bind captureMode defaultEndpoint tls connectionPool",
+    port=SIDECAR_PORT,
+    tls=c.SERVER_TLS,
+    connectionPool=CONNECTION_POOL,
 )
-OUTBOUND_TRAFFIC_POLICY = message("OutboundTrafficPolicy", "mode", ignored="egressProxy")
+EGRESS_LISTENER = message("IstioEgressListener", "", "port bind captureMode hosts", port=SIDECAR_PORT)
+SIDECAR = message(
+    "Sidecar",
+    "workloadSelector outboundTrafficPolicy",
+    ignored="ingress egress inboundConnectionPool",
+    ingress=INGRESS_LISTENER,
+    egress=EGRESS_LISTENER,
+    inboundConnectionPool=CONNECTION_POOL,
+)
+OUTBOUND_TRAFFIC_POLICY = message(
+    "OutboundTrafficPolicy", "mode", ignored="egressProxy", egressProxy=c.DESTINATION
+)
 MODES = ("REGISTRY_ONLY", "ALLOW_ANY")
 
 

@@ -37,11 +37,25 @@ from .model import (
     VirtualService,
 )
 
-VIRTUAL_SERVICE = message("VirtualService", "hosts gateways http exportTo", ignored="tls tcp")
+# TLS and TCP routes are not served by pyproxy; their fields are still checked.
+L4_ROUTE_DESTINATION = message("RouteDestination", "", "destination weight", destination=c.DESTINATION)
+L4_MATCH = message(
+    "L4MatchAttributes", "", "destinationSubnets port sourceSubnet sourceLabels gateways sourceNamespace"
+)
+TLS_MATCH = message(
+    "TLSMatchAttributes", "", "sniHosts destinationSubnets port sourceLabels gateways sourceNamespace"
+)
+TCP_ROUTE = message("TCPRoute", "", "match route", match=L4_MATCH, route=L4_ROUTE_DESTINATION)
+TLS_ROUTE = message("TLSRoute", "", "match route", match=TLS_MATCH, route=L4_ROUTE_DESTINATION)
+VIRTUAL_SERVICE = message(
+    "VirtualService", "hosts gateways http exportTo", ignored="tls tcp", tls=TLS_ROUTE, tcp=TCP_ROUTE
+)
+# mirror_percent (snake case) is in Istio's schema: the old name of mirrorPercent.
 HTTP_ROUTE = message(
     "HTTPRoute",
     "name match route redirect directResponse delegate rewrite timeout retries fault mirror mirrors "
     "mirrorPercent mirrorPercentage corsPolicy headers",
+    ignored="mirror_percent",
 )
 HTTP_MATCH = message(
     "HTTPMatchRequest",
@@ -56,7 +70,7 @@ DIRECT_RESPONSE = message("HTTPDirectResponse", "status body")
 HTTP_BODY = message("HTTPBody", "string bytes")
 DELEGATE = message("Delegate", "name namespace")
 REWRITE = message("HTTPRewrite", "uri authority uriRegexRewrite")
-REGEX_REWRITE = message("RegexRewrite", "match rewrite")
+REGEX_REWRITE = c.REGEX_REWRITE
 # backoff and retryIgnorePreviousHosts exist since Istio 1.26.
 RETRY = message(
     "HTTPRetry", "attempts perTryTimeout retryOn retryRemoteLocalities retryIgnorePreviousHosts backoff"

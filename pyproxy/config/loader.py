@@ -14,6 +14,7 @@ should refuse a config whose ``errors`` is not empty.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -35,7 +36,6 @@ __all__ = ["ParseCache", "expand_paths", "load_paths", "load_text", "parse_durat
 log = logging.getLogger(__name__)
 
 API_GROUP = "networking.istio.io"
-API_VERSIONS = frozenset(f"{API_GROUP}/{v}" for v in ("v1alpha3", "v1beta1", "v1"))
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -57,6 +57,14 @@ Parser = Callable[[Meta, Node], Resource]
 class _Kind:
     spec: Message
     parse: Parser
+    # The apiVersions this kind is served at; the first one's group is the
+    # kind's API group (a misspelt version of it is an error).
+    api_versions: tuple[str, ...] = ("networking.istio.io/v1", "networking.istio.io/v1beta1",
+                                     "networking.istio.io/v1alpha3")
+
+    @property
+    def group(self) -> str:
+        return self.api_versions[0].partition("/")[0]
 
 
 KINDS: dict[str, _Kind] = {
@@ -305,16 +313,30 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
     api_version = fields.get("apiVersion")
     handler = KINDS.get(kind)
     if handler is None:
+        if isinstance(api_version, str) and api_version.startswith(API_GROUP + "/"):
+            # A kind of pyproxy's own API group that pyproxy does not know is a
+            # typo (VirtualSevice) or a kind it does not implement; skipping a
+            # misspelt one silently would drop routing rules.
+            _unknown_networking_kind(rep, path, kind, namespace, name)
+            return None
         rep.warn(
             path, f"kind {kind} ({_shown(api_version)}) is not used by pyproxy; {namespace}/{name} ignored"
         )
         return None
-    if not isinstance(api_version, str) or api_version not in API_VERSIONS:
-        rep.warn(
-            join(path, "apiVersion"),
-            f"{_shown(api_version)} is not supported for {kind} (use {API_GROUP}/v1, v1beta1 or v1alpha3); "
-            f"{namespace}/{name} ignored",
-        )
+    if api_version is None:
+        rep.error(join(path, "apiVersion"), f"is required (use {handler.api_versions[0]})")
+        return None
+    if not isinstance(api_version, str) or api_version not in handler.api_versions:
+        supported = f"use {handler.api_versions[0]}" + "".join(
+            f", {v.partition('/')[2]}" for v in handler.api_versions[1:-1]
+        ) + (f" or {handler.api_versions[-1].partition('/')[2]}" if len(handler.api_versions) > 1 else "")
+        if isinstance(api_version, str) and api_version.startswith(handler.group + "/"):
+            rep.error(join(path, "apiVersion"), f"{api_version} is not a version of {kind} ({supported})")
+        else:  # another API group's kind of the same name (gateway.networking.k8s.io Gateway)
+            rep.warn(
+                join(path, "apiVersion"),
+                f"{_shown(api_version)} is not supported for {kind} ({supported}); {namespace}/{name} ignored",
+            )
         return None
     Node(rep, path, data, OBJECT)  # reports unknown top-level fields
     source = Source(rep.file, rep.doc if rep.doc is not None else 0)
@@ -328,6 +350,20 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
         return None
     resource = handler.parse(meta, Node(rep, spec_path, spec, handler.spec))
     return _Loaded(resource, meta, data, path)
+
+
+# Kinds of networking.istio.io that pyproxy does not implement (Istio's
+# pilot/pkg/config/kube/crd): documents of these kinds are skipped with a warning.
+OTHER_NETWORKING_KINDS = frozenset(["EnvoyFilter", "WorkloadGroup", "ProxyConfig"])
+
+
+def _unknown_networking_kind(rep: Report, path: str, kind: str, namespace: str, name: str) -> None:
+    if kind in OTHER_NETWORKING_KINDS:
+        rep.warn(path, f"kind {kind} is not used by pyproxy; {namespace}/{name} ignored")
+        return
+    close = difflib.get_close_matches(kind, sorted(KINDS) + sorted(OTHER_NETWORKING_KINDS), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    rep.error(join(path, "kind"), f"{API_GROUP} has no kind {kind!r}{hint}")
 
 
 def _shown(api_version: object) -> str:

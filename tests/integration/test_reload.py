@@ -260,6 +260,39 @@ async def test_invalid_config_is_kept_out_and_a_later_fix_applies() -> None:
             assert px.alive()
 
 
+async def test_a_misspelt_match_field_is_rejected_and_does_not_reroute_traffic() -> None:
+    """The reported incident: ``uri: {prefx: /api}`` read leniently is a
+    match-all rule, and a live reload sent all traffic to the canary."""
+    async with Upstream("a") as a, Upstream("b") as b:
+        cfg = {"base.yaml": two_subsets(a.port, b.port), "vs.yaml": route_to("a")}
+        with running_proxy(cfg) as px:
+            async with aiohttp.ClientSession() as s:
+                px.write_config(
+                    "vs.yaml",
+                    """
+                apiVersion: networking.istio.io/v1
+                kind: VirtualService
+                metadata: {name: svc}
+                spec:
+                  hosts: [svc]
+                  http:
+                  - match: [{uri: {prefx: /api}}]
+                    route: [{destination: {host: svc, subset: b}}]
+                  - route: [{destination: {host: svc, subset: a}}]
+                """,
+                )
+                await wait_for(lambda: reload_counts(px)[1] == 1, timeout=10, what="the rejected reload")
+                for _ in range(5):
+                    assert await who(px, s) == "a"
+            last = px.admin_json("/config_dump")["last_reload"]
+            assert last["ok"] is False and px.admin_json("/config_dump")["version"] == 1
+            assert any(
+                e.endswith("vs.yaml#0: spec.http[0].match[0].uri.prefx: unknown field 'prefx' in StringMatch "
+                           "(did you mean 'prefix'?)")
+                for e in last["errors"]
+            ), last
+
+
 async def test_unchanged_clusters_keep_their_pools_and_changed_ones_get_new_ones() -> None:
     peers: list[int] = []
 

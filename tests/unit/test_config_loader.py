@@ -1140,18 +1140,37 @@ def test_other_kinds_load_with_one_warning_each() -> None:
         "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: ef}\nspec: {}\n---\n"
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: ns}\nspec: {}\n---\n"
         "apiVersion: v1\nkind: Service\nmetadata: {name: svc}\nspec: {ports: [{port: 80}]}\n---\n"
-        "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: future}\nspec: {hosts: [r]}\n"
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: k8s}\nspec: {gatewayClassName: x}\n"
     )
     cfg = ok(text)
     assert cfg.resources == ()
     assert strs(cfg.warnings) == [
-        "t.yaml#0: kind EnvoyFilter (networking.istio.io/v1alpha3) is not used by pyproxy; default/ef ignored",
+        "t.yaml#0: kind EnvoyFilter is not used by pyproxy; default/ef ignored",
         "t.yaml#1: kind AuthorizationPolicy (security.istio.io/v1) is not used by pyproxy; ns/deny ignored",
         "t.yaml#2: kind Service (v1) is not used by pyproxy; default/svc ignored",
         (
-            "t.yaml#3: apiVersion: networking.istio.io/v2 is not supported for VirtualService "
-            "(use networking.istio.io/v1, v1beta1 or v1alpha3); default/future ignored"
+            "t.yaml#3: apiVersion: gateway.networking.k8s.io/v1 is not supported for Gateway "
+            "(use networking.istio.io/v1, v1beta1 or v1alpha3); default/k8s ignored"
         ),
+    ]
+
+
+def test_a_misspelt_kind_or_version_of_istio_networking_is_an_error() -> None:
+    # Skipping such a document would silently drop its routing rules.
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualSevice\nmetadata: {name: a}\nspec: {hosts: [r]}\n---\n"
+        "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: b}\nspec: {hosts: [r]}\n---\n"
+        "kind: DestinationRule\nmetadata: {name: c}\nspec: {host: r}\n"
+    )
+    cfg = load(text)
+    assert cfg.resources == ()
+    assert strs(cfg.errors) == [
+        "t.yaml#0: kind: networking.istio.io has no kind 'VirtualSevice' (did you mean 'VirtualService'?)",
+        (
+            "t.yaml#1: apiVersion: networking.istio.io/v2 is not a version of VirtualService "
+            "(use networking.istio.io/v1, v1beta1 or v1alpha3)"
+        ),
+        "t.yaml#2: apiVersion: is required (use networking.istio.io/v1)",
     ]
 
 
@@ -1196,7 +1215,7 @@ def test_export_to_is_parsed_and_warned() -> None:
     assert has_diag(cfg.warnings, "t.yaml#0: spec.exportTo", "no effect")
 
 
-def test_unknown_fields_are_warnings_naming_istio_and_a_suggestion() -> None:
+def test_unknown_fields_are_errors_with_a_suggestion_and_the_document_is_rejected() -> None:
     text = vs(
         """
         hosts: [r]
@@ -1208,23 +1227,77 @@ def test_unknown_fields_are_warnings_naming_istio_and_a_suggestion() -> None:
         colour: blue
         """
     )
-    cfg = ok(text)
-    assert has_diag(cfg.warnings, "t.yaml#0: spec.http[0].timeuot", "(did you mean 'timeout'?)")
-    assert has_diag(
-        cfg.warnings, "t.yaml#0: spec.http[0].fault.delay.fixed_delay", "(did you mean 'fixedDelay'?)"
-    )
-    assert has_diag(cfg.warnings, "t.yaml#0: spec.colour", "Istio would reject")
-    assert len(cfg.resources) == 1
+    cfg = load(text)
+    assert cfg.resources == ()
+    assert strs(cfg.errors) == [
+        "t.yaml#0: spec.colour: unknown field 'colour' in VirtualService",
+        "t.yaml#0: spec.http[0].timeuot: unknown field 'timeuot' in HTTPRoute (did you mean 'timeout'?)",
+        (
+            "t.yaml#0: spec.http[0].fault.delay.fixed_delay: unknown field 'fixed_delay' in "
+            "HTTPFaultInjection.Delay (did you mean 'fixedDelay'?)"
+        ),
+    ]
 
 
-def test_unknown_top_level_and_metadata_fields_are_warned() -> None:
+def test_a_misspelt_match_field_is_an_error_not_a_match_all_rule() -> None:
+    # uri: {prefx: /api} read leniently is uri: {} ("any URI"): every request
+    # would take this rule. Istio's schema rejects the document.
+    cfg = load(vs("hosts: [r]\nhttp:\n- match: [{uri: {prefx: /api}}]\n  route: [{destination: {host: canary}}]"))
+    assert cfg.resources == ()
+    assert strs(cfg.errors) == [
+        "t.yaml#0: spec.http[0].match[0].uri.prefx: unknown field 'prefx' in StringMatch (did you mean 'prefix'?)"
+    ]
+
+
+UNKNOWN_INSIDE_UNIMPLEMENTED = [
+    (vs("hosts: [r]\ntls:\n- match: [{sniHost: [r]}]\n  " + R), "spec.tls[0].match[0].sniHost", "TLSMatchAttributes"),
+    (vs("hosts: [r]\ntcp:\n- route: [{destination: {host: r, port: {numbr: 1}}}]"),
+     "spec.tcp[0].route[0].destination.port.numbr", "PortSelector"),
+    (policy("{tls: {mdoe: ISTIO_MUTUAL}}"), f"{TP}.tls.mdoe", "ClientTLSSettings"),
+    (policy("{portLevelSettings: [{port: {number: 80}, tls: {snii: a}}]}"), f"{TP}.portLevelSettings[0].tls.snii",
+     "ClientTLSSettings"),
+    (policy("{loadBalancer: {localityLbSetting: {failover: [{form: a, to: b}]}}}"),
+     f"{TP}.loadBalancer.localityLbSetting.failover[0].form", "LocalityLoadBalancerSetting.Failover"),
+    (policy("{connectionPool: {tcp: {tcpKeepalive: {tme: 10s}}}}"), f"{TP}.connectionPool.tcp.tcpKeepalive.tme",
+     "ConnectionPoolSettings.TCPSettings.TcpKeepalive"),
+    (doc("Sidecar", "egress: [{hosts: ['./*'], prot: {number: 1}}]"), "spec.egress[0].prot", "IstioEgressListener"),
+    (doc("Sidecar", "inboundConnectionPool: {http: {maxRetrys: 1}}"), "spec.inboundConnectionPool.http.maxRetrys",
+     "ConnectionPoolSettings.HTTPSettings"),
+    (doc("Gateway", "selector: {istio: ingress}\nservers:\n- port: {number: 443, name: https, protocol: HTTPS}\n"
+                    "  hosts: ['*']\n  tls: {mode: SIMPLE, credentialNam: c}"),
+     "spec.servers[0].tls.credentialNam", "ServerTLSSettings"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "msg"), UNKNOWN_INSIDE_UNIMPLEMENTED, ids=[p for _, p, _ in UNKNOWN_INSIDE_UNIMPLEMENTED]
+)
+def test_unknown_fields_inside_unimplemented_blocks_are_errors(text: str, path: str, msg: str) -> None:
+    cfg = load(text)
+    assert cfg.resources == ()
+    assert [e for e in strs(cfg.errors) if e.startswith(f"t.yaml#0: {path}: unknown field ")], strs(cfg.errors)
+    assert all(f" in {msg}" in e for e in strs(cfg.errors)), strs(cfg.errors)
+
+
+def test_newer_istio_fields_are_known() -> None:
+    # Fields added to Istio's API recently load (with the "not implemented" warning).
     cfg = ok(
+        dr("host: r\ntrafficPolicy:\n  retryBudget: {percent: 20, minRetryConcurrency: 3, budgetInterval: 1s}")
+        + "---\n"
+        + vs("hosts: [r]\nhttp:\n- " + R + "\n  retries: {attempts: 2, backoff: 25ms, retryIgnorePreviousHosts: true}")
+    )
+    assert len(cfg.resources) == 2
+
+
+def test_unknown_top_level_and_metadata_fields_are_errors() -> None:
+    cfg = load(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
         "metadata: {name: a, namesapce: prod, annotations: {x: y}}\nspec: {host: r}\nsepc: {}\nstatus: {}\n"
     )
-    assert has_diag(cfg.warnings, "t.yaml#0: metadata.namesapce", "did you mean 'namespace'")
-    assert has_diag(cfg.warnings, "t.yaml#0: sepc", "unknown field")
-    assert not [w for w in cfg.warnings if "annotations" in str(w) or "status" in str(w)]
+    assert cfg.resources == ()
+    assert has_diag(cfg.errors, "t.yaml#0: metadata.namesapce", "did you mean 'namespace'")
+    assert has_diag(cfg.errors, "t.yaml#0: sepc", "unknown field")
+    assert not [w for w in strs(cfg.errors) + strs(cfg.warnings) if "annotations" in w or "status" in w]
 
 
 def test_duplicate_yaml_keys_are_warned_with_line() -> None:
@@ -1527,12 +1600,9 @@ def test_validate_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     write(tmp_path / "b.yaml", dr("subsets: [{name: v1}]", name="b"))
     assert validate.main([str(tmp_path)]) == 1
     out, err = capsys.readouterr()
-    assert out == "2 errors\n"
+    assert out == "3 errors\n"
     assert err.splitlines() == [
-        (
-            f"warning: {tmp_path}/a.yaml#0: spec.http[0].colour: unknown field 'colour' in HTTPRoute; ignored, "
-            "but Istio would reject this document"
-        ),
+        f"{tmp_path}/a.yaml#0: spec.http[0].colour: unknown field 'colour' in HTTPRoute",
         f"{tmp_path}/a.yaml#0: spec.http[0].timeout: must be at least 1ms",
         f"{tmp_path}/b.yaml#0: spec.host: is required",
     ]
