@@ -235,6 +235,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--pod-subnet", default="127.0.0.0/24", metavar="CIDR",
                       help="loopback network for the pods' addresses (.10 ingress, .11-.16 pods)")
     demo.add_argument("--log-level", default="warning", help="the proxies' log level")
+    from .canary.cli import add_arguments as add_canary_args
+
+    add_canary_args(sub.add_parser("canary", help="progressive delivery: a Flagger Canary's analysis (run, status)"))
     return parser, run_parser
 
 
@@ -257,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo.launcher import main as demo_main
 
         return demo_main(args)
+    if args.command == "canary":
+        from .canary.cli import main as canary_main
+
+        return canary_main(args)
     try:
         options = parse_run_options(args)
     except ValueError as exc:

@@ -544,6 +544,40 @@ def build_app(service: str, version: str = "v1", **options: Any) -> web.Applicat
     return _build_details() if service == "details" else _build_ratings()
 
 
+# --------------------------------------------------------------------------- a bad release
+
+
+def add_faults(app: web.Application, fail_percent: float = 0.0, delay_ms: float = 0.0) -> web.Application:
+    """Make ``app`` a bad release: answer ``fail_percent`` % of its requests
+    with HTTP 500 and delay every request by ``delay_ms`` (``/health`` stays
+    healthy, as a broken release's probe often does). Failures are spread
+    evenly (request n fails when n * share crosses a whole number), so a share
+    shows in any window of a few requests, not only on average."""
+    if not 0.0 <= fail_percent <= 100.0:
+        raise ValueError(f"fail percent must be within 0..100, got {fail_percent:g}")
+    if delay_ms < 0:
+        raise ValueError(f"delay must be >= 0 ms, got {delay_ms:g}")
+    if not fail_percent and not delay_ms:
+        return app
+    share = fail_percent / 100.0
+    served = 0
+
+    @web.middleware
+    async def faults(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal served
+        if request.path == "/health":
+            return await handler(request)
+        served += 1
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000.0)
+        if int(served * share) != int((served - 1) * share):
+            return web.json_response({"error": "injected failure (bad release)"}, status=500)
+        return await handler(request)
+
+    app.middlewares.append(faults)
+    return app
+
+
 # --------------------------------------------------------------------------- process entry point
 
 
@@ -596,9 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 9080), metavar="HOST:PORT")
     parser.add_argument("--version", default="v1", help="v1 (all), v2 or v3 (reviews)")
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    parser.add_argument("--fail-percent", type=float, default=0.0, metavar="P",
+                        help="a bad release: answer P%% of requests with HTTP 500 (default 0)")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="MS",
+                        help="a slow release: delay every request by MS milliseconds (default 0)")
     args = parser.parse_args(argv)
     try:
-        app = build_app(args.service, args.version)
+        app = add_faults(build_app(args.service, args.version), args.fail_percent, args.delay)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     logging.basicConfig(

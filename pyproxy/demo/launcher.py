@@ -224,6 +224,19 @@ def check_free(addresses: Iterable[tuple[str, int]]) -> None:
                 raise LaunchError(f"cannot bind {where}: {exc.strerror}") from None
 
 
+def bad_release_args(pod: Pod, env: dict[str, str]) -> list[str]:
+    """``BOOKINFO_<POD>_FAIL_PERCENT`` / ``BOOKINFO_<POD>_DELAY_MS`` (for example
+    ``BOOKINFO_REVIEWS_V3_FAIL_PERCENT=30``) make that pod a bad release
+    (``pyproxy.demo.apps --fail-percent / --delay``), for canary demos."""
+    prefix = "BOOKINFO_" + pod.name.upper().replace("-", "_") + "_"
+    out = []
+    for name, flag in (("FAIL_PERCENT", "--fail-percent"), ("DELAY_MS", "--delay")):
+        value = env.get(prefix + name, "").strip()
+        if value:
+            out += [flag, value]
+    return out
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -365,7 +378,8 @@ class Mesh:
             app_env["HTTP_PROXY"] = app_env["http_proxy"] = f"http://{ip}:{OUTBOUND_PORT}"
             self.apps.append(Child(
                 pod.name,
-                [py, "-m", "pyproxy.demo.apps", pod.app, "--listen", f"{ip}:{APP_PORT}", "--version", pod.version],
+                [py, "-m", "pyproxy.demo.apps", pod.app, "--listen", f"{ip}:{APP_PORT}", "--version", pod.version,
+                 *bad_release_args(pod, env)],
                 self.log_dir / f"{pod.name}.app.log", f"http://{ip}:{APP_PORT}/health", app_env,
             ))
 
