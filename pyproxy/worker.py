@@ -28,8 +28,8 @@ from .config.loader import ParseCache
 from .config.model import LoadedConfig
 from .filters.mirror import Mirror
 from .heap import HEAP
-from .http.downstream import DownstreamConnection
-from .http.exchange import INBOUND, OUTBOUND
+from .http.downstream import DownstreamConnection, StreamFactory
+from .http.exchange import INBOUND, OUTBOUND, Exchange
 from .options import RunOptions
 from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
 from .upstream.cluster import Cluster
@@ -88,6 +88,8 @@ class Listener:
         self.transparent = True  # SO_ORIGINAL_DST is read on every accepted connection
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[DownstreamConnection] = set()
+        # What a connection creates for each request it parses.
+        self.new_stream: StreamFactory = Exchange
 
     def on_connection_made(self, conn: DownstreamConnection) -> None:
         stats = self.worker.stats

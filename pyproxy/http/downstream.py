@@ -1,7 +1,9 @@
 """The downstream (client-facing) HTTP/1.1 connection.
 
 An ``asyncio.Protocol`` fed by the httptools (llhttp) parser. Per-connection
-state lives here; per-request state lives in ``Exchange``.
+state lives here; per-request state lives in a stream (``Exchange``), which the
+listener's ``new_stream`` factory creates and this module drives only through
+the ``DownstreamStream`` Protocol below: the codec imports nothing above it.
 
 Pipelining: requests are answered strictly in order. While one exchange is in
 flight, later requests are parsed into queued exchanges and reading pauses,
@@ -26,13 +28,13 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
 from .. import errors
 from ..errors import STATUS_LINES
-from .exchange import Exchange
 
 if TYPE_CHECKING:
     from ..upstream.connection import UpstreamConnection
@@ -50,6 +52,43 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the sam
 # a TCP reset (Envoy's delayed_close_timeout).
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 8 << 20
+
+
+class DownstreamStream(Protocol):
+    """One request/response on a connection, as the connection (and the
+    worker's idle sweep) drives it; ``http/exchange.py``'s ``Exchange`` is the
+    implementation."""
+
+    has_body: bool
+    started: bool
+    finished: bool
+    request_complete: bool
+    response_complete: bool
+    close_after: bool
+    status: int
+    flags: list[str]
+    request_bytes: int
+    response_bytes: int
+    start_time: float
+    end_time: float
+    # The worker's once-a-second stream idle check (worker.py sweep).
+    idle_mark: int
+    idle_since: float
+
+    def start(self) -> None: ...
+    def on_request_body(self, data: bytes) -> None: ...
+    def on_request_complete(self) -> None: ...
+    def on_downstream_write_paused(self) -> None: ...
+    def on_downstream_write_resumed(self) -> None: ...
+    def on_downstream_closed(self) -> None: ...
+    def on_stream_idle_timeout(self) -> None: ...
+    def reject(self, status: int, body: bytes, counted: bool = False) -> None: ...
+    def _finish(self, force: bool = False) -> None: ...  # idempotent teardown (after a 101)
+
+
+# (connection, method, target, headers, HTTP version, keep-alive, upgrade) -> stream
+StreamFactory = Callable[
+    ["DownstreamConnection", bytes, bytes, list[tuple[bytes, bytes]], str, bool, bool], DownstreamStream]
 
 
 class _ParseLimit(Exception):
@@ -164,9 +203,9 @@ class DownstreamConnection:
         self.url_len = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
-        self.current: Exchange | None = None
-        self.parsing: Exchange | None = None
-        self.pipeline: deque[Exchange] = deque()
+        self.current: DownstreamStream | None = None
+        self.parsing: DownstreamStream | None = None
+        self.pipeline: deque[DownstreamStream] = deque()
         self.read_block = 0
         self.reading_paused = False
         self.write_paused = False
@@ -192,7 +231,7 @@ class DownstreamConnection:
         self.upgrade_buffer = b""
         self.limits = self.worker.limits
         self.head_bytes = 0  # bytes of a request head received after the read that began it
-        self.deferred: Exchange | None = None  # headers parsed, start after this read
+        self.deferred: DownstreamStream | None = None  # headers parsed, start after this read
         self.feeding = False  # inside parser.feed_data()
         # A chunk-size line was parsed and its chunk is not complete; the
         # request's body byte count at that moment. A read that delivers no
@@ -350,8 +389,9 @@ class DownstreamConnection:
         if self.closed or self.pending_error is not None or self.tunnel is not None:
             return  # closing: nothing after a refused request runs
         parser = self.parser
-        ex = Exchange(self, parser.get_method(), self.url, self.headers, parser.get_http_version(),
-                      parser.should_keep_alive(), parser.should_upgrade())
+        ex = self.listener.new_stream(self, parser.get_method(), self.url, self.headers,
+                                      parser.get_http_version(), parser.should_keep_alive(),
+                                      parser.should_upgrade())
         # Trailer fields of a chunked body also come through on_header: they
         # go to a list nobody reads (still counted against the limits), never
         # into the request's headers (RFC 9110 6.5.1; Envoy drops them too).
@@ -391,7 +431,7 @@ class DownstreamConnection:
         else:
             ex.request_complete = True
 
-    # -- used by Exchange -------------------------------------------------
+    # -- used by the stream -------------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.corked:
@@ -416,15 +456,15 @@ class DownstreamConnection:
             if not self.closed:
                 self.transport.write(data)
 
-    def pause_reading_for(self, ex: Exchange) -> None:
+    def pause_reading_for(self, ex: DownstreamStream) -> None:
         if ex is self.current:
             self._block(BLOCK_BODY)
 
-    def resume_reading_for(self, ex: Exchange) -> None:
+    def resume_reading_for(self, ex: DownstreamStream) -> None:
         if ex is self.current:
             self._unblock(BLOCK_BODY)
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, ex: DownstreamStream) -> None:
         if ex is not self.current:
             return
         self.current = None
@@ -449,7 +489,7 @@ class DownstreamConnection:
         if self.current is None and self.draining and not self.pipeline:
             self.close()
 
-    def become_tunnel(self, upconn: UpstreamConnection, ex: Exchange) -> None:
+    def become_tunnel(self, upconn: UpstreamConnection, ex: DownstreamStream) -> None:
         """After a 101: bytes flow raw in both directions until either side closes."""
         self.tunnel = upconn
         upconn.tunnel = self.transport
@@ -562,7 +602,8 @@ class DownstreamConnection:
             # The method is known once the target began (before that llhttp's
             # method field still holds its zero value, which reads "DELETE").
             method = self.parser.get_method() if self.url else b"-"
-            ex = Exchange(self, method or b"-", self.url or b"-", self.headers, "1.1", False, False)
+            ex = self.listener.new_stream(self, method or b"-", self.url or b"-", self.headers, "1.1", False,
+                                          False)
             ex.status = status
             ex.flags.append(errors.DOWNSTREAM_PROTOCOL_ERROR)
             ex.response_bytes = body_len
