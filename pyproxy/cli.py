@@ -82,7 +82,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="close a downstream connection with no request for this long (default: 3600)")
     p.add_argument("--stream-idle-timeout", metavar="SECONDS",
                    help="end a request when no byte moved either way for this long: 504 (408 while the "
-                        "request is still arriving), flag SI; 0 = off (default: 300)")
+                        "request is still arriving), flag SI; 0 = off (default: 0, as Istio sets it)")
+    p.add_argument("--http10", metavar="on|off",
+                   help="accept HTTP/1.0 requests (Istio's PILOT_HTTP10 / ISTIO_META_HTTP10); off: they get "
+                        "426 Upgrade Required, as from an Istio sidecar (default: off)")
     p.add_argument("--certs", metavar="DIR|off",
                    help="workload certificate directory (cert-chain.pem, key.pem, root-cert.pem: istio-agent's "
                         "file-mounted layout) for mutual TLS; watched for rotation (default: "
@@ -199,7 +202,8 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
             max_connections=f.integer("max-connections", "100000", lo=1),
             header_timeout=f.number("request-header-timeout", "10", 0.001),
             idle_timeout=f.number("idle-timeout", "3600", 0.001),
-            stream_idle_timeout=f.number("stream-idle-timeout", "300", 0.0),
+            stream_idle_timeout=f.number("stream-idle-timeout", "0", 0.0),
+            accept_http10=f.choice("http10", "off", ("on", "off")) == "on",
         ),
         worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,

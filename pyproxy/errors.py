@@ -29,10 +29,21 @@ DELAY_INJECTED = "DI"
 STREAM_IDLE_TIMEOUT = "SI"
 OVERLOAD_MANAGER = "OM"
 
-CONNECT_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-RESET_BEFORE_HEADERS_BODY = (
-    b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
-)
+# Envoy's router writes "upstream connect error or disconnect/reset before
+# headers. [retried and the latest ]reset reason: R" with R from
+# Http::Utility::resetReasonToString: "remote connection failure" (refused,
+# unreachable), "connection timeout", "connection termination", "overflow",
+# "protocol error"; "retried and the latest" once a retry was made (the
+# router's is_retry_). Checked against Envoy 1.40 (docs/differences.md).
+_RESET_PREFIX = b"upstream connect error or disconnect/reset before headers. "
+
+
+def reset_body(reason: bytes, retried: bool = False) -> bytes:
+    return _RESET_PREFIX + (b"retried and the latest " if retried else b"") + b"reset reason: " + reason
+
+
+CONNECT_FAILURE_BODY = reset_body(b"remote connection failure")
+RESET_BEFORE_HEADERS_BODY = reset_body(b"connection termination")
 
 
 def status_line(status: int) -> bytes:
@@ -59,21 +70,24 @@ class LocalReply:
 
 NR_404 = LocalReply(404, b"", NO_ROUTE)
 NR_502 = LocalReply(502, b"", NO_ROUTE)
-NC_503 = LocalReply(503, b"no healthy upstream", NO_CLUSTER)
+# Envoy's cluster_not_found reply (Istio sets cluster_not_found_response_code
+# SERVICE_UNAVAILABLE): an empty body.
+NC_503 = LocalReply(503, b"", NO_CLUSTER)
 UH_503 = LocalReply(503, b"no healthy upstream", NO_HEALTHY_UPSTREAM)
 UF_503 = LocalReply(503, CONNECT_FAILURE_BODY, UPSTREAM_CONNECT_FAILURE)
+UF_TIMEOUT_503 = LocalReply(503, reset_body(b"connection timeout"), UPSTREAM_CONNECT_FAILURE)
 UC_503 = LocalReply(503, RESET_BEFORE_HEADERS_BODY, UPSTREAM_CONNECTION_TERMINATION)
-UPE_502 = LocalReply(
-    502,
-    b"upstream connect error or disconnect/reset before headers. reset reason: protocol error",
-    UPSTREAM_PROTOCOL_ERROR,
-)
-UO_503 = LocalReply(
-    503,
-    b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
-    UPSTREAM_OVERFLOW,
-    extra_headers=((b"x-envoy-overloaded", b"true"),),
-)
+UPE_502 = LocalReply(502, reset_body(b"protocol error"), UPSTREAM_PROTOCOL_ERROR)
+UO_503 = LocalReply(503, reset_body(b"overflow"), UPSTREAM_OVERFLOW,
+                    extra_headers=((b"x-envoy-overloaded", b"true"),))
+
+# The same replies after at least one retry (Envoy: "retried and the latest
+# reset reason: ...").
+RETRIED: dict[LocalReply, LocalReply] = {
+    r: LocalReply(r.status, reset_body(r.body.rpartition(b"reset reason: ")[2], retried=True), r.flag,
+                  r.extra_headers, r.content_type)
+    for r in (UF_503, UF_TIMEOUT_503, UC_503, UPE_502, UO_503)
+}
 UT_504 = LocalReply(504, b"upstream request timeout", UPSTREAM_REQUEST_TIMEOUT)
 # Stream idle timeout: 504 once the request is complete, else 408 (Envoy).
 SI_504 = LocalReply(504, b"stream timeout", STREAM_IDLE_TIMEOUT)

@@ -81,7 +81,12 @@ class Limits:
     max_request_body: int = 0  # 0 = unlimited (--max-request-body)
     header_timeout: float = 10.0  # --request-header-timeout
     idle_timeout: float = 3600.0  # downstream idle timeout, Envoy's 1 h (--idle-timeout)
-    stream_idle_timeout: float = 300.0  # Envoy's 5 min; 0 = off (--stream-idle-timeout)
+    # Istio sets Envoy's stream_idle_timeout to 0 (off) on every HCM it
+    # builds, sidecar and gateway (listener_builder.go buildHTTPConnectionManager).
+    stream_idle_timeout: float = 0.0  # 0 = off (--stream-idle-timeout)
+    # Istio leaves Envoy's accept_http_10 off unless PILOT_HTTP10 or the
+    # proxy's ISTIO_META_HTTP10 turns it on: HTTP/1.0 gets 426 (--http10).
+    accept_http10: bool = False
     max_connections: int = 100_000  # per worker (--max-connections)
 
 

@@ -53,7 +53,7 @@ class WorkerStats:
                  "downstream_rq_rejected", "downstream_cx_header_timeout", "downstream_cx_idle_timeout",
                  "downstream_rq_idle_timeout", "downstream_rq_rejected_400", "downstream_rq_rejected_408",
                  "downstream_rq_rejected_413", "downstream_rq_rejected_414", "downstream_rq_rejected_431",
-                 "downstream_rq_rejected_501", "downstream_rq_rejected_500")
+                 "downstream_rq_rejected_426", "downstream_rq_rejected_501", "downstream_rq_rejected_500")
     # Declared for the type checker; __init__ zeroes every slot.
     downstream_cx_total: int
     downstream_cx_active: int

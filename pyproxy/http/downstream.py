@@ -382,7 +382,9 @@ class DownstreamConnection:
         if self.header_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
             self.pending_error = (431, b"Request Header Fields Too Large")
             raise _ParseLimit()
-        headers.append((name.lower(), value))
+        # llhttp drops the whitespace before a value, not after it: neither is
+        # part of the value (RFC 9110 5.5 OWS), as in Envoy's codec.
+        headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self.headers_started = 0.0

@@ -57,12 +57,12 @@ log = logging.getLogger("pyproxy.exchange")
 OUTBOUND = 0
 INBOUND = 1
 
-# Envoy prints response flags in this order, comma separated.
-_FLAG_ORDER = {f: i for i, f in enumerate(
-    ["DC", "DI", "FI", "LH", "LR", "NC", "NR", "RL", "RLSE", "SI", "UAEX", "UC", "UF", "UH",
-     "UMSDR", "UO", "UPE", "UR", "URX", "UT", "DPE", "OM", "DF"])}
-
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TEXT_PLAIN = b"text/plain"
+_SERVER_ENVOY = b"server: envoy\r\n"
+_SERVER_ISTIO_ENVOY = b"server: istio-envoy\r\n"
+# Written by send_local_reply itself, whatever a route's operations say.
+_LOCAL_REPLY_OWN = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date", b"server"})
 
 # A response to an upgrade (101) keeps its Upgrade and Connection fields.
 _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
@@ -93,7 +93,7 @@ class Exchange:
         "conn", "worker", "snapshot", "loop", "direction",
         # request
         "method", "target", "path", "query", "scheme", "authority", "host", "port",
-        "version", "keep_alive", "headers", "hdict", "request_id", "_query_params",
+        "version", "keep_alive", "headers", "hdict", "repeated", "request_id", "_query_params",
         "has_body", "chunked_in", "content_length", "expect_continue", "upgrade",
         "request_complete", "request_bytes", "replay", "unsent", "unsent_bytes", "started",
         # routing
@@ -190,15 +190,28 @@ class Exchange:
         self.malformed: bytes | None = None
         self._query_params: dict[str, str] | None = None
 
-        # Header map for matching: last value wins, duplicates joined with
-        # "," as Envoy presents them to matchers. The common no-duplicate case
-        # stays a single C-level dict() call.
+        # Header map: duplicates joined with "," (what hashing, CORS and the
+        # framing checks read). Route matchers see each value of a repeated
+        # header on its own (Envoy's header matcher, match_headers_individually
+        # in 1.40): ``repeated`` maps such names to their values, else None.
+        # The common no-duplicate case stays a single C-level dict() call.
         hdict = dict(headers)
+        self.repeated: dict[bytes, list[bytes]] | None = None
         if len(hdict) != len(headers):
             hdict = {}
+            repeated: dict[bytes, list[bytes]] = {}
             for name, value in headers:
                 prev = hdict.get(name)
-                hdict[name] = value if prev is None else prev + b"," + value
+                if prev is None:
+                    hdict[name] = value
+                else:
+                    hdict[name] = prev + b"," + value
+                    values = repeated.get(name)
+                    if values is None:
+                        repeated[name] = [prev, value]
+                    else:
+                        values.append(value)
+            self.repeated = repeated
             if sum(1 for n, _ in headers if n == b"host") > 1:
                 self.malformed = b"multiple host headers"  # RFC 9112 3.2: 400
         self.hdict = hdict
@@ -289,9 +302,12 @@ class Exchange:
 
     @property
     def flag_string(self) -> str:
+        # Envoy (>= 1.30, StreamInfoImpl::setResponseFlag) keeps the flags in
+        # the order they were set, each once: a request whose retries ran out
+        # on connect failures logs "URX,UF" (checked against Envoy 1.40).
         if not self.flags:
             return "-"
-        return ",".join(sorted(set(self.flags), key=lambda f: _FLAG_ORDER.get(f, 99)))
+        return ",".join(dict.fromkeys(self.flags))
 
     # ------------------------------------------------------------------
     # start: routing decisions (all synchronous)
@@ -335,7 +351,14 @@ class Exchange:
             self.send_local_reply(route.redirect.code, b"", extra=((b"location", loc),))
             return
         if kind == DIRECT_RESPONSE:
-            self.send_local_reply(route.direct.status, route.direct.body)
+            status = route.direct.status
+            extra: tuple = ()
+            if status == 201 or 300 <= status < 400:
+                # Envoy's router adds Location (the request's own URL) to a
+                # 201 or 3xx direct response (RFC 9110 10.2.2).
+                extra = ((b"location", self.scheme + b"://" + self.authority + self.path
+                          + (b"?" + self.query if self.query else b"")),)
+            self.send_local_reply(status, route.direct.body, extra=extra)
             return
         fault = route.fault
         if fault is not None:
@@ -371,6 +394,10 @@ class Exchange:
             return 400, self.malformed
         if self.version not in _VERSIONS:
             return 400, b"unsupported HTTP version"
+        if self.version == "1.0" and not self.worker.limits.accept_http10:
+            # Istio leaves Envoy's accept_http_10 off (PILOT_HTTP10): its codec
+            # answers 426, flag DPE, before looking at anything else.
+            return 426, b"Upgrade Required"
         if self.content_length == -2:
             return 400, b"invalid content-length"
         if self.chunked_in:
@@ -499,6 +526,9 @@ class Exchange:
         by_port = target.by_port  # RouteTarget.cluster_for, inlined
         cluster = by_port.get(self.port, target.cluster) if by_port else target.cluster
         if cluster is None:
+            # Envoy still applies the route's (and this destination's)
+            # response header operations to the cluster_not_found reply.
+            self.response_ops = target.response_ops
             self.send_reply(errors.NC_503)
             return
         self.cluster = cluster
@@ -799,7 +829,8 @@ class Exchange:
         cluster = ep.cluster
         cluster.outlier.on_local_failure(ep)
         self._end_attempt_counters()
-        self._on_attempt_failed(CONNECT_FAILURE, errors.UF_503)
+        self._on_attempt_failed(CONNECT_FAILURE,
+                                errors.UF_TIMEOUT_503 if reason == "connection timeout" else errors.UF_503)
 
     def _on_attempt_failed(self, kind: str, reply: LocalReply) -> None:
         """An attempt ended without a response: retry or reply locally."""
@@ -863,6 +894,8 @@ class Exchange:
             self.cluster.retries_active -= 1
 
     def _give_up(self, reply: LocalReply) -> None:
+        if self.retries_done:
+            reply = errors.RETRIED.get(reply, reply)
         self.send_reply(reply)
 
     # ------------------------------------------------------------------
@@ -946,6 +979,7 @@ class Exchange:
         append = parts.append
         if added:
             append(added)
+        append(self._server_line())  # (the upstream's own ``server`` is in RESPONSE_DROP)
         if self.upstream_latency >= 0:
             append(b"x-envoy-upstream-service-time: " + str(int(self.upstream_latency * 1000)).encode() + b"\r\n")
         if self.hash_cookie is not None:
@@ -1177,8 +1211,16 @@ class Exchange:
         self.last_local_reply = reply
         self.send_local_reply(reply.status, reply.body, extra=reply.extra_headers, content_type=reply.content_type)
 
+    def _server_line(self) -> bytes:
+        """Istio's HCMs overwrite ``server`` (OVERWRITE): "envoy" on sidecar
+        outbound listeners, "istio-envoy" on inbound and gateway ones
+        (pilot/pkg/networking/util GetProxyHeadersFromProxyConfig)."""
+        if self.direction == INBOUND or self.snapshot.identity.gateway:
+            return _SERVER_ISTIO_ENVOY
+        return _SERVER_ENVOY
+
     def send_local_reply(self, status: int, body: bytes, extra: tuple = (), flag: str | None = None,
-                         content_type: bytes = b"text/plain", route_ops: bool = True) -> None:
+                         content_type: bytes = _TEXT_PLAIN, route_ops: bool = True) -> None:
         if flag:
             self.flags.append(flag)
         if self.finished:
@@ -1191,24 +1233,30 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
-        if body and self.method != b"HEAD":
-            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: " + content_type + b"\r\n")
-        else:
-            parts.append(b"content-length: " + (str(len(body)).encode() if body else b"0") + b"\r\n")
-        for name, value in extra:
-            parts.append(name + b": " + value + b"\r\n")
-        parts.append(b"date: " + HTTP_DATE.get() + b"\r\nserver: envoy\r\n")
+        # Fields other than framing, date and server: the content type (once;
+        # a route's header operation may replace it, as on Envoy), the
+        # reply's own fields, then the route's response operations.
+        fields: list[tuple[bytes, bytes]] = []
+        if body or content_type != _TEXT_PLAIN:
+            fields.append((b"content-type", content_type))
+        fields.extend(extra)
         route = self.route
         if route is not None and route_ops:
             # Envoy applies the route's (and the chosen destination's) response
             # header mutations to the router's local replies too.
             ops = self.response_ops if self.target_choice is not None else route.response_ops
-            mutated = ops.apply([]) if ops is not None else []
+            if ops is not None:
+                fields = ops.apply(fields)
             if self.cors_origin is not None:
-                mutated = route.cors.decorate(mutated, self.cors_origin)  # type: ignore[union-attr]
-            for name, value in mutated:
+                fields = route.cors.decorate(fields, self.cors_origin)  # type: ignore[union-attr]
+        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
+        if status != 204 and status >= 200:
+            # (Envoy sends no content-length with a 204 or 1xx)
+            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
+        for name, value in fields:
+            if name not in _LOCAL_REPLY_OWN:
                 parts.append(name + b": " + value + b"\r\n")
+        parts.append(b"date: " + HTTP_DATE.get() + b"\r\n" + self._server_line())
         if not self.keep_alive or not self.request_complete or self.conn.draining or self.close_after:
             self.close_after = True
             parts.append(b"connection: close\r\n")

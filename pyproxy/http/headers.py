@@ -31,8 +31,9 @@ REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-envoy-at
                              b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"}
 
 # x-envoy-upstream-service-time is regenerated (Envoy overwrites it), so a
-# chain of proxies reports one value, this hop's.
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-envoy-upstream-service-time"}
+# chain of proxies reports one value, this hop's. ``server`` is overwritten
+# too, as Istio configures every HCM (server_header_transformation OVERWRITE).
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-envoy-upstream-service-time", b"server"}
 
 # Envoy's control headers: they change how an Envoy routes, retries, times
 # out or injects faults, or claim an internal origin. pyproxy honours none of

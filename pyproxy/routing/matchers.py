@@ -113,10 +113,21 @@ def parse_query(query: bytes | None) -> dict[str, str]:
 
 
 def _header_check(name: str, sm: StringMatch) -> Check:
+    """Envoy matches each value of a repeated header on its own and the
+    header matches when one does (1.40: ``match_headers_individually``);
+    one line holding "a, b" is one value."""
     key = name.lower().encode("latin-1")
     match = compile_string_match(sm)
 
     def check(ex: Any) -> bool:
+        repeated = ex.repeated
+        if repeated is not None:
+            values = repeated.get(key)
+            if values is not None:
+                for v in values:
+                    if match(v):
+                        return True
+                return False
         value = ex.hdict.get(key)
         return value is not None and match(value)
 
@@ -127,13 +138,22 @@ def _without_header_check(name: str, sm: StringMatch) -> Check:
     """Istio's ``withoutHeaders``: Envoy's inverted header matcher with
     ``treat_missing_header_as_empty`` (except for the presence matcher, where
     Istio cannot set it). So a missing header is matched against "": it
-    satisfies ``{exact: foo}`` but not ``{regex: ".*"}`` or ``{exact: ""}``."""
+    satisfies ``{exact: foo}`` but not ``{regex: ".*"}`` or ``{exact: ""}``.
+    A repeated header satisfies it only when none of its values matches."""
     key = name.lower().encode("latin-1")
     if sm.kind == "present":
         return lambda ex: key not in ex.hdict
     match = compile_string_match(sm)
 
     def check(ex: Any) -> bool:
+        repeated = ex.repeated
+        if repeated is not None:
+            values = repeated.get(key)
+            if values is not None:
+                for v in values:
+                    if match(v):
+                        return False
+                return True
         return not match(ex.hdict.get(key, b""))
 
     return check

@@ -291,7 +291,8 @@ spec:
             async with s.get(px.outbound_url + "/up", headers={"Host": "down"}) as r:
                 assert r.status == 503
                 assert await r.text() == (
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+                    "upstream connect error or disconnect/reset before headers. retried and the latest reset "
+                    "reason: remote connection failure")
         assert "subset 'missing'" in px.log()
 
 

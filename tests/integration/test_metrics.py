@@ -328,14 +328,14 @@ spec:
     for smp in requests_total(fams):
         by_flag[(smp.labels["response_flags"], smp.labels["response_code"])] = smp
     # The connect failure is retried by the mesh's default policy (2 retries), hence URX.
-    assert set(by_flag) == {("NR", "404"), ("NC", "503"), ("UF,URX", "503"), ("UH", "503")}, by_flag
+    assert set(by_flag) == {("NR", "404"), ("NC", "503"), ("URX,UF", "503"), ("UH", "503")}, by_flag
     assert by_flag[("NR", "404")].value == 2
     nr = by_flag[("NR", "404")].labels
     assert (
         nr["destination_service"] == "down.default.svc.cluster.local"
         and nr["destination_workload"] == "unknown"
     )
-    uf = by_flag[("UF,URX", "503")].labels
+    uf = by_flag[("URX,UF", "503")].labels
     assert uf["destination_workload"] == "down-v1"  # the endpoint that refused the connection
     assert by_flag[("UH", "503")].labels["destination_service_name"] == "empty"
     assert (

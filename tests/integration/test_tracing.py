@@ -190,11 +190,11 @@ async def test_connect_failure_attempts_get_spans_with_their_flag(tmp_path: Path
         (sp for sp in spans if sp.kind == SpanKind.CLIENT), key=lambda sp: sp.attributes["pyproxy.attempt"]
     )
     assert len(client) == 3  # the mesh default: 2 retries on connect failure
-    assert [sp.attributes["response_flags"] for sp in client] == ["UF", "UF", "UF,URX"]
+    assert [sp.attributes["response_flags"] for sp in client] == ["UF", "UF", "URX,UF"]
     assert all(sp.attributes["http.response.status_code"] == 0 for sp in client)
     server = next(sp for sp in spans if sp.kind == SpanKind.SERVER)
     assert (
-        server.attributes["response_flags"] == "UF,URX"
+        server.attributes["response_flags"] == "URX,UF"
         and server.attributes["http.response.status_code"] == 503
     )
 

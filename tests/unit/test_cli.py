@@ -33,6 +33,14 @@ def test_defaults() -> None:
     assert (o.tracing, o.trace_sampling, o.drain_timeout) == ("on", 0.01, 5.0)
     assert o.limits == Limits() and o.seed is None and o.worker_index == 0
     assert o.workload_name == "unknown"
+    # istiod sets stream_idle_timeout 0s on every HCM and leaves HTTP/1.0 off.
+    assert (o.limits.stream_idle_timeout, o.limits.accept_http10) == (0.0, False)
+
+
+def test_http10_and_stream_idle_timeout_flags() -> None:
+    o = options(["--config", "c", "--http10", "on", "--stream-idle-timeout", "300"])
+    assert (o.limits.accept_http10, o.limits.stream_idle_timeout) == (True, 300.0)
+    assert options([], {"PYPROXY_CONFIG": "c", "PYPROXY_HTTP10": "ON"}).limits.accept_http10 is True
 
 
 def test_every_flag_on_the_command_line() -> None:

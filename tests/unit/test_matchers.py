@@ -20,7 +20,7 @@ def sm(kind: str, value: str = "") -> StringMatch:
     return StringMatch(kind, value)  # type: ignore[arg-type]
 
 
-def matches(m: HTTPMatchRequest, target: str, headers: dict[str, str] | None = None, method: str = "GET",
+def matches(m: HTTPMatchRequest, target: str, headers: dict[str, str] | list[tuple[str, str]] | None = None, method: str = "GET",
             port: int | None = None, host: str = "reviews") -> bool:
     ex = request(target, headers, method=method, port=port, host=host)
     return all(check(ex) for check in compile_match(m))
@@ -76,7 +76,15 @@ HEADER_CASES = [
     ({"end-user": sm(ANY)}, {"end-user": ""}, True),  # {} = present, even empty
     ({"end-user": sm(ANY)}, {}, False),
     ({"end-user": sm(E, "")}, {"end-user": ""}, True),
-    ({"x": sm(E, "a,b")}, [("x", "a"), ("x", "b")], True),  # repeated headers joined with ","
+    # Envoy 1.40 matches each value of a repeated header on its own
+    # (match_headers_individually; checked against Envoy): any value may match.
+    ({"x": sm(E, "a,b")}, [("x", "a"), ("x", "b")], False),
+    ({"x": sm(E, "b")}, [("x", "a"), ("x", "b")], True),
+    ({"x": sm(E, "foo")}, [("x", "foo"), ("x", "foo")], True),
+    ({"x": sm(P, "fo")}, [("x", "bar"), ("x", "foo")], True),
+    ({"x": sm(R, "f.o")}, [("x", "bar"), ("x", "foo")], True),
+    ({"x": sm(R, "f.o")}, [("x", "bar"), ("x", "baz")], False),
+    ({"x": sm(E, "a, b")}, {"x": "a, b"}, True),  # one line is one value
     ({"a": sm(E, "1"), "b": sm(E, "2")}, {"a": "1", "b": "2"}, True),
     ({"a": sm(E, "1"), "b": sm(E, "2")}, {"a": "1"}, False),  # AND
 ]
@@ -99,11 +107,15 @@ WITHOUT_CASES = [
     (sm(R, ".*"), {}, False),  # a missing header is "", which ".*" matches
     (sm(E, ""), {}, False),
     (sm(E, ""), {"end-user": "x"}, True),
+    # repeated: satisfied only when no value matches (checked against Envoy)
+    (sm(E, "tester"), [("end-user", "other"), ("end-user", "tester")], False),
+    (sm(E, "tester"), [("end-user", "other"), ("end-user", "else")], True),
+    (sm(ANY), [("end-user", "a"), ("end-user", "b")], False),
 ]
 
 
 @pytest.mark.parametrize("m, headers, expected", WITHOUT_CASES)
-def test_without_headers(m: StringMatch, headers: dict, expected: bool) -> None:
+def test_without_headers(m: StringMatch, headers: dict | list, expected: bool) -> None:
     assert matches(HTTPMatchRequest(without_headers=(("end-user", m),)), "/", headers) is expected
 
 

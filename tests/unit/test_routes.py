@@ -326,9 +326,12 @@ def test_direct_response_body_status_and_content_type() -> None:
     raw = send(snap, "/bytes").conn.response  # type: ignore[attr-defined]
     assert b"content-length: 3\r\n" in raw and raw.endswith(b"\r\n\r\n\x00\x01\x02")
     empty = send(snap, "/other").conn.response  # type: ignore[attr-defined]
-    assert empty.startswith(b"HTTP/1.1 204 ") and b"content-length: 0\r\n" in empty
+    # Envoy sends no content-length (and no content-type) with a 204.
+    assert empty.startswith(b"HTTP/1.1 204 ") and b"content-length" not in empty and b"content-type" not in empty
     head_only = send(snap, "/health", method="HEAD").conn.response  # type: ignore[attr-defined]
-    assert head_only.endswith(b"\r\n\r\n")
+    # HEAD: the GET's header fields (length and type of the body), no body.
+    assert head_only.endswith(b"\r\n\r\n") and b"content-length: 15\r\n" in head_only
+    assert b"content-type: text/plain\r\n" in head_only
 
 
 def test_no_route_is_404_nr() -> None:
