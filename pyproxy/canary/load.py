@@ -32,6 +32,7 @@ class Response:
     t: float  # time.time() when the answer arrived
     status: int  # 0: no answer (connection error, timeout)
     version: str  # "v1", "v3", ... when the body says so, else ""
+    note: str = ""  # the start of the body of a non-200 answer, or the client error
 
 
 _PODNAME = re.compile(r'"podname":\s*"[^"]*-(v[0-9]+)"')
@@ -67,9 +68,10 @@ async def generate(url: str, rate: float, duration: float, *, proxy: str | None 
             try:
                 async with session.get(url, proxy=proxy) as resp:
                     body = await resp.text(errors="replace")
-                    r = Response(time.time(), resp.status, version_of(body))
-            except (aiohttp.ClientError, TimeoutError):
-                r = Response(time.time(), 0, "")
+                    r = Response(time.time(), resp.status, version_of(body),
+                                 "" if resp.status == 200 else body[:120])
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                r = Response(time.time(), 0, "", f"{type(exc).__name__}: {exc}"[:120])
             finally:
                 gate.release()
             results.append(r)

@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import signal
@@ -551,8 +552,9 @@ def add_faults(app: web.Application, fail_percent: float = 0.0, delay_ms: float 
     """Make ``app`` a bad release: answer ``fail_percent`` % of its requests
     with HTTP 500 and delay every request by ``delay_ms`` (``/health`` stays
     healthy, as a broken release's probe often does). Failures are spread
-    evenly (request n fails when n * share crosses a whole number), so a share
-    shows in any window of a few requests, not only on average."""
+    evenly (request n fails when n * share reaches the next whole number; the
+    first request fails), so the share shows in any window of a few requests,
+    not only on average."""
     if not 0.0 <= fail_percent <= 100.0:
         raise ValueError(f"fail percent must be within 0..100, got {fail_percent:g}")
     if delay_ms < 0:
@@ -570,7 +572,7 @@ def add_faults(app: web.Application, fail_percent: float = 0.0, delay_ms: float 
         served += 1
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000.0)
-        if int(served * share) != int((served - 1) * share):
+        if math.ceil(served * share) != math.ceil((served - 1) * share):
             return web.json_response({"error": "injected failure (bad release)"}, status=500)
         return await handler(request)
 

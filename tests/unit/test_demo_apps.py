@@ -28,6 +28,7 @@ from pyproxy.demo.apps import (
     CLIENT_KEY,
     REVIEWS,
     ReviewsOptions,
+    add_faults,
     build_app,
     decode_session,
     encode_session,
@@ -699,3 +700,16 @@ def test_session_cookie_round_trip_and_tampering() -> None:
     other_payload = encode_session("admin", "s3cret").split(".")[0]
     assert decode_session(f"{other_payload}.{value.split('.')[1]}", "s3cret") is None
     assert decode_session("jason", "s3cret") is None
+
+
+async def test_a_bad_release_fails_its_share_of_requests_evenly_and_stays_healthy(
+    start: Start, client: aiohttp.ClientSession
+) -> None:
+    url = await start(add_faults(build_app("details"), fail_percent=30))
+    statuses = [(await get_json(client, url / "details" / "1"))[0] for _ in range(20)]
+    assert statuses.count(500) == 6, statuses  # exactly 30 %
+    assert statuses[0] == 500  # the first request already shows it
+    assert all(statuses[i:i + 4].count(500) >= 1 for i in range(16)), statuses  # spread, not bunched
+    assert (await get_json(client, url / "health"))[0] == 200
+    with pytest.raises(ValueError, match="0..100"):
+        add_faults(build_app("details"), fail_percent=120)
