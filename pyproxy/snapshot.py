@@ -516,7 +516,10 @@ class _Builder:
                     routes.append(compiled)
         for i, r in enumerate(routes[:-1]):
             if r.catch_all:
-                self.warn(f"{routes[i + 1].origin}: unreachable, {r.origin} catches every request")
+                # A rule without match conditions followed by rules of its own
+                # VirtualService: the loader reported it already (for every proxy).
+                if r.conditions or routes[i + 1].virtual_host != r.virtual_host:
+                    self.warn(f"{routes[i + 1].origin}: unreachable, {r.origin} catches every request")
                 break
         return tuple(routes)
 
@@ -674,6 +677,40 @@ class _Builder:
                 return chosen
         return None
 
+    # -- references (istioctl analyze's kind of findings; the same for every proxy) --
+
+    def check_references(self) -> None:
+        """Rules that can have no effect: a DestinationRule for a host not in
+        the registry, a VirtualService bound to a Gateway the config does
+        not define, a mesh VirtualService none of whose hosts is a service."""
+        wild_services = [h for h in self.registry if h.startswith("*")]
+
+        def covered(host: str) -> bool:  # exact lookups; scans only for (rare) wildcards
+            if host in self.registry:
+                return True
+            if host.startswith("*"):
+                return any(_host_pattern_match(host, h) for h in self.registry)
+            return any(_host_pattern_match(w, host) for w in wild_services)
+
+        for dr in self.drs:
+            host = canonical_host(dr.host, dr.meta.namespace)
+            if not covered(host):
+                self.warn(f"{dr.meta.source}: DestinationRule {dr.meta.namespace}/{dr.meta.name}: host {host} is "
+                          f"not in the service registry: the rule has no effect")
+        defined = {f"{g.meta.namespace}/{g.meta.name}" for g in self.gateways}
+        for vs in self.vss:
+            where = f"{vs.meta.source}: VirtualService {vs.meta.namespace}/{vs.meta.name}"
+            refs = [r if "/" in r else f"{vs.meta.namespace}/{r}" for r in vs.gateways if r != "mesh"]
+            missing = [r for r in refs if r not in defined]
+            if missing:
+                self.warn(f"{where}: gateway {', '.join(missing)} is not defined in the config (a proxy run "
+                          f"with --gateway {missing[0]} serves the VirtualService's own hosts)")
+            mesh = not vs.gateways or "mesh" in vs.gateways
+            hosts = [canonical_host(h, vs.meta.namespace) for h in vs.hosts]
+            if mesh and hosts and not any(covered(h) for h in hosts):
+                self.warn(f"{where}: none of its hosts ({', '.join(hosts)}) is a service in the registry: "
+                          f"sidecars apply it only to requests addressed to those names")
+
     def registry_only(self) -> bool:
         best = self.sidecar()
         return best is not None and best.outbound_traffic_policy_mode == "REGISTRY_ONLY"
@@ -685,6 +722,7 @@ class _Builder:
         self.registry = build_registry(self.ses, self.wes, self.warn)
         yield
         self.index_destination_rules()
+        self.check_references()
         yield from self.build_service_clusters()
         hosts = yield from self.build_hosts()
         ident = self.identity
@@ -714,7 +752,9 @@ class _Builder:
             inbound_route=inbound_route,
             passthrough=passthrough,
             registry_only=self.registry_only(),
-            warnings=self.warnings,
+            # One line per finding: a rule compiled for several hosts (a
+            # service's aliases, a gateway's hosts) finds the same problem each time.
+            warnings=list(dict.fromkeys(self.warnings)),
             dns_names=frozenset(self.dns_names),
             pending_services=self.pending_services,
             route_cache=self.route_cache,

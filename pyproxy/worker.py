@@ -290,15 +290,20 @@ class Worker:
         retired = retire(old, snap) if old is not None else []
         if retired:
             log.info("reload: %d cluster(s) replaced and draining", len(retired))
-        for diag in loaded.warnings:
-            log.warning("config: %s", diag)
-        for warning in snap.warnings:
-            log.warning("config: %s", warning)
+        warnings = list(dict.fromkeys([*map(str, loaded.warnings), *snap.warnings]))
+        # Each finding is logged once: by the first worker only (the others
+        # build the same config), and not again by a reload that still has it
+        # (the full list stays in /config_dump and /server_info).
+        if self.options.worker_index == 0:
+            before = set(status.warnings) if old is not None else set()
+            for warning in warnings:
+                if warning not in before:
+                    log.warning("config: %s", warning)
         status.ok = True
         status.version = version
         status.successes += 1
         status.errors = []
-        status.warnings = [str(w) for w in loaded.warnings] + list(snap.warnings)
+        status.warnings = warnings
         status.counts = {**self.parse_cache.stats(), "routes_compiled": snap.routes_compiled,
                         "routes_reused": snap.routes_reused}
         for cb in self.on_reload:

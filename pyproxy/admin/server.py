@@ -7,7 +7,7 @@ Both run in the primary worker's event loop on a small HTTP/1.1 server
 ``GET /``                      this list
 ``GET /ready``                 200 ``LIVE`` / 503 (not ready, draining, or failed by
                                ``/healthcheck/fail``)
-``GET /server_info``           version, state, uptime, workload, labels, config version
+``GET /server_info``           version, state, uptime, workload, labels, config version, last reload
 ``GET /config_dump``           effective resources with their source files, reload status
 ``GET /clusters``              JSON per cluster and endpoint (``?format=text``: Envoy's
                                ``cluster::host::stat::value`` lines)
@@ -64,7 +64,7 @@ LEVELS = {
 
 ENDPOINTS = [
     ("GET", "/ready", "200 LIVE when serving, else 503"),
-    ("GET", "/server_info", "version, state, uptime, workload, labels, config version"),
+    ("GET", "/server_info", "version, state, uptime, workload, labels, config version, last reload"),
     ("GET", "/config_dump", "effective config (resources with source files) and last reload status"),
     ("GET", "/clusters", "clusters and endpoints (JSON; ?format=text for Envoy-style lines)"),
     ("GET", "/stats", "plain text counters (?filter=REGEX)"),
@@ -373,6 +373,9 @@ class AdminServer:
             "gateway": w.identity.gateway or None,
             "config_version": w.version,
             "last_reload_ok": w.reload_status.ok,
+            # The last reload's result and errors (a rejected one keeps the
+            # previous config in force), and how many warnings the config has.
+            "last_reload": {**w.reload_status.as_dict(), "warnings": len(w.reload_status.warnings)},
             "workers": o.workers,
             "worker_status": await self.worker_status(),
             "command_line_options": {

@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ._service_entry import SERVICE_ENTRY, WORKLOAD_ENTRY, parse_service_entry, 
 from ._sidecar import SIDECAR, parse_sidecar
 from ._virtual_service import VIRTUAL_SERVICE, parse_virtual_service
 from ._yaml import read_documents
+from .files import config_files
 from .model import Diagnostic, LoadedConfig, Meta, Resource, Source
 
 __all__ = ["ParseCache", "expand_paths", "load_paths", "load_text", "parse_duration"]
@@ -36,7 +36,6 @@ __all__ = ["ParseCache", "expand_paths", "load_paths", "load_text", "parse_durat
 log = logging.getLogger(__name__)
 
 API_GROUP = "networking.istio.io"
-YAML_SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # Top-level fields of a Kubernetes object; "status" appears in `kubectl get -o yaml`.
@@ -133,23 +132,26 @@ class ParseCache:
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
-    """The files :func:`load_paths` reads, in order: files as given, and for a
-    directory its ``*.yaml``/``*.yml`` files (not recursive), sorted by name,
-    skipping names that start with "." (ConfigMap mounts keep their real files
-    under ``..data``; the visible names are symlinks, which are followed).
-    Paths that do not exist or are not regular files are left out (load_paths
-    reports them as errors)."""
-    return _expand(paths)[0]
+    """The files :func:`load_paths` reads, in order (see ``files.py``: files
+    as given and each directory's visible ``*.yaml``/``*.yml`` files, oldest
+    modification first, then by path). Paths that do not exist or are not
+    regular files are left out (load_paths reports them as errors)."""
+    return [f.path for f in config_files(paths)[0]]
 
 
 def load_paths(paths: Sequence[str], cache: ParseCache | None = None) -> LoadedConfig:
-    """Load files and directories; later paths override earlier ones.
+    """Load files and directories. Files are read oldest first (modification
+    time, then path: ``files.config_files``), and a resource defined in
+    several files is taken from the last: the most recently modified file
+    wins, as if the files had been applied with ``kubectl apply`` in the
+    order they were written.
 
     With a ``cache``, a file whose bytes are unchanged since the cache's
     previous load is not parsed or validated again: its resources,
     errors and warnings are reused. The result is the same either way."""
-    files, problems = _expand(paths)
-    out = _Collector(list(problems), [], [])
+    found, problems = config_files(paths)
+    files = [f.path for f in found]
+    out = _Collector([Diagnostic(p.path, None, "", p.detail) for p in problems], [], [])
     read: list[str] = []
     kept: dict[str, _FileResult] = {}
     parsed = reused = 0
@@ -190,29 +192,6 @@ def load_text(text: str, file: str = "<string>") -> LoadedConfig:
 
 
 # -- files ------------------------------------------------------------------------
-
-
-def _expand(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
-    files: list[str] = []
-    problems: list[Diagnostic] = []
-    for path in paths:
-        if os.path.isdir(path):
-            try:
-                names = sorted(os.listdir(path))
-            except OSError as exc:
-                problems.append(Diagnostic(path, None, "", f"cannot list directory: {exc.strerror or exc}"))
-                continue
-            for name in names:
-                full = os.path.join(path, name)
-                if not name.startswith(".") and name.endswith(YAML_SUFFIXES) and os.path.isfile(full):
-                    files.append(full)
-        elif os.path.isfile(path):
-            files.append(path)
-        elif os.path.exists(path):  # a FIFO or device would block or never end
-            problems.append(Diagnostic(path, None, "", "not a regular file or directory"))
-        else:
-            problems.append(Diagnostic(path, None, "", "no such file or directory"))
-    return files, problems
 
 
 def _read_bytes(file: str, out: _Collector) -> bytes | None:
@@ -415,7 +394,7 @@ def _override_warning(previous: _Loaded, item: _Loaded) -> Diagnostic:
     if previous.meta.source.file == item.meta.source.file:
         rule = "the later document in the file wins"
     else:
-        rule = "the file loaded later wins"
+        rule = f"{item.meta.source.file} wins (the most recently modified file, as with kubectl apply in that order)"
     return Diagnostic(
         item.meta.source.file,
         item.meta.source.doc,

@@ -1,9 +1,8 @@
 """Hot reload: notice when the ``--config`` paths change and reload.
 
 Polling, not inotify: every ``interval`` seconds the watcher takes a *stat
-signature* of everything the loader would read (the same file selection as
-``loader.expand_paths``: files given directly, and each directory's visible
-``*.yaml``/``*.yml`` files), following symlinks. A file's entry is its
+signature* of everything the loader would read (the same file selection and
+order: ``files.config_files``, shared with the loader), following symlinks. A file's entry is its
 device, inode, size and mtime/ctime in nanoseconds, so an in-place edit
 (size or mtime changes), an atomic replace (``os.replace``, new inode), a
 file added to or removed from a directory, and a Kubernetes ConfigMap update
@@ -26,43 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 
-log = logging.getLogger("pyproxy.config")
+from .files import config_files
 
-YAML_SUFFIXES = (".yaml", ".yml")
+log = logging.getLogger("pyproxy.config")
 
 Signature = tuple
 
 
-def _file_entry(path: str) -> tuple:
-    try:
-        st = os.stat(path)  # follows symlinks (ConfigMap ..data swaps)
-    except OSError as exc:
-        return (path, "error", exc.errno)
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def config_signature(paths: Sequence[str]) -> Signature:
-    """A value that changes whenever any file the loader would read changes."""
-    out: list[tuple] = []
-    for path in paths:
-        if os.path.isdir(path):
-            try:
-                names = sorted(os.listdir(path))
-            except OSError as exc:
-                out.append((path, "unlistable", exc.errno))
-                continue
-            for name in names:
-                if name.startswith(".") or not name.endswith(YAML_SUFFIXES):
-                    continue
-                full = os.path.join(path, name)
-                out.append(_file_entry(full))
-        elif os.path.exists(path):
-            out.append(_file_entry(path))
-        else:
-            out.append((path, "missing"))
+    """A value that changes whenever any file the loader would read changes
+    (the same selection: ``files.config_files``), or the load order does."""
+    files, problems = config_files(paths)
+    out: list[tuple] = [
+        (f.path, f.stat.st_dev, f.stat.st_ino, f.stat.st_size, f.stat.st_mtime_ns, f.stat.st_ctime_ns)
+        for f in files
+    ]
+    out.extend((p.path, p.kind) for p in problems)
     return tuple(out)
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import IO
 
 import pyproxy
+from pyproxy.config.files import is_config_name
 
 DEFAULT_SUBNET = "127.0.0.0/24"
 DEFAULT_INGRESS = "127.0.0.1:9080"
@@ -180,7 +181,7 @@ def config_signature(directory: Path) -> tuple:
     except OSError:
         return ()
     for entry in entries:
-        if entry.name.startswith(".") or not entry.name.endswith((".yaml", ".yml")):
+        if not is_config_name(entry.name):  # the loader's selection (config/files.py)
             continue
         try:
             st = entry.stat()

@@ -27,6 +27,7 @@ Names (see README "Metrics"):
   ``envoy_http_downstream_*`` (listener counters), ``envoy_server_live``,
   ``envoy_server_uptime``, ``envoy_server_concurrency``.
 - ``pyproxy_config_reloads_total{result="success"|"failure"}``,
+  ``pyproxy_config_update_rejected_total`` (Envoy's xDS ``update_rejected``),
   ``pyproxy_config_version``, ``pyproxy_access_log_dropped_total``,
   ``pyproxy_mirror_rq_{sent,completed,failed,dropped}_total``.
 
@@ -572,6 +573,13 @@ class StateCollector:
         reloads.add_metric(["success"], state["reloads"]["success"])
         reloads.add_metric(["failure"], state["reloads"]["failure"])
         yield reloads
+        # Envoy's name for a config update refused by validation (the xDS
+        # subscription stat update_rejected, as in cluster_manager.cds.*).
+        rejected = CounterMetricFamily(
+            "pyproxy_config_update_rejected", "Config reloads rejected (invalid files); the config in force stays"
+        )
+        rejected.add_metric([], state["reloads"]["failure"])
+        yield rejected
         version = GaugeMetricFamily("pyproxy_config_version", "Version of the config in force (1 = initial)")
         version.add_metric([], state["config_version"])
         yield version
@@ -637,6 +645,7 @@ def render_text(state: dict, filter_re: Any = None) -> str:
         lines.append(f"pyproxy.{stat}: {value}")
     lines.append(f"pyproxy.config_reloads.failure: {state['reloads']['failure']}")
     lines.append(f"pyproxy.config_reloads.success: {state['reloads']['success']}")
+    lines.append(f"pyproxy.config.update_rejected: {state['reloads']['failure']}")
     lines.append(f"pyproxy.config_version: {state['config_version']}")
     lines.append(f"pyproxy.access_log_dropped: {state.get('access_log_dropped', 0)}")
     total = sum(row[1] for row in state["istio"])

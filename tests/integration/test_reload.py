@@ -142,6 +142,23 @@ async def test_admin_reload_endpoint() -> None:
             assert reload_counts(px) == (1, 0)
 
 
+async def test_a_config_warning_is_logged_once_across_hosts_workers_and_reloads() -> None:
+    async with Upstream("a") as a, Upstream("b") as b:
+        # "v9" is no subset of the DestinationRule: a warning, not an error.
+        cfg = {"base.yaml": two_subsets(a.port, b.port), "vs.yaml": route_to("v9")}
+        with running_proxy(cfg, args=["--watch-interval", "0", "--workers", "2"]) as px:
+            px.write_config("extra.yaml", route_to("a").replace("name: svc", "name: other").replace(
+                "hosts: [svc]", "hosts: [other.example]"))
+            result = await asyncio.to_thread(px.reload)
+            assert result["ok"], result
+            info = px.admin_json("/server_info")
+            assert info["last_reload"]["ok"] is True and info["last_reload"]["warnings"] >= 2
+            # New on the reload: logged then, once.
+            assert px.log().count("VirtualService default/other: none of its hosts") == 1
+        lines = [line for line in px.log().splitlines() if "subset 'v9' of svc.default.svc.cluster.local" in line]
+        assert len(lines) == 1, lines
+
+
 async def test_reload_reparses_only_changed_files_and_drops_deleted_ones() -> None:
     """The parse cache and route reuse, seen through /config_dump's reload
     counters: an unchanged file is not parsed again, an edited one is, an
@@ -284,13 +301,17 @@ async def test_a_misspelt_match_field_is_rejected_and_does_not_reroute_traffic()
                 await wait_for(lambda: reload_counts(px)[1] == 1, timeout=10, what="the rejected reload")
                 for _ in range(5):
                     assert await who(px, s) == "a"
-            last = px.admin_json("/config_dump")["last_reload"]
-            assert last["ok"] is False and px.admin_json("/config_dump")["version"] == 1
+            info = px.admin_json("/server_info")
+            assert info["config_version"] == 1 and info["last_reload_ok"] is False
+            last = info["last_reload"]
+            assert last["ok"] is False and last["failures"] == 1 and last["trigger"] == "file change"
             assert any(
                 e.endswith("vs.yaml#0: spec.http[0].match[0].uri.prefx: unknown field 'prefx' in StringMatch "
                            "(did you mean 'prefix'?)")
                 for e in last["errors"]
             ), last
+            assert px.admin_json("/config_dump")["last_reload"]["errors"] == last["errors"]
+            assert value(scrape(px), "pyproxy_config_update_rejected_total") == 1
 
 
 async def test_unchanged_clusters_keep_their_pools_and_changed_ones_get_new_ones() -> None:

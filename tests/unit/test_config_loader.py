@@ -1390,19 +1390,27 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_directory_files_sorted_non_recursive_skipping_dot_files(tmp_path: Path) -> None:
+def at(path: Path, mtime: int) -> Path:
+    """Set ``path``'s modification time (seconds since the epoch)."""
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_directory_files_non_recursive_skipping_dot_files_oldest_first_then_by_path(tmp_path: Path) -> None:
     d = tmp_path / "conf"
-    write(d / "b.yaml", vs(simple_route(), name="b"))
-    write(d / "a.yml", vs(simple_route(), name="a"))
+    at(write(d / "b.yaml", vs(simple_route(), name="b")), 1000)
+    at(write(d / "a.yml", vs(simple_route(), name="a")), 1000)
     write(d / "c.txt", "not: yaml config")
     write(d / ".hidden.yaml", vs(simple_route(), name="hidden"))
     write(d / "sub" / "d.yaml", vs(simple_route(), name="nested"))
     (d / "dir.yaml").mkdir()
-    single = write(tmp_path / "z.yaml", vs(simple_route(), name="z"))
-    assert expand_paths([str(single), str(d)]) == [str(single), str(d / "a.yml"), str(d / "b.yaml")]
+    single = at(write(tmp_path / "z.yaml", vs(simple_route(), name="z")), 2000)
+    old = at(write(d / "y.yaml", vs(simple_route(), name="y")), 500)
+    expected = [str(old), str(d / "a.yml"), str(d / "b.yaml"), str(single)]
+    assert expand_paths([str(single), str(d)]) == expected
     cfg = load_paths([str(single), str(d)])
-    assert [r.meta.name for r in cfg.resources] == ["z", "a", "b"]
-    assert cfg.files == (str(single), str(d / "a.yml"), str(d / "b.yaml"))
+    assert [r.meta.name for r in cfg.resources] == ["y", "a", "b", "z"]
+    assert cfg.files == tuple(expected)
 
 
 def test_missing_path_is_an_error_and_not_expanded(tmp_path: Path) -> None:
@@ -1464,21 +1472,46 @@ def ok_paths(paths: list[str]) -> LoadedConfig:
 # -- de-duplication -------------------------------------------------------------------
 
 
-def test_later_file_wins_with_a_warning_naming_both_sources(tmp_path: Path) -> None:
-    a = write(
-        tmp_path / "a.yaml", dr("host: old", name="reviews") + "---\n" + dr("host: other", name="other")
-    )
-    b = write(tmp_path / "b.yaml", dr("host: new", name="reviews"))
-    cfg = ok_paths([str(a), str(b)])
-    assert [(r.meta.name, r.host) for r in cfg.resources] == [("other", "other"), ("reviews", "new")]  # type: ignore[union-attr]
-    assert [src for src, _ in cfg.raw] == [Source(str(a), 1), Source(str(b), 0)]
-    assert cfg.raw[1][1]["spec"]["host"] == "new"
+def test_most_recently_modified_file_wins_with_a_warning_naming_both(tmp_path: Path) -> None:
+    # Istio's tasks in order: the delay, then the abort (both "VirtualService
+    # ratings"); the abort must win although "delay" sorts after "abort".
+    delay = at(write(tmp_path / "fault-delay.yaml",
+                     dr("host: delay", name="ratings") + "---\n" + dr("host: other", name="other")), 1000)
+    abort = at(write(tmp_path / "fault-abort.yaml", dr("host: abort", name="ratings")), 2000)
+    cfg = ok_paths([str(tmp_path)])
+    assert [(r.meta.name, r.host) for r in cfg.resources] == [("other", "other"), ("ratings", "abort")]  # type: ignore[union-attr]
+    assert [src for src, _ in cfg.raw] == [Source(str(delay), 1), Source(str(abort), 0)]
     assert strs(cfg.warnings) == [
-        (
-            f"{b}#0: metadata.name: DestinationRule default/reviews is defined twice: {a}#0 and {b}#0; "
-            "the file loaded later wins"
-        )
+        (f"{abort}#0: metadata.name: DestinationRule default/ratings is defined twice: {delay}#0 and {abort}#0; "
+        f"{abort} wins (the most recently modified file, as with kubectl apply in that order)")
     ]
+    # Touching the delay file again makes it the latest: it wins now.
+    at(delay, 3000)
+    cfg = ok_paths([str(tmp_path)])
+    assert {r.meta.name: r.host for r in cfg.resources} == {"other": "other", "ratings": "delay"}  # type: ignore[union-attr]
+
+
+def test_same_modification_time_then_the_path_decides(tmp_path: Path) -> None:
+    # A ConfigMap update gives every file the same time.
+    a = at(write(tmp_path / "a.yaml", dr("host: a", name="r")), 1000)
+    b = at(write(tmp_path / "b.yaml", dr("host: b", name="r")), 1000)
+    cfg = ok_paths([str(b), str(a)])
+    assert [r.host for r in cfg.resources] == ["b"]  # type: ignore[union-attr]
+    assert cfg.files == (str(a), str(b))
+
+
+def test_the_watcher_watches_what_the_loader_reads_in_its_order(tmp_path: Path) -> None:
+    from pyproxy.config.watch import config_signature
+
+    a = at(write(tmp_path / "a.yaml", dr("host: a", name="r")), 2000)
+    b = at(write(tmp_path / "b.yaml", dr("host: b", name="r")), 1000)
+    write(tmp_path / ".hidden.yaml", "x: 1")
+    write(tmp_path / "notes.txt", "x")
+    sig = config_signature([str(tmp_path), str(tmp_path / "missing.yaml")])
+    assert [entry[0] for entry in sig] == [*expand_paths([str(tmp_path)]), str(tmp_path / "missing.yaml")]
+    assert [entry[0] for entry in sig[:2]] == [str(b), str(a)]
+    at(b, 3000)  # the order changes, so does the signature
+    assert config_signature([str(tmp_path), str(tmp_path / "missing.yaml")]) != sig
 
 
 def test_same_key_twice_in_one_file_later_document_wins() -> None:
@@ -1590,9 +1623,11 @@ def test_validate_cli_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert validate.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out == "1 files, 2 resources: OK\n"
-    assert (
-        err == f"warning: {tmp_path}/a.yaml#1: spec.trafficPolicy.tls: not implemented by pyproxy, ignored\n"
-    )
+    lines = err.splitlines()
+    assert lines[0] == f"warning: {tmp_path}/a.yaml#1: spec.trafficPolicy.tls: not implemented by pyproxy, ignored"
+    # Then what the proxies would warn about (tests/unit/test_validate.py): no registry here.
+    assert lines[1] == (f"warning: {tmp_path}/a.yaml#1: DestinationRule default/b: host r.default.svc.cluster.local "
+                        "is not in the service registry: the rule has no effect")
 
 
 def test_validate_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
