@@ -322,6 +322,7 @@ class Controller:
             return
         if checks:
             st.checks = [asdict(k) for k in checks]
+            self._event("Checks passed: " + ", ".join(k.message for k in checks), checks=st.checks)
         if a.strategy == "ab":
             self._ab()
         elif a.strategy == "bluegreen":

@@ -403,6 +403,9 @@ def test_canary_steps_to_max_weight_then_promotes() -> None:
     assert [(r.primary, r.canary) for r in router.routes] == [(100, 0), (90, 10), (80, 20), (70, 30), (0, 100)]
     assert con.state.steps == 5
     assert metrics.refreshed == 8  # every non-terminal interval reads the metrics
+    passed = [e["message"] for e in con.state.history if e["message"].startswith("Checks passed")]
+    assert passed[0] == "Checks passed: request-success-rate 100.00%, request-duration 20ms"
+    assert len(passed) == 3  # at weight 10, at 20, and at the max weight 30 (then promoted)
     assert [m for m in (e["message"] for e in con.state.history) if m.startswith("Advance")] == [
         "Advance default.reviews canary weight 10", "Advance default.reviews canary weight 20",
         "Advance default.reviews canary weight 30"]
@@ -434,7 +437,7 @@ def test_no_data_is_waiting_for_data_and_a_failed_check_never_a_pass() -> None:
                                     [{"request-success-rate": None, "request-duration": None}, GOOD, GOOD])
     seen = run_ticks(con, clock, 6)
     assert seen[3] == ("Progressing", 50, 1)  # no data: no advance, one failed check (as Flagger)
-    halted = [e for e in con.state.history if "checks" in e]
+    halted = [e for e in con.state.history if any(k["result"] != "pass" for k in e.get("checks", ()))]
     assert len(halted) == 1 and [k["result"] for k in halted[0]["checks"]] == ["no_data", "no_data"]
     assert "waiting for data: no values found for metric request-success-rate" in halted[0]["message"]
     assert seen[4:] == [("Progressing", 100, 1), ("Promoting", 100, 1)]

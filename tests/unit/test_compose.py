@@ -68,9 +68,13 @@ def is_init(svc: dict[str, Any]) -> bool:
     return is_pyproxy(svc) and svc.get("entrypoint", [None])[:2] == ["pyproxy", "iptables"]
 
 
+def is_canary(svc: dict[str, Any]) -> bool:
+    return is_pyproxy(svc) and svc.get("entrypoint", [None])[:3] == ["pyproxy", "canary", "run"]
+
+
 def proxies() -> dict[str, dict[str, Any]]:
     """Every service running `pyproxy run` (sidecars and ingresses)."""
-    return {n: s for n, s in services().items() if is_pyproxy(s) and not is_init(s)}
+    return {n: s for n, s in services().items() if is_pyproxy(s) and not is_init(s) and not is_canary(s)}
 
 
 def apps() -> dict[str, dict[str, Any]]:
@@ -231,7 +235,7 @@ def test_default_wiring_points_the_apps_at_their_sidecar_without_privileges() ->
 def test_transparent_profile_is_an_init_container_per_pod_and_unchanged_apps() -> None:
     parser, _ = build_parser()
     ipt = parser.parse_args(["iptables"])  # the rules' defaults: what the init container applies
-    tp = {n: s for n, s in services().items() if profiles(s)}
+    tp = {n: s for n, s in services().items() if "transparent" in profiles(s)}
     assert all(profiles(s) == ("transparent",) for s in tp.values())
     assert all(n.startswith("tp-") for n in tp), "transparent services are named tp-*"
     tp_apps = [n for n in tp if n in apps()]
@@ -391,6 +395,8 @@ def test_prometheus_scrapes_every_proxy() -> None:
     cfg = yaml.safe_load(host_path(prom, "/etc/prometheus/prometheus.yml").read_text())
     targets = set()
     for job in cfg["scrape_configs"]:
+        if job["job_name"] == "pyproxy-canary":
+            continue  # the controller, not a proxy: test_canary_controller_uses_the_prometheus_and_the_mesh
         assert job["metrics_path"] == "/stats/prometheus"
         for sc in job["static_configs"]:
             targets.update(sc["targets"])
@@ -458,3 +464,27 @@ def test_locust_master_and_worker_drive_the_ingress() -> None:
     wcmd = worker["command"]
     assert "--worker" in wcmd and wcmd[wcmd.index("--master-host") + 1] == "locust-master"
     assert master["ports"] == ["8089:8089"]
+
+
+def test_canary_controller_uses_the_prometheus_and_the_mesh(capsys: pytest.CaptureFixture[str]) -> None:
+    from pyproxy.canary.resource import load_file
+
+    (name, svc), = ((n, s) for n, s in services().items() if is_canary(s))
+    parser, _ = build_parser()
+    args = parser.parse_args(["canary", "run", *svc["command"]])
+    # It reads the compose Prometheus, over the network Prometheus is on.
+    prom = services()["prometheus"]
+    assert args.prometheus == "http://prometheus:9090" and "mesh" in prom["networks"] and svc["networks"] == ["mesh"]
+    # It writes into the very directory every proxy watches (read-only for them, read-write for it).
+    assert mounts(svc)[args.config] == mounts(next(iter(proxies().values())))["/etc/pyproxy/mesh"]
+    assert f"./mesh:{args.config}" in svc["volumes"]
+    # Its Canary file is mounted and loads without errors; the subsets are Bookinfo's reviews v1 and v3.
+    cf = load_file(str(host_path(svc, args.canary)))
+    assert not cf.errors and not cf.warnings, cf
+    canary = cf.canaries[0]
+    assert (canary.host, canary.primary_subset, canary.canary_subset) == ("reviews", "v1", "v3")
+    # Prometheus scrapes its metrics port.
+    cfg = yaml.safe_load(host_path(prom, "/etc/prometheus/prometheus.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "pyproxy-canary")
+    assert job["static_configs"][0]["targets"] == [f"{name}:{args.metrics.rpartition(':')[2]}"]
+    assert svc["profiles"] == ["canary"] and svc["healthcheck"] == {"disable": True}
