@@ -66,7 +66,9 @@ GATEWAY_NAME = "bookinfo-gateway"
 REGISTRY_FILE = "services.yaml"
 ROUTING_FILE = "routing.yaml"
 # Where the scenario files live (a source checkout; `make.py demo` installs in editable mode).
-BOOKINFO_CONFIG = Path(pyproxy.__file__).resolve().parent.parent / "config" / "bookinfo"
+# Package data (pyproject.toml): in a checkout pyproxy/demo/bookinfo is a
+# symlink to config/bookinfo, which this resolves to; installed, the copy.
+BOOKINFO_CONFIG = (Path(__file__).parent / "bookinfo").resolve()
 
 STARTUP_TIMEOUT = 60.0  # seconds for all proxies and apps to become ready (2 busy cores are slow)
 STOP_TIMEOUT = 8.0  # per process group, after SIGTERM, before SIGKILL
@@ -558,8 +560,9 @@ def banner(mesh: Mesh) -> str:
 def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     if not (BOOKINFO_CONFIG / "gateway.yaml").is_file():
-        print(f"pyproxy demo: {BOOKINFO_CONFIG} not found; the demo runs from a source checkout "
-              f"(python3 make.py demo)", file=sys.stderr)
+        print(f"pyproxy demo: {BOOKINFO_CONFIG} not found: this installation lacks the demo's config "
+              f"(reinstall with pip from the repository, or run python3 make.py demo in a checkout)",
+              file=sys.stderr)
         return 2
     try:
         subnet = pod_subnet(getattr(args, "pod_subnet", None) or DEFAULT_SUBNET)

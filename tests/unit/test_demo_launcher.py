@@ -149,3 +149,21 @@ def test_every_scenario_loads_and_builds_cleanly_for_every_local_proxy(scenario:
             assert snap.warnings == [], (identity.workload, snap.warnings)
     finally:
         loop.close()
+
+
+def test_everything_the_demo_reads_is_package_data() -> None:
+    # `pip install .` ships pyproxy/demo/bookinfo (a symlink to config/bookinfo
+    # in the checkout) through pyproject.toml's package-data globs.
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pyproxy.demo"]
+    package_dir = ROOT / "pyproxy" / "demo"
+    assert (package_dir / "bookinfo").resolve() == BOOKINFO_CONFIG
+    needed = ["gateway.yaml", "local/services.yaml", "compose/services.yaml", *(name for name, _ in SCENARIOS)]
+    shipped = [str(p.relative_to(BOOKINFO_CONFIG)) for p in BOOKINFO_CONFIG.rglob("*") if p.is_file()]
+    for rel in needed:
+        assert rel in shipped, rel
+    for rel in shipped:  # every file, in the glob's terms (bookinfo/<rel> under pyproxy/demo)
+        assert any(fnmatch.fnmatch(f"bookinfo/{rel}", g) and g.count("/") == f"bookinfo/{rel}".count("/")
+                   for g in globs), rel

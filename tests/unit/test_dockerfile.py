@@ -218,3 +218,29 @@ def test_healthcheck_asks_the_stats_listener_on_loopback() -> None:
     assert ready_url({"PYPROXY_STATS": "[::]:15090"}) == "http://[::1]:15090/healthz/ready"
     assert ready_url({"PYPROXY_STATS": ":15091"}) == "http://127.0.0.1:15091/healthz/ready"
     assert ready_url({"PYPROXY_STATS": "15092"}) == "http://127.0.0.1:15092/healthz/ready"
+
+
+def test_python_is_byte_compiled_at_build_time_not_on_every_start() -> None:
+    # The runtime user (1337) cannot write __pycache__: modules without a .pyc
+    # would be compiled again by every process start.
+    _, stages = parse_dockerfile()
+    build, final = stages[0], stages[-1]
+    build_runs = " ".join(build.all("RUN"))
+    assert "python -m compileall" in build_runs and "/opt/pyproxy/lib" in build_runs
+    assert "--invalidation-mode unchecked-hash" in build_runs  # valid whatever the copied mtimes
+    assert "__pycache__" not in build_runs  # and not deleted afterwards
+    final_runs = " ".join(final.all("RUN"))
+    # The official image's standard library comes without .pyc files.
+    assert "compileall" in final_runs and 'get_paths()["stdlib"]' in final_runs
+    assert "--invalidation-mode unchecked-hash" in final_runs
+    assert final.instructions.index(("USER", "1337:1337")) > max(
+        i for i, (kw, _) in enumerate(final.instructions) if kw == "RUN")
+
+
+def test_the_demo_config_is_in_the_build_context_for_the_package_data() -> None:
+    # pyproxy/demo/bookinfo is a symlink to config/bookinfo (pyproject.toml package-data).
+    assert (ROOT / "pyproxy" / "demo" / "bookinfo").resolve() == ROOT / "config" / "bookinfo"
+    build = parse_dockerfile()[1][0]
+    assert "config/bookinfo ./config/bookinfo" in build.all("COPY")
+    assert not dockerignore_excludes("config/bookinfo/gateway.yaml")
+    assert not dockerignore_excludes("config/bookinfo/local/services.yaml")
