@@ -52,6 +52,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gateway", metavar="[NAMESPACE/]NAME",
                    help="run as this gateway: apply the VirtualServices bound to it (not those bound to "
                         "mesh); the --outbound listener is where clients connect")
+    p.add_argument("--root-namespace", metavar="NS",
+                   help="Istio's config root namespace: Sidecars, AuthorizationPolicies and "
+                        "RequestAuthentications there apply mesh-wide (default: istio-system)")
     p.add_argument("--inbound", metavar="HOST:PORT", help="inbound listener (default: 0.0.0.0:15006)")
     p.add_argument("--app", metavar="HOST:PORT", help="where inbound traffic goes (default: 127.0.0.1:9080)")
     p.add_argument("--outbound", metavar="HOST:PORT", help="outbound listener (default: 127.0.0.1:15001)")
@@ -183,6 +186,7 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         namespace=namespace,
         labels=f.parsed("labels", "", parse_labels),
         gateway=f.parsed("gateway", "", lambda v: parse_gateway(v, namespace)),
+        root_namespace=f.text("root-namespace", "istio-system") or "istio-system",
         inbound=f.parsed("inbound", "0.0.0.0:15006", parse_address),
         app=f.parsed("app", "127.0.0.1:9080", lambda v: parse_address(v, "127.0.0.1")),
         outbound=f.parsed("outbound", "127.0.0.1:15001", lambda v: parse_address(v, "127.0.0.1")),

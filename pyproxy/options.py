@@ -98,6 +98,8 @@ class RunOptions:
     labels: tuple[tuple[str, str], ...] = ()
     # "namespace/name" of the Gateway this proxy serves (--gateway); "" = sidecar.
     gateway: str = ""
+    # Istio's config root namespace: policies there apply mesh-wide (--root-namespace).
+    root_namespace: str = "istio-system"
     inbound: Address = Address("0.0.0.0", 15006)
     app: Address = Address("127.0.0.1", 9080)
     outbound: Address = Address("127.0.0.1", 15001)

@@ -22,7 +22,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .authz.jwt import JWKS, Authenticator
+from .authz.policy import Engine, applies
 from .config.model import (
+    AuthorizationPolicy,
+    RequestAuthentication,
     DestinationRule,
     Gateway,
     HTTPMatchRequest,
@@ -82,6 +86,8 @@ class ProxyIdentity:
     inbound_port: int = 15006
     # "namespace/name" when this proxy runs as a gateway (--gateway), else "".
     gateway: str = ""
+    # Istio's config root namespace (--root-namespace): mesh-wide policies live there.
+    root_namespace: str = ROOT_NAMESPACE
 
     @property
     def label_dict(self) -> dict[str, str]:
@@ -156,6 +162,10 @@ class Snapshot:
     # Build statistics: VirtualService route sets compiled vs. reused.
     routes_compiled: int = 0
     routes_reused: int = 0
+    # AuthorizationPolicies and RequestAuthentications that apply to this
+    # proxy (None when none does: nothing runs per request then).
+    authz: Engine | None = None
+    authn: Authenticator | None = None
 
     def all_clusters(self) -> list[Cluster]:
         return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
@@ -165,6 +175,7 @@ class Snapshot:
         for cluster, service in self.pending_services:
             cluster.service = service
         self.pending_services = []
+        JWKS.want(self.authn.uris() if self.authn is not None else {})
 
 
 def vs_applies_to_mesh(vs: VirtualService) -> bool:
@@ -236,6 +247,8 @@ class _Builder:
         self.vss: list[VirtualService] = []
         self.sidecars: list[Sidecar] = []
         self.gateways: list[Gateway] = []
+        self.authz_policies: list[AuthorizationPolicy] = []
+        self.request_auths: list[RequestAuthentication] = []
         for r in loaded.resources:
             if isinstance(r, ServiceEntry):
                 self.ses.append(r)
@@ -249,6 +262,10 @@ class _Builder:
                 self.sidecars.append(r)
             elif isinstance(r, Gateway):
                 self.gateways.append(r)
+            elif isinstance(r, AuthorizationPolicy):
+                self.authz_policies.append(r)
+            elif isinstance(r, RequestAuthentication):
+                self.request_auths.append(r)
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -665,7 +682,7 @@ class _Builder:
                     levels[1].append(sc)
                 elif labels_match(sc.workload_selector, self.identity.labels):
                     levels[0].append(sc)
-            elif scope == ROOT_NAMESPACE and sc.workload_selector is None:
+            elif scope == self.identity.root_namespace and sc.workload_selector is None:
                 levels[2].append(sc)
         for candidates in levels:
             if candidates:
@@ -715,6 +732,31 @@ class _Builder:
         best = self.sidecar()
         return best is not None and best.outbound_traffic_policy_mode == "REGISTRY_ONLY"
 
+    # -- security -----------------------------------------------------------------
+
+    def security(self) -> tuple[Engine | None, Authenticator | None]:
+        """The AuthorizationPolicies and RequestAuthentications that select
+        this proxy (its namespace or the root namespace, selector against its
+        labels), compiled; None for a kind with nothing that applies."""
+        ident = self.identity
+        labels = ident.label_dict
+
+        def mine(selector: tuple[tuple[str, str], ...] | None, namespace: str) -> bool:
+            return applies(selector, namespace, ident.namespace, labels, ident.root_namespace)
+
+        policies = [p for p in self.authz_policies if mine(p.selector, p.meta.namespace)]
+        auths = [a for a in self.request_auths if mine(a.selector, a.meta.namespace)]
+        engine = Engine(policies) if policies else None
+        rules = [r for a in auths for r in a.jwt_rules]
+        seen: dict[str, RequestAuthentication] = {}
+        for a in auths:
+            for r in a.jwt_rules:
+                other = seen.setdefault(r.issuer, a)
+                if other is not a:
+                    self.warn(f"{a.meta.source}: issuer {r.issuer!r} is also configured by "
+                              f"{other.meta.namespace}/{other.meta.name}; both rules are kept")
+        return engine, (Authenticator(rules) if rules else None)
+
     def build(self, version: int) -> Generator[None, None, Snapshot]:
         """The build as steps: each ``yield`` is a point where a cooperative
         caller may let the event loop run (no shared state is half-updated
@@ -741,6 +783,7 @@ class _Builder:
         passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(), [], kind="passthrough",
                                         cls=PassthroughCluster)
         assert isinstance(passthrough, PassthroughCluster)
+        authz, authn = self.security()
         return Snapshot(
             version=version,
             loaded=self.loaded,
@@ -760,6 +803,8 @@ class _Builder:
             route_cache=self.route_cache,
             routes_compiled=self.routes_compiled,
             routes_reused=self.routes_reused,
+            authz=authz,
+            authn=authn,
         )
 
 

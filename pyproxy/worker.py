@@ -209,6 +209,7 @@ class Worker:
             outbound_port=options.outbound.port,
             inbound_port=options.inbound.port,
             gateway=options.gateway,
+            root_namespace=options.root_namespace,
         )
         self.stats = WorkerStats()
         # Shadow traffic: in-flight bound and mirror_rq_* counters (filters/mirror.py).

@@ -1,5 +1,5 @@
 """Load Istio YAML (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry,
-Sidecar, Gateway) from files and directories into the typed model.
+Sidecar, Gateway, AuthorizationPolicy, RequestAuthentication) from files and directories into the typed model.
 
 Loading never raises: every problem becomes a located :class:`Diagnostic`
 (``FILE#N: spec.http[0].route[1].weight: must be >= 0``), and all problems
@@ -24,6 +24,12 @@ from ._destination_rule import DESTINATION_RULE, parse_destination_rule
 from ._duration import parse_duration
 from ._gateway import GATEWAY, parse_gateway
 from ._reader import MIN_NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
+from ._security import (
+    AUTHORIZATION_POLICY,
+    REQUEST_AUTHENTICATION,
+    parse_authorization_policy,
+    parse_request_authentication,
+)
 from ._service_entry import SERVICE_ENTRY, WORKLOAD_ENTRY, parse_service_entry, parse_workload_entry
 from ._sidecar import SIDECAR, parse_sidecar
 from ._virtual_service import VIRTUAL_SERVICE, parse_virtual_service
@@ -36,6 +42,7 @@ __all__ = ["ParseCache", "expand_paths", "load_paths", "load_text", "parse_durat
 log = logging.getLogger(__name__)
 
 API_GROUP = "networking.istio.io"
+SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # Top-level fields of a Kubernetes object; "status" appears in `kubectl get -o yaml`.
@@ -73,6 +80,8 @@ KINDS: dict[str, _Kind] = {
     "WorkloadEntry": _Kind(WORKLOAD_ENTRY, parse_workload_entry),
     "Sidecar": _Kind(SIDECAR, parse_sidecar),
     "Gateway": _Kind(GATEWAY, parse_gateway),
+    "AuthorizationPolicy": _Kind(AUTHORIZATION_POLICY, parse_authorization_policy, SECURITY_VERSIONS),
+    "RequestAuthentication": _Kind(REQUEST_AUTHENTICATION, parse_request_authentication, SECURITY_VERSIONS),
 }
 
 
@@ -286,7 +295,7 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
         rep.error(join(path, "kind"), "is required")
     elif not isinstance(kind, str):
         rep.error(join(path, "kind"), f"must be a string, got {describe(kind)}")
-    name, namespace, labels = _metadata(rep, path, data)
+    name, namespace, labels, annotations = _metadata(rep, path, data)
     if not isinstance(kind, str) or name is None:
         return None
     api_version = fields.get("apiVersion")
@@ -319,7 +328,7 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
         return None
     Node(rep, path, data, OBJECT)  # reports unknown top-level fields
     source = Source(rep.file, rep.doc if rep.doc is not None else 0)
-    meta = Meta(kind, str(api_version), name, namespace, source, labels)
+    meta = Meta(kind, str(api_version), name, namespace, source, labels, annotations)
     spec = data.get("spec")
     spec_path = join(path, "spec")
     if spec is None:
@@ -349,20 +358,28 @@ def _shown(api_version: object) -> str:
     return api_version if isinstance(api_version, str) else f"apiVersion {describe(api_version)}"
 
 
-def _metadata(rep: Report, path: str, data: dict) -> tuple[str | None, str, tuple[tuple[str, str], ...]]:
-    """(name, namespace, labels); name is None when missing (reported)."""
+Pairs = tuple[tuple[str, str], ...]
+
+
+def _metadata(rep: Report, path: str, data: dict) -> tuple[str | None, str, Pairs, Pairs]:
+    """(name, namespace, labels, annotations); name is None when missing
+    (reported). Annotations keep only string values, without diagnostics:
+    pyproxy reads a few of them and Kubernetes checks the rest."""
     md_path = join(path, "metadata")
     metadata = data.get("metadata")
     if metadata is None:
         rep.error(join(md_path, "name"), "is required")
-        return None, "default", ()
+        return None, "default", (), ()
     if not isinstance(metadata, dict):
         rep.error(md_path, f"must be a mapping, got {describe(metadata)}")
-        return None, "default", ()
+        return None, "default", (), ()
     md = Node(rep, md_path, metadata, OBJECT_META)
     name = md.string("name", required=True, nonempty=True)
     namespace = md.string("namespace") or "default"
-    return name, namespace, md.string_map("labels")
+    raw = metadata.get("annotations")
+    annotations = tuple((k, v) for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)) \
+        if isinstance(raw, dict) else ()
+    return name, namespace, md.string_map("labels"), annotations
 
 
 # -- de-duplication ----------------------------------------------------------------

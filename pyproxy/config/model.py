@@ -44,6 +44,9 @@ class Meta:
     namespace: str
     source: Source
     labels: Pairs = ()
+    # String-valued annotations (others are left out); pyproxy reads
+    # ``istio.io/dry-run`` on AuthorizationPolicy.
+    annotations: Pairs = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -395,7 +398,111 @@ class Gateway:
     servers: tuple[GatewayServer, ...] = ()
 
 
-Resource = VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
+# --------------------------------------------------------------------------
+# AuthorizationPolicy (security.istio.io)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    """Rule.From.source: fields ANDed, values of one field ORed, ``not_*``
+    fields must match none of their values. Empty tuple = not set."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    """Matches iff any source (or none given) AND any operation (or none
+    given) AND every condition."""
+
+    sources: tuple[AuthzSource, ...] = ()
+    operations: tuple[AuthzOperation, ...] = ()
+    conditions: tuple[AuthzCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    meta: Meta
+    # matchLabels; None = every workload of the namespace (the mesh in the root namespace).
+    selector: Pairs | None = None
+    action: str = "ALLOW"  # ALLOW | DENY | AUDIT (CUSTOM is refused at load)
+    rules: tuple[AuthzRule, ...] = ()
+    dry_run: bool = False  # metadata.annotations["istio.io/dry-run"]
+
+
+# --------------------------------------------------------------------------
+# RequestAuthentication (security.istio.io)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JWTHeader:
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    header: str
+    claim: str
+
+
+@dataclass(frozen=True, slots=True)
+class JWTRule:
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str = ""
+    jwks: str = ""  # inline JWKS JSON, as written
+    from_headers: tuple[JWTHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    forward_original_token: bool = False
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    timeout: float | None = None  # jwksUri fetch timeout, seconds
+    space_delimited_claims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    meta: Meta
+    selector: Pairs | None = None
+    jwt_rules: tuple[JWTRule, ...] = ()
+
+
+Resource = (VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
+            | AuthorizationPolicy | RequestAuthentication)
 
 
 # --------------------------------------------------------------------------
