@@ -22,16 +22,17 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .authz.guard import Guard
 from .authz.jwt import JWKS, Authenticator
 from .authz.policy import Engine, applies
 from .config.model import (
     AuthorizationPolicy,
-    RequestAuthentication,
     DestinationRule,
     Gateway,
     HTTPMatchRequest,
     HTTPRoute,
     LoadedConfig,
+    RequestAuthentication,
     ServiceEntry,
     Sidecar,
     Subset,
@@ -166,6 +167,7 @@ class Snapshot:
     # proxy (None when none does: nothing runs per request then).
     authz: Engine | None = None
     authn: Authenticator | None = None
+    guard: Guard | None = None
 
     def all_clusters(self) -> list[Cluster]:
         return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
@@ -805,6 +807,7 @@ class _Builder:
             routes_reused=self.routes_reused,
             authz=authz,
             authn=authn,
+            guard=Guard(authz, authn, gateway=bool(ident.gateway)) if authz or authn else None,
         )
 
 

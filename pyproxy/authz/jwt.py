@@ -40,8 +40,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt as pyjwt
-
 from ..config.model import JWTHeader, JWTRule
 
 log = logging.getLogger("pyproxy.jwt")
@@ -85,7 +83,14 @@ ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "EdDSA": ("OKP", "Ed25519"),
 }
 
-_JWS = pyjwt.PyJWS()
+
+
+def _pyjwt() -> Any:
+    """PyJWT (and with it cryptography), imported when the first key is
+    loaded: a proxy without RequestAuthentication never loads them."""
+    import jwt
+
+    return jwt
 
 
 class JwtError(Exception):
@@ -113,7 +118,7 @@ class Jwk:
     def key_for(self, alg: str) -> Any:
         key = self.built.get(alg)
         if key is None:
-            key = self.built[alg] = pyjwt.PyJWK(self.data, algorithm=alg).key
+            key = self.built[alg] = _pyjwt().PyJWK(self.data, algorithm=alg).key
         return key
 
     def fits(self, alg: str, kid: str | None) -> bool:
@@ -137,11 +142,11 @@ def load_jwks(text: str | bytes) -> tuple[Jwk, ...]:
         raise ValueError("Jwks does not have [keys] field")
     keys = data["keys"]
     if not isinstance(keys, list):
-        raise ValueError("[keys] in Jwks is not an array")
+        raise ValueError("[keys] in Jwks is not an array")  # noqa: TRY004 - a config value error
     out = []
     for i, key in enumerate(keys):
         if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
-            raise ValueError(f"keys[{i}]: not a JSON Web Key (no kty)")
+            raise ValueError(f"keys[{i}]: not a JSON Web Key (no kty)")  # noqa: TRY004 - a config value error
         kty = key["kty"]
         alg = key.get("alg")
         kid = key.get("kid")
@@ -154,7 +159,7 @@ def load_jwks(text: str | bytes) -> tuple[Jwk, ...]:
         jwk = Jwk(kid if isinstance(kid, str) else None, alg, kty, key.get("crv"), key)
         try:
             jwk.key_for(probe)
-        except (pyjwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        except (_pyjwt().PyJWTError, ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"keys[{i}]: not a valid {kty} key: {exc}") from None
         out.append(jwk)
     if not out:
@@ -353,15 +358,15 @@ class Authenticator:
             if p.params:
                 qp = query()
                 for param in p.params:
-                    token = qp.get(param)
-                    if token and token not in seen:
-                        seen.add(token)
-                        found.append(Located(token, None))
-            for name in p.cookies:
-                token = cookie(name)
-                if token and token not in seen:
-                    seen.add(token)
-                    found.append(Located(token, None))
+                    found_value = qp.get(param)
+                    if found_value and found_value not in seen:
+                        seen.add(found_value)
+                        found.append(Located(found_value, None))
+            for cookie_name in p.cookies:
+                from_cookie = cookie(cookie_name)
+                if from_cookie and from_cookie not in seen:
+                    seen.add(from_cookie)
+                    found.append(Located(from_cookie, None))
         return found
 
     # -- the filter -------------------------------------------------------------
@@ -446,9 +451,10 @@ class Authenticator:
         if not candidates:
             raise JwtError(NO_MATCHING_KEY)
         self.verified += 1
+        pyjwt = _pyjwt()
         for key in candidates:
             try:
-                _JWS.decode_complete(token, key.key_for(alg), algorithms=[alg])
+                pyjwt.PyJWS().decode_complete(token, key.key_for(alg), algorithms=[alg])
             except (pyjwt.PyJWTError, ValueError, TypeError):
                 continue
             break
@@ -463,7 +469,9 @@ class Authenticator:
 
 def _b64decode(segment: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        # validate=True: a character outside the base64url alphabet is an
+        # error, not silently skipped.
+        return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(segment) from None
 

@@ -118,6 +118,8 @@ class Exchange:
         "idle_mark", "idle_since",
         # a defect found while indexing the headers (refused in _validate)
         "malformed",
+        # security (authz/guard.py): the verified JWT identity, the deciding policy
+        "auth", "authz_policy",
     )
 
     def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
@@ -188,6 +190,8 @@ class Exchange:
         self.idle_mark = -1
         self.idle_since = 0.0
         self.malformed: bytes | None = None
+        self.auth: Any = None
+        self.authz_policy = ""
         self._query_params: dict[str, str] | None = None
 
         # Header map: duplicates joined with "," (what hashing, CORS and the
@@ -328,6 +332,11 @@ class Exchange:
         if self.expect_continue and self.has_body:
             self.conn.write(CONTINUE_100)
         snap = self.snapshot
+        guard = snap.guard
+        # jwt_authn and RBAC (Istio runs them before fault, CORS and the
+        # router): inbound, or every request at a gateway; never outbound.
+        if guard is not None and (self.direction == INBOUND or guard.gateway) and guard.run(self):
+            return
         if self.direction == INBOUND:
             route = snap.inbound_route
             self.match_index = 0

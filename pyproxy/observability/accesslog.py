@@ -213,6 +213,9 @@ class AccessLog:
             "authority": text(ex.authority),
             "upstream_host": up.address if up is not None else None,
             "upstream_cluster": ex.cluster.name if ex.cluster is not None else None,
+            # AuthorizationPolicy that decided ("none": no ALLOW policy matched), and the JWT identity.
+            "rbac_policy": ex.authz_policy or None,
+            "request_auth_principal": ex.auth.principal if ex.auth is not None else None,
         }
         return json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n"
 

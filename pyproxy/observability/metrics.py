@@ -413,8 +413,15 @@ def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None =
         "config_version": worker.version,
         "workers": 1,
         "tls": tls_state(getattr(worker, "certs", None)),
+        "security": _security_state(),
         **(extra or {}),
     }
+
+
+def _security_state() -> dict:
+    from ..authz.guard import STATS
+
+    return STATS.as_dict()
 
 
 def tls_state(certs: Any) -> dict:
@@ -444,8 +451,15 @@ def merge_states(states: list[dict]) -> dict:
     downstream: dict[str, int] = {}
     mirror: dict[str, int] = {}
     ssl_counts: dict[str, int] = {}
+    jwt: dict[str, int] = {}
+    rbac: dict[str, int] = {}
     dropped = 0
     for state in states:
+        security = state.get("security", {})
+        for k, v in security.get("jwt", {}).items():
+            jwt[k] = jwt.get(k, 0) + v
+        for k, v in security.get("rbac", {}).items():
+            rbac[k] = rbac.get(k, 0) + v
         for row in state["istio"]:
             key = tuple(row[0])
             cur = istio.get(key)
@@ -491,6 +505,7 @@ def merge_states(states: list[dict]) -> dict:
         "config_version": first["config_version"],
         "workers": sum(s.get("workers", 1) for s in states),
         "access_log_dropped": dropped,
+        "security": {"jwt": jwt, "rbac": rbac},
     }
 
 
@@ -565,6 +580,21 @@ class StateCollector:
         for stat, value in sorted(state.get("mirror", {}).items()):
             c = CounterMetricFamily(f"pyproxy_{stat}", f"Request mirroring: {stat} (filters/mirror.py)")
             c.add_metric([], value)
+            yield c
+
+        security = state.get("security", {})
+        if security.get("jwt"):
+            c = CounterMetricFamily("envoy_http_jwt_authn", "RequestAuthentication (jwt_authn) results",
+                                    labels=["result"])
+            for result, value in sorted(security["jwt"].items()):
+                c.add_metric([result], value)
+            yield c
+        if security.get("rbac"):
+            c = CounterMetricFamily("pyproxy_rbac", "AuthorizationPolicy results per policy (allowed, denied, "
+                                    "shadow_allowed, shadow_denied, audit)", labels=["policy", "result"])
+            for key, value in sorted(security["rbac"].items()):
+                policy, _, result = key.rpartition("|")
+                c.add_metric([policy, result], value)
             yield c
 
         reloads = CounterMetricFamily(
@@ -643,6 +673,12 @@ def render_text(state: dict, filter_re: Any = None) -> str:
         lines.append(f"http.{stat}: {value}")
     for stat, value in sorted(state.get("mirror", {}).items()):
         lines.append(f"pyproxy.{stat}: {value}")
+    security = state.get("security", {})
+    for stat, value in sorted(security.get("jwt", {}).items()):
+        lines.append(f"http.jwt_authn.{stat}: {value}")
+    for key, value in sorted(security.get("rbac", {}).items()):
+        policy, _, result = key.rpartition("|")
+        lines.append(f"rbac.{policy}.{result}: {value}")
     lines.append(f"pyproxy.config_reloads.failure: {state['reloads']['failure']}")
     lines.append(f"pyproxy.config_reloads.success: {state['reloads']['success']}")
     lines.append(f"pyproxy.config.update_rejected: {state['reloads']['failure']}")

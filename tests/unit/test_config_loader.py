@@ -1138,7 +1138,7 @@ def test_all_errors_in_all_files_are_collected(tmp_path: Path) -> None:
 def test_other_kinds_load_with_one_warning_each() -> None:
     text = (
         "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: ef}\nspec: {}\n---\n"
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: ns}\nspec: {}\n---\n"
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: deny, namespace: ns}\nspec: {}\n---\n"
         "apiVersion: v1\nkind: Service\nmetadata: {name: svc}\nspec: {ports: [{port: 80}]}\n---\n"
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: k8s}\nspec: {gatewayClassName: x}\n"
     )
@@ -1146,7 +1146,7 @@ def test_other_kinds_load_with_one_warning_each() -> None:
     assert cfg.resources == ()
     assert strs(cfg.warnings) == [
         "t.yaml#0: kind EnvoyFilter is not used by pyproxy; default/ef ignored",
-        "t.yaml#1: kind AuthorizationPolicy (security.istio.io/v1) is not used by pyproxy; ns/deny ignored",
+        "t.yaml#1: kind WasmPlugin (extensions.istio.io/v1alpha1) is not used by pyproxy; ns/deny ignored",
         "t.yaml#2: kind Service (v1) is not used by pyproxy; default/svc ignored",
         (
             "t.yaml#3: apiVersion: gateway.networking.k8s.io/v1 is not supported for Gateway "

@@ -273,6 +273,8 @@ def _fake_exchange(**kw: object) -> SimpleNamespace:
         "authority": b"reviews:9080",
         "upstream_host": SimpleNamespace(address="127.0.0.1:9081"),
         "cluster": SimpleNamespace(name="outbound|9080||r"),
+        "authz_policy": "",
+        "auth": None,
     }
     base.update(kw)
     return SimpleNamespace(**base)

@@ -1,0 +1,164 @@
+"""The guard in Exchange.start (authz/guard.py): which proxies and sides
+enforce, Envoy's replies, header rewriting and counters. Real Exchange
+objects over the stub connection of routing_util; no sockets."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+from pyproxy.authz.guard import SecurityStats
+from pyproxy.config.loader import load_text
+from pyproxy.http.exchange import INBOUND
+from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot
+
+from .routing_util import FakeConn, FakeLoop, FakeWorker, head_of, request, service_entry
+from .test_jwt import ISS, RSA_JWKS, sign
+
+APP = service_entry("reviews", [("10.0.0.1", 9080, {})])
+
+
+def snap(text: str, *, gateway: str = "", labels: dict[str, str] | None = None) -> Snapshot:
+    loaded = load_text(APP + "\n---\n" + textwrap.dedent(text), "t.yaml")
+    assert loaded.ok, [str(e) for e in loaded.errors]
+    ident = ProxyIdentity(workload="reviews", labels=tuple((labels or {"app": "reviews"}).items()), gateway=gateway)
+    s = build_snapshot(loaded, ident, BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+    assert s.guard is not None
+    s.guard.stats = SecurityStats()
+    return s
+
+
+def go(s: Snapshot, path: str = "/", *, inbound: bool = True, method: str = "GET",
+       headers: dict[str, str] | None = None, peer: str = "10.1.2.3") -> tuple[int, bytes, FakeConn, object]:
+    worker = FakeWorker(s)
+    from pyproxy.filters.mirror import Mirror
+
+    worker.mirror = Mirror(worker.loop, worker.rng)  # type: ignore[attr-defined,arg-type]
+    conn = FakeConn(worker, (peer, 40000))
+    if inbound:
+        conn.direction = INBOUND
+    ex = request(path, headers, method=method, host="reviews:9080", conn=conn)
+    ex.request_complete = True
+    ex.start()
+    resp = conn.response
+    if not resp:
+        return 0, b"", conn, ex  # forwarded (attempt queued)
+    head, _, body = resp.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), head + b"\r\n\r\n" + body, conn, ex
+
+
+POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"""
+
+
+def test_denied_request_gets_envoys_403_without_a_flag() -> None:
+    s = snap(POLICY)
+    status, resp, _, ex = go(s, method="POST")
+    assert status == 403
+    assert resp.endswith(b"\r\n\r\nRBAC: access denied")
+    assert b"content-type: text/plain" in resp
+    assert ex.flag_string == "-"  # type: ignore[attr-defined]
+    assert ex.authz_policy == "none"  # type: ignore[attr-defined]
+    assert s.guard is not None and s.guard.stats.rbac == {("none", "denied"): 1}
+
+
+def test_allowed_request_is_forwarded_and_counted() -> None:
+    s = snap(POLICY)
+    status, _, _, ex = go(s)
+    assert status == 0 and ex.upstream_head  # type: ignore[attr-defined]
+    assert s.guard is not None and s.guard.stats.rbac == {("default/viewer", "allowed"): 1}
+
+
+def test_sidecar_outbound_is_never_enforced_but_a_gateway_is() -> None:
+    s = snap(POLICY)
+    assert go(s, method="POST", inbound=False)[0] != 403
+    gw = snap(POLICY.replace("app: reviews}", "app: gw}"), gateway="default/gw", labels={"app": "gw"})
+    assert go(gw, method="POST", inbound=False)[0] == 403
+
+
+def test_policy_for_other_workloads_or_namespaces_builds_no_guard() -> None:
+    loaded = load_text(APP + "\n---\n" + POLICY.replace("app: reviews}", "app: ratings}") + "\n---\n"
+                       + POLICY.replace("namespace: default", "namespace: other"), "t.yaml")
+    s = build_snapshot(loaded, ProxyIdentity(labels=(("app", "reviews"),)),
+                       BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+    assert s.guard is None  # nothing runs per request
+
+
+def test_mesh_wide_policy_from_the_root_namespace() -> None:
+    s = snap(POLICY.replace("namespace: default", "namespace: istio-system"))
+    assert go(s, method="DELETE")[0] == 403
+
+
+RA = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  jwtRules:
+  - issuer: {ISS}
+    jwks: '{json.dumps(RSA_JWKS)}'
+    outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+"""
+
+REQUIRE = """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt, namespace: default}
+spec:
+  rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+"""
+
+
+def test_jwt_valid_token_sets_identity_and_rewrites_headers() -> None:
+    s = snap(RA)
+    status, _, _, ex = go(s, headers={"authorization": "Bearer " + sign(), "x-user": "spoofed"})
+    assert status == 0
+    _, head = head_of(ex)  # type: ignore[arg-type]
+    assert b"authorization" not in head  # forwardOriginalToken: false
+    assert head[b"x-user"] == [b"alice"]  # the client's value is overwritten
+    assert ex.auth is not None and ex.auth.principal == f"{ISS}/alice"  # type: ignore[attr-defined]
+
+
+def test_jwt_invalid_token_gets_401_with_challenge() -> None:
+    s = snap(RA)
+    status, resp, _, _ = go(s, "/productpage?x=1", headers={"authorization": "Bearer " + sign(exp=1)})
+    assert status == 401
+    assert resp.endswith(b"Jwt is expired")
+    assert b'www-authenticate: Bearer realm="http://reviews:9080/productpage", error="invalid_token"' in resp
+
+
+def test_missing_token_passes_unless_a_policy_requires_one() -> None:
+    assert go(snap(RA))[0] == 0
+    s = snap(RA + REQUIRE)
+    assert go(s)[0] == 403
+    assert go(s, headers={"authorization": "Bearer " + sign()})[0] == 0
+    assert go(s, headers={"authorization": "Bearer garbage"})[0] == 401
+
+
+def test_cors_preflight_bypasses_jwt() -> None:
+    s = snap(RA)
+    status, _, _, _ = go(s, method="OPTIONS", headers={
+        "authorization": "Bearer garbage", "origin": "https://a.example", "access-control-request-method": "GET"})
+    assert status != 401
+    assert s.guard is not None and s.guard.stats.jwt["cors_preflight_bypassed"] == 1
+
+
+def test_dry_run_policy_is_counted_not_enforced() -> None:
+    s = snap("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-post, namespace: default, annotations: {istio.io/dry-run: "true"}}
+spec: {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}
+""")
+    assert go(s, method="POST")[0] == 0
+    assert go(s, method="GET")[0] == 0
+    assert s.guard is not None and s.guard.stats.rbac == {
+        ("default/deny-post", "shadow_denied"): 1, ("default/deny-post", "shadow_allowed"): 1}
