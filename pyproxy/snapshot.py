@@ -746,8 +746,8 @@ class _Builder:
         def mine(selector: tuple[tuple[str, str], ...] | None, namespace: str) -> bool:
             return applies(selector, namespace, ident.namespace, labels, ident.root_namespace)
 
-        policies = [p for p in self.authz_policies if mine(p.selector, p.meta.namespace)]
-        auths = [a for a in self.request_auths if mine(a.selector, a.meta.namespace)]
+        policies = [p for p in self.authz_policies if not p.targeted and mine(p.selector, p.meta.namespace)]
+        auths = [a for a in self.request_auths if not a.targeted and mine(a.selector, a.meta.namespace)]
         engine = Engine(policies) if policies else None
         rules = [r for a in auths for r in a.jwt_rules]
         seen: dict[str, RequestAuthentication] = {}

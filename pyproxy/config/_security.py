@@ -31,9 +31,8 @@ from .model import (
     RequestAuthentication,
 )
 
-AUTHORIZATION_POLICY = message(
-    "AuthorizationPolicy", "selector rules action provider", ignored="targetRef targetRefs"
-)
+TARGET_REF = message("PolicyTargetReference", "group kind name namespace")
+AUTHORIZATION_POLICY = message("AuthorizationPolicy", "selector rules action provider targetRef targetRefs")
 RULE = message("Rule", "from to when")
 FROM = message("Rule.From", "source")
 TO = message("Rule.To", "operation")
@@ -47,7 +46,7 @@ OPERATION = message("Operation", OPERATION_FIELDS)
 CONDITION = message("Condition", "key values notValues")
 PROVIDER = message("ExtensionProvider", "name")
 
-REQUEST_AUTHENTICATION = message("RequestAuthentication", "selector jwtRules", ignored="targetRef targetRefs")
+REQUEST_AUTHENTICATION = message("RequestAuthentication", "selector jwtRules targetRef targetRefs")
 JWT_RULE = message(
     "JWTRule",
     "issuer audiences jwksUri jwks fromHeaders fromParams fromCookies outputPayloadToHeader "
@@ -78,7 +77,24 @@ _SEGMENT = re.compile(r"\[([^\[\]]+)\]")
 _HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+")
 
 
+def _targeted(spec: Node) -> bool:
+    """targetRef(s) bind a policy to a Kubernetes Gateway or a waypoint's
+    Service, never to a sidecar; pyproxy serves neither, so such a policy
+    applies to no pyproxy proxy (warned, not treated as namespace-wide)."""
+    refs = spec.children("targetRefs", TARGET_REF)
+    ref = spec.child("targetRef", TARGET_REF)
+    if ref is None and not refs:
+        return False
+    if spec.has("selector"):
+        spec.error("selector", "only one of selector or targetRef(s) can be set")
+    spec.warn("targetRefs" if refs else "targetRef",
+              "policies attached with targetRef(s) apply to Kubernetes Gateways and waypoints, not to "
+              "pyproxy sidecars or --gateway proxies; this policy applies to no pyproxy proxy")
+    return True
+
+
 def parse_authorization_policy(meta: Meta, spec: Node) -> AuthorizationPolicy:
+    targeted = _targeted(spec)
     selector = c.selector_labels(spec, "selector", match_labels=True)
     action = spec.enum("action", ACTIONS) or "ALLOW"
     if action == "CUSTOM":
@@ -96,7 +112,7 @@ def parse_authorization_policy(meta: Meta, spec: Node) -> AuthorizationPolicy:
             provider.string("name", required=True, nonempty=True)
     rules = tuple(r for r in (_rule(spec.rep, node) for node in spec.children("rules", RULE)) if r is not None)
     return AuthorizationPolicy(meta=meta, selector=selector, action=action, rules=rules,
-                               dry_run=_dry_run(spec.rep, meta))
+                               dry_run=_dry_run(spec.rep, meta), targeted=targeted)
 
 
 def _dry_run(rep: Report, meta: Meta) -> bool:
@@ -303,6 +319,7 @@ def _condition(node: Node) -> AuthzCondition | None:
 
 
 def parse_request_authentication(meta: Meta, spec: Node) -> RequestAuthentication:
+    targeted = _targeted(spec)
     selector = c.selector_labels(spec, "selector", match_labels=True)
     rules = []
     issuers: dict[str, str] = {}
@@ -316,7 +333,7 @@ def parse_request_authentication(meta: Meta, spec: Node) -> RequestAuthenticatio
             continue
         issuers[rule.issuer] = node.path
         rules.append(rule)
-    return RequestAuthentication(meta=meta, selector=selector, jwt_rules=tuple(rules))
+    return RequestAuthentication(meta=meta, selector=selector, jwt_rules=tuple(rules), targeted=targeted)
 
 
 def _jwt_rule(node: Node) -> JWTRule | None:

@@ -459,6 +459,7 @@ class AuthorizationPolicy:
     action: str = "ALLOW"  # ALLOW | DENY | AUDIT (CUSTOM is refused at load)
     rules: tuple[AuthzRule, ...] = ()
     dry_run: bool = False  # metadata.annotations["istio.io/dry-run"]
+    targeted: bool = False  # attached with targetRef(s): applies to no pyproxy proxy
 
 
 # --------------------------------------------------------------------------
@@ -499,6 +500,7 @@ class RequestAuthentication:
     meta: Meta
     selector: Pairs | None = None
     jwt_rules: tuple[JWTRule, ...] = ()
+    targeted: bool = False  # attached with targetRef(s): applies to no pyproxy proxy
 
 
 Resource = (VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway

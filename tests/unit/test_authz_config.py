@@ -217,3 +217,15 @@ def test_networking_api_version_is_refused_for_security_kinds() -> None:
     assert [str(w) for w in cfg.warnings] == [
         ("t.yaml#0: apiVersion: networking.istio.io/v1 is not supported for AuthorizationPolicy "
         "(use security.istio.io/v1 or v1beta1); ns/p ignored")]
+
+
+def test_target_refs_apply_to_no_pyproxy_proxy() -> None:
+    cfg = load(ap("targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]\nrules: [{}]"))
+    assert cfg.ok
+    (policy,) = cfg.resources
+    assert isinstance(policy, AuthorizationPolicy) and policy.targeted
+    assert [str(w) for w in cfg.warnings] == [
+        ("t.yaml#0: spec.targetRefs: policies attached with targetRef(s) apply to Kubernetes Gateways and "
+        "waypoints, not to pyproxy sidecars or --gateway proxies; this policy applies to no pyproxy proxy")]
+    assert errors(ap("targetRef: {kind: Service, name: s, typo: 1}")) == [
+        "t.yaml#0: spec.targetRef.typo: unknown field 'typo' in PolicyTargetReference"]
