@@ -138,6 +138,8 @@ async def test_json_format_and_stdout(tmp_path: Path) -> None:
         "authority",
         "upstream_host",
         "upstream_cluster",
+        "rbac_policy",
+        "request_auth_principal",
     }
 
 
