@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -224,9 +226,9 @@ class Run:
     exported: dict[str, list[float]]  # every value seen while it ran, per series
 
 
-def run_canary(mesh: LocalMesh, source: list[str], tmp_path: Path) -> Run:
+def run_canary(mesh: LocalMesh, source: list[str], tmp_path: Path, canary: str = CANARY) -> Run:
     canary_file = tmp_path / "canary.yaml"
-    canary_file.write_text(CANARY)
+    canary_file.write_text(canary)
     metrics_port = free_port()
     responses: list[Response] = []
     exported: dict[str, list[float]] = {}
@@ -344,28 +346,189 @@ def test_bad_release_is_rolled_back_with_the_embedded_scraper(mesh: LocalMesh, t
                             '"result": "fail"}']) >= 1, run.exported
 
 
+class Hooks:
+    """A webhook receiver: records every POST (path, JSON body) and answers 200."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.answers: dict[str, tuple[int, bytes, float]] = {}  # path -> (status, body, delay)
+        hooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                hooks.calls.append((self.path, json.loads(body)))
+                status, text, delay = hooks.answers.get(self.path, (200, b"", 0.0))
+                time.sleep(delay)
+                with contextlib.suppress(OSError):  # a client that timed out has gone
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# Flagger's MetricTemplate (provider prometheus, its template variables): the
+# canary's request rate must be above a floor, i.e. it really gets traffic.
+TEMPLATE = """\
+    - name: canary-request-rate
+      templateRef: {name: request-rate}
+      templateVariables: {version: v3}
+      thresholdRange: {min: 0.5}
+      interval: 4s
+    webhooks:
+    - {name: load-check, type: rollout, url: '%(hooks)s/rollout', metadata: {cmd: check}}
+    - {name: notify, type: post-rollout, url: '%(hooks)s/post'}
+---
+apiVersion: flagger.app/v1beta1
+kind: MetricTemplate
+metadata: {name: request-rate}
+spec:
+  provider: {type: prometheus}
+  query: |
+    sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace="{{ namespace }}",
+      destination_app="{{ target }}",destination_version="{{ variables.version }}"}[{{ interval }}]))
+"""
+
+
 def test_good_and_bad_release_with_a_real_prometheus(mesh: LocalMesh, prometheus: str, tmp_path: Path) -> None:
+    hooks = Hooks()
+    canary = CANARY + TEMPLATE % {"hooks": hooks.url}
     mesh.reset()
     mesh.v3_app.start("v3")
     try:
-        good = run_canary(mesh, ["--prometheus", prometheus], tmp_path)
+        good = run_canary(mesh, ["--prometheus", prometheus], tmp_path, canary)
     finally:
         mesh.v3_app.stop()
     assert good.code == 0 and good.state["phase"] == "Succeeded", good.output[-3000:]
     assert [w for _, w in weight_steps(good.state)] == [0, 10, 20, 30, 40, 50, 100]
     assert all(r.status == 200 for r in good.responses)
     check_shares(good)
-    passed = [k for e in good.state["history"] for k in e.get("checks", [])] + good.state["checks"]
-    assert {k["name"] for k in passed} == {"request-success-rate", "request-duration"}
+    passed = [k for e in good.state["history"] for k in e.get("checks", [])]
+    assert {k["name"] for k in passed} == {"request-success-rate", "request-duration", "canary-request-rate"}
+    assert all(k["result"] == "pass" for k in passed), passed
+    # The rollout hook ran before every analysis, with Flagger's payload; post-rollout once, at the end.
+    rollout = [body for path, body in hooks.calls if path == "/rollout"]
+    assert len(rollout) >= 5 and rollout[0] == {"name": "reviews", "namespace": "default", "phase": "Progressing",
+                                                "checksum": rollout[0]["checksum"], "type": "rollout",
+                                                "metadata": {"cmd": "check"}}, rollout[:1]
+    assert [body["phase"] for path, body in hooks.calls if path == "/post"] == ["Succeeded"]
+    hooks.calls.clear()
 
     mesh.reset()
     mesh.v3_app.start("v3", "--fail-percent", "30")
     try:
-        bad = run_canary(mesh, ["--prometheus", prometheus], tmp_path)
+        bad = run_canary(mesh, ["--prometheus", prometheus], tmp_path, canary)
     finally:
         mesh.v3_app.stop()
+        hooks.close()
     assert bad.code == 1 and bad.state["phase"] == "Failed", bad.output[-3000:]
     assert [w for _, w in weight_steps(bad.state)][-1] == 0
     assert any("success rate" in e["message"] for e in bad.state["history"]), bad.state["history"]
     assert all(r.status == 200 or (r.status == 500 and "injected failure" in r.note) for r in bad.responses)
     assert bad.responses[-1].version == "v1"
+    assert [body["phase"] for path, body in hooks.calls if path == "/post"] == ["Failed"]
+
+
+def test_a_stopped_controller_resumes_and_a_second_one_is_refused(mesh: LocalMesh, tmp_path: Path) -> None:
+    mesh.reset()
+    canary_file = tmp_path / "canary.yaml"
+    canary_file.write_text(CANARY)
+    state_file = mesh.config_dir / ".canary-default.reviews.json"
+    cmd = [sys.executable, "-m", "pyproxy", "canary", "run", "--config", str(mesh.config_dir), "--canary",
+           str(canary_file), "--scrape", f"127.0.0.1:{mesh.v3.stats}", "--min-interval", "1"]
+
+    def controller() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                cwd=str(ROOT))
+
+    def weight() -> int:
+        with contextlib.suppress(OSError, ValueError):
+            return int(json.loads(state_file.read_text())["weight"])
+        return -1
+
+    responses: list[Response] = []
+
+    async def drive() -> tuple[str, str, str, int]:
+        stop = asyncio.Event()
+        load = asyncio.create_task(generate("http://reviews:9080/reviews/0", RATE, 120.0,
+                                            proxy=mesh.client.outbound_url, concurrency=16,
+                                            on_response=responses.append, stop=stop))
+        try:
+            await asyncio.sleep(1.0)
+            first = controller()
+            deadline = time.monotonic() + 60
+            while weight() < 20:
+                assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+                await asyncio.sleep(0.2)
+            # The same canary, same directory: refused while the first one holds the lock.
+            second = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, env=_env(),
+                                             cwd=str(ROOT), timeout=60, check=False)
+            assert second.returncode == 1, second.stdout + second.stderr
+            refused = second.stderr
+            first.terminate()
+            out1 = (await asyncio.to_thread(first.communicate, None, 30))[0]
+            assert first.returncode == 0, out1
+            stopped_at = weight()
+            third = controller()
+            out3 = (await asyncio.to_thread(third.communicate, None, 90))[0]
+            await asyncio.sleep(2.0)
+            return refused, out1, out3, stopped_at
+        finally:
+            stop.set()
+            await load
+
+    mesh.v3_app.start("v3")
+    try:
+        refused, out1, out3, stopped_at = asyncio.run(drive())
+    finally:
+        mesh.v3_app.stop()
+    assert "another controller (pid " in refused and ".canary-default.reviews.lock" in refused, refused
+    assert "stopped in phase Progressing" in out1, out1
+    assert "default.reviews: Succeeded, v3 promoted" in out3, out3
+    state = json.loads(state_file.read_text())
+    messages = [e["message"] for e in state["history"]]
+    assert f"resumed in phase Progressing (weight {stopped_at}, failed checks 0, iterations 0)" in messages
+    # One analysis across both processes: the weight went on from where it stopped, never back.
+    advances = [int(m.rsplit(" ", 1)[1]) for m in messages if m.startswith("Advance")]
+    assert advances == [10, 20, 30, 40, 50], messages
+    assert all(r.status == 200 for r in responses), {(r.status, r.note) for r in responses if r.status != 200}
+
+
+def test_webhook_calls_over_http(tmp_path: Path) -> None:
+    from pyproxy.canary.resource import Webhook, load_text
+    from pyproxy.canary.webhooks import call_webhook
+
+    canary = load_text(CANARY).canaries[0]
+    hooks = Hooks()
+    hooks.answers = {"/accepted": (202, b"", 0.0), "/no": (403, b"gate closed", 0.0), "/slow": (200, b"", 3.0),
+                     "/moved": (302, b"", 0.0)}
+    try:
+        def call(path: str, timeout: float = 2.0) -> str | None:
+            return call_webhook(canary, Webhook("h", "confirm-rollout", hooks.url + path, timeout, (("k", "v"),)),
+                                "Progressing")
+
+        assert call("/ok") is None and call("/accepted") is None
+        assert call("/no") == f"{hooks.url}/no: HTTP 403: gate closed"
+        assert call("/moved") == f"{hooks.url}/moved: HTTP 302"  # a gate must answer itself
+        slow = call("/slow", timeout=0.5)
+        assert slow is not None and "timed out" in slow
+        assert hooks.calls[0] == ("/ok", {"name": "reviews", "namespace": "default", "phase": "Progressing",
+                                          "checksum": canary.checksum, "type": "confirm-rollout",
+                                          "metadata": {"k": "v"}})
+    finally:
+        hooks.close()
+    port = free_port()  # nothing listens: refused
+    refused = call_webhook(canary, Webhook("h", "rollout", f"http://127.0.0.1:{port}/", 1.0, ()), "Progressing")
+    assert refused is not None and "refused" in refused.lower()
