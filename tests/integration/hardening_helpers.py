@@ -163,8 +163,9 @@ async def read_until_close(reader: asyncio.StreamReader, timeout: float) -> tupl
         data += chunk
 
 
-def access_log_lines(path: Any, timeout: float = 5.0, at_least: int = 1) -> list[str]:
-    """The access log's lines, waiting for the writer's batch to land."""
+async def access_log_lines(path: Any, timeout: float = 5.0, at_least: int = 1) -> list[str]:
+    """The access log's lines, waiting for the writer's batch to land (the
+    loop keeps serving the test's upstreams meanwhile)."""
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     while time.monotonic() < deadline:
@@ -174,7 +175,7 @@ def access_log_lines(path: Any, timeout: float = 5.0, at_least: int = 1) -> list
             lines = []
         if len(lines) >= at_least:
             return lines
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     return lines
 
 

@@ -174,7 +174,7 @@ async def test_malformed_requests_are_rejected_and_never_forwarded(tmp_path) -> 
     # The valid requests reached the upstream, every one of them.
     assert up.total_requests == len(MALFORMED) + 1
     # Requests whose head was parsed leave an access log line with their status.
-    lines = access_log_lines(log, at_least=len(MALFORMED) + 1)
+    lines = await access_log_lines(log, at_least=len(MALFORMED) + 1)
     assert sum(1 for line in lines if '" 413 ' in line) == 2
     assert any('"POST / HTTP/1.1" 400 DPE' in line for line in lines), lines[:5]
 
@@ -386,7 +386,7 @@ async def test_invalid_upstream_response_becomes_502_upe(name: str, response: by
             # The upstream connection was discarded.
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
             assert px.alive()
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert " 502 UPE " in lines[-1], lines
 
 
@@ -417,7 +417,7 @@ async def test_invalid_body_after_the_head_closes_the_client_connection_with_upe
             assert not data.endswith(b"0\r\n\r\n"), "the truncated body must not look complete"
             assert b"bad" not in data
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert " 200 UPE " in lines[-1], lines
 
 
@@ -437,7 +437,7 @@ async def test_huge_response_trailer_is_cut_off(tmp_path) -> None:
             writer.close()
             assert rss_bytes(px.process.pid) - rss_before < 16 << 20
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 200") and closed
     assert not data.endswith(b"0\r\n\r\n")
     assert " 200 UPE " in lines[-1], lines

@@ -87,7 +87,7 @@ async def fetch(s: aiohttp.ClientSession, px: Proxy, host: str, path: str = "/",
 ACCESS_LINE = re.compile(r'^\[[^\]]*\] "(\S+) (\S+) [^"]*" (\d+) (\S+) .* "([^"]*)" "[^"]*"$')
 
 
-def flags(px: Proxy, host: str, expect: int, wait: float = 5.0) -> list[str]:
+async def flags(px: Proxy, host: str, expect: int, wait: float = 5.0) -> list[str]:
     """Response flags of the requests to ``host`` (the :authority), in order,
     from the proxy's access log (waits until ``expect`` lines are there)."""
     path = Path(px.extra_args[px.extra_args.index("--access-log") + 1])
@@ -101,7 +101,7 @@ def flags(px: Proxy, host: str, expect: int, wait: float = 5.0) -> list[str]:
                 found.append(m.group(4))
         if len(found) >= expect or time.monotonic() > deadline:
             return found
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
 def cluster_stat(px: Proxy, host: str, stat: str, port: int = 9080) -> float:
@@ -135,7 +135,7 @@ async def test_retry_succeeds_after_transient_failures_and_upstream_sees_attempt
                 status, _, body, _ = await fetch(s, px, "flaky")
             assert (status, body) == (200, b"ok")
             assert [seen.headers["x-envoy-attempt-count"] for seen in up.seen] == ["1", "2", "3"]
-            assert flags(px, "flaky", 1) == ["-"]
+            assert await flags(px, "flaky", 1) == ["-"]
             assert cluster_stat(px, "flaky", "upstream_rq_retry_total") == 2
             assert cluster_stat(px, "flaky", "upstream_rq_retry_success_total") == 1
 
@@ -151,7 +151,7 @@ async def test_retries_exhausted_return_the_last_response_flagged_urx() -> None:
                 status, _, body, _ = await fetch(s, px, "down")
             assert (status, body) == (503, b"still down")
             assert len(up.seen) == 3
-            assert flags(px, "down", 1) == ["URX"]
+            assert await flags(px, "down", 1) == ["URX"]
             assert cluster_stat(px, "down", "upstream_rq_retry_limit_exceeded_total") == 1
 
 
@@ -166,7 +166,7 @@ async def test_default_policy_retries_a_refused_connection_on_another_endpoint()
             counts = [seen.headers["x-envoy-attempt-count"] for seen in up.seen]
             assert "2" in counts, f"no request was retried after a refused connect: {counts}"
             assert set(counts) <= {"1", "2"}
-            assert flags(px, "twohosts", 12) == ["-"] * 12
+            assert await flags(px, "twohosts", 12) == ["-"] * 12
 
 
 async def test_reset_before_the_response_is_retried_only_under_reset_conditions() -> None:
@@ -193,7 +193,7 @@ async def test_reset_before_the_response_is_retried_only_under_reset_conditions(
                 status, _, body, _ = await fetch(s, px, "resetty-default")
             assert status == 503 and b"connection termination" in body
             assert connections == 1
-            assert flags(px, "resetty-default", 1) == ["UC"]
+            assert await flags(px, "resetty-default", 1) == ["UC"]
 
 
 async def test_reset_mid_response_is_not_retried_and_the_client_sees_the_truncation() -> None:
@@ -213,7 +213,7 @@ async def test_reset_mid_response_is_not_retried_and_the_client_sees_the_truncat
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await fetch(s, px, "midreset")
             assert connections == 1, "a response already under way is never retried"
-            assert flags(px, "midreset", 1) == ["UC"]
+            assert await flags(px, "midreset", 1) == ["UC"]
 
 
 # -- timeouts ------------------------------------------------------------------------
@@ -233,7 +233,7 @@ async def test_route_timeout_fires_on_time_with_504_ut() -> None:
             assert (status, body) == (504, b"upstream request timeout")
             assert 0.45 <= elapsed < 0.5 + 1.5, elapsed
             assert up.seen[0].headers["x-envoy-expected-rq-timeout-ms"] == "500"
-            assert flags(px, "slow", 1) == ["UT"]
+            assert await flags(px, "slow", 1) == ["UT"]
             assert cluster_stat(px, "slow", "upstream_rq_timeout_total") == 1
 
 
@@ -256,8 +256,8 @@ async def test_per_try_timeout_is_retried_only_under_the_right_retry_on() -> Non
                 status, _, body, elapsed = await fetch(s, px, "ptt-cf")
                 assert (status, body) == (504, b"upstream request timeout")
                 assert 0.28 <= elapsed < 0.3 + 1.5, elapsed
-            assert flags(px, "ptt-5xx", 1) == ["-"]
-            assert flags(px, "ptt-cf", 1) == ["UT"]
+            assert await flags(px, "ptt-5xx", 1) == ["-"]
+            assert await flags(px, "ptt-cf", 1) == ["UT"]
             for host in ("ptt-5xx", "ptt-cf"):
                 assert cluster_stat(px, host, "upstream_rq_per_try_timeout_total") == 1
             assert cluster_stat(px, "ptt-5xx", "upstream_rq_retry_total") == 1
@@ -283,7 +283,7 @@ async def test_faults_at_zero_and_hundred_percent() -> None:
             assert {r[0] for r in zero} == {200} and len(up.seen) == 20
             assert {(r[0], r[2]) for r in hundred} == {(418, b"fault filter abort")}
             assert len(up.seen) == 20, "an aborted request never reaches the upstream (nor is retried)"
-            assert flags(px, "f100", 20) == ["FI"] * 20
+            assert await flags(px, "f100", 20) == ["FI"] * 20
 
 
 async def run_fifty_percent(seed: int, n: int) -> list[int]:
@@ -328,7 +328,7 @@ spec:
                 await asyncio.sleep(0.8)  # let the delayed request finish on the proxy side
                 status, _, _, elapsed = await fetch(s, px, "ratings", headers={"end-user": "someone"})
                 assert status == 200 and elapsed < 0.7, "other users are not delayed"
-            jason, other = flags(px, "ratings", 2)
+            jason, other = await flags(px, "ratings", 2)
             assert "DI" in jason.split(",") and other == "-"
 
 
@@ -346,7 +346,7 @@ async def test_delay_does_not_count_against_the_route_timeout() -> None:
                 status, _, body, elapsed = await fetch(s, px, "delayed", "/?s=2.5")
                 assert (status, body) == (504, b"upstream request timeout")
                 assert 0.95 <= elapsed < 1.0 + 1.5, elapsed
-            assert flags(px, "delayed", 2) == ["DI", "DI,UT"]
+            assert await flags(px, "delayed", 2) == ["DI", "DI,UT"]
 
 
 # -- circuit breaking ------------------------------------------------------------------------
@@ -369,7 +369,7 @@ async def test_breaker_overflow_under_concurrency_is_immediate_with_x_envoy_over
                 assert body.endswith(b"reset reason: overflow")
                 assert elapsed < 0.3, "overflow fails at once, it never waits for a slot"
             assert len(up.seen) == 3
-            assert sorted(flags(px, "narrow", 9)) == ["-"] * 3 + ["UO"] * 6
+            assert sorted(await flags(px, "narrow", 9)) == ["-"] * 3 + ["UO"] * 6
             assert cluster_stat(px, "narrow", "upstream_rq_pending_overflow_total") == 6
             assert cluster_stat(px, "narrow", "upstream_cx_overflow_total") >= 1
             assert cluster_stat(px, "narrow", "upstream_rq_pending_active") == 0
@@ -405,7 +405,7 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
             assert statistics.median(e for *_, e in over) < 0.1
             # As in the task's `pilot-agent request GET stats | grep pending`.
             assert cluster_stat(px, "httpbin", "upstream_rq_pending_overflow_total", port=8000) == len(over)
-            assert sorted(set(flags(px, "httpbin:8000", len(results)))) == ["-", "UO"]
+            assert sorted(set(await flags(px, "httpbin:8000", len(results)))) == ["-", "UO"]
             # UO replies are local: they never count towards the DR's consecutive5xxErrors: 1.
             assert cluster_stat(px, "httpbin", "outlier_detection_ejections_total", port=8000) == 0
 

@@ -129,7 +129,7 @@ async def test_client_disconnect_cancels_the_upstream_request(tmp_path) -> None:
             # The next request does not reuse it.
             assert (await raw_request(px.outbound, VALID)).startswith(b"HTTP/1.1 200")
             assert len(up.conns) == 2
-            lines = access_log_lines(log, at_least=2)
+            lines = await access_log_lines(log, at_least=2)
     assert " 0 DC " in lines[0], lines
 
 
@@ -160,7 +160,7 @@ async def test_upstream_close_mid_response_closes_the_client_connection(tmp_path
             writer.write(VALID)
             data, closed = await read_until_close(reader, 5)
             writer.close()
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"x" * 10)
     assert closed, "client connection left hanging after the upstream went away"
     assert " 200 UC " in lines[-1], lines
@@ -178,7 +178,7 @@ async def test_upstream_reset_mid_chunked_response_closes_the_client_connection(
             writer.write(VALID)
             data, closed = await read_until_close(reader, 5)
             writer.close()
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 200")
     assert closed
     assert not data.endswith(b"0\r\n\r\n"), "a truncated chunked body must not be terminated"
@@ -231,7 +231,7 @@ async def test_upstream_that_never_answers_ends_with_the_stream_idle_timeout(tmp
             elapsed = time.monotonic() - started
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
             stats = downstream_stats(px)
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 504") and data.endswith(b"stream timeout"), data
     assert 0.9 < elapsed < 4, elapsed
     assert stats["downstream_rq_idle_timeout"] == 1
@@ -271,7 +271,7 @@ async def test_client_stalling_mid_body_gets_408_from_the_stream_idle_timeout(tm
             data, closed = await read_until_close(reader, 6)
             writer.close()
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data.lower() and closed, data
     assert " 408 SI " in lines[-1], lines
     assert up.conns[0].requests == 0
@@ -291,7 +291,7 @@ async def test_response_stalling_after_its_head_is_reset_by_the_stream_idle_time
             data, closed = await read_until_close(reader, 6)
             writer.close()
             await asyncio.wait_for(up.conns[0].closed.wait(), 5)
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert data.startswith(b"HTTP/1.1 200") and closed
     assert " 200 SI " in lines[-1], lines
 

@@ -120,7 +120,7 @@ async def test_request_data_cannot_forge_or_break_access_log_lines(tmp_path) -> 
                         b"GET / HTTP/1.1\r\nHost: svc\r\nUser-Agent: \x1b[31mred\r\n\r\n"):
                 data = await raw_request(px.outbound, req, until_close=True)
                 assert data.startswith(b"HTTP/1.1 400")
-            lines = access_log_lines(text_log, at_least=sent + 3)
+            lines = await access_log_lines(text_log, at_least=sent + 3)
             await asyncio.sleep(0.5)
             raw = text_log.read_bytes()
     assert len(lines) == sent + 3, lines
@@ -144,7 +144,7 @@ async def test_json_access_log_round_trips_hostile_values(tmp_path) -> None:
         with running_proxy(cfg, args=["--access-log", str(log), "--access-log-format", "json"]) as px:
             req = b"GET /j HTTP/1.1\r\nHost: svc\r\nUser-Agent: " + HOSTILE_UA.encode("latin-1") + b"\r\n\r\n"
             assert (await raw_request(px.outbound, req)).startswith(b"HTTP/1.1 200")
-            lines = access_log_lines(log)
+            lines = await access_log_lines(log)
     assert len(lines) == 1
     assert all(0x20 <= b < 0x7F for b in lines[0].encode())
     doc = json.loads(lines[0])
