@@ -39,8 +39,9 @@ from .config.model import (
     VirtualService,
     WorkloadEntry,
 )
-from .filters.cors import compile_cors
-from .filters.fault import compile_fault
+from .filters.chain import HttpFilter
+from .filters.cors import CorsFilter, compile_cors
+from .filters.fault import FaultFilter, compile_fault
 from .filters.mirror import MirrorPolicy
 from .routing.actions import DirectResponse, Redirect, Rewrite
 from .routing.matchers import compile_match
@@ -217,6 +218,21 @@ def intersect_hosts(vs_host: str, gw_host: str) -> str | None:
     if _host_pattern_match(vs_host, gw_host):
         return gw_host
     return None
+
+
+def route_filters(route: CompiledRoute) -> tuple[HttpFilter, ...]:
+    """The filter chain of one compiled route (filters/chain.py), in phase
+    order; ``()`` when no filter has anything to do for it. A new filter is
+    compiled here from the route's config."""
+    filters: list[HttpFilter] = []
+    # Fault applies to routes that forward (redirect and direct-response
+    # routes never injected faults here).
+    if route.fault is not None and route.kind == ROUTE:
+        filters.append(FaultFilter(route.fault))
+    if route.cors is not None:
+        filters.append(CorsFilter(route.cors))
+    filters.sort(key=lambda f: f.phase)
+    return tuple(filters)
 
 
 class _Builder:
@@ -477,6 +493,7 @@ class _Builder:
             t.finalize_ops(route.request_ops, route.response_ops, authority, single=len(rule.route) == 1)
         route.mirrors = self.compile_mirrors(rule, vs)
         route.cors = compile_cors(rule.cors_policy)
+        route.filters = route_filters(route)
         return route
 
     def compile_mirrors(self, rule: HTTPRoute, vs: VirtualService) -> tuple[MirrorPolicy, ...]:

@@ -22,12 +22,21 @@ Semantics are those of Envoy's CORS filter as Istio configures it
 - Any other request with an allowed origin gets ``access-control-allow-origin``
   (the request's origin), ``-allow-credentials`` and ``-expose-headers`` set on
   its response, replacing values the upstream sent; local replies too.
+
+``CorsFilter`` runs it in phase ``CORS`` of the filter chain (filters/chain.py):
+after fault, before the router.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config.model import CorsPolicy
 from ..routing.matchers import ValueMatch, compile_string_match
+from .chain import CORS
+
+if TYPE_CHECKING:
+    from .chain import FilterContext
 
 ALLOW_ORIGIN = b"access-control-allow-origin"
 ALLOW_CREDENTIALS = b"access-control-allow-credentials"
@@ -111,3 +120,38 @@ class CompiledCors:
 
 def compile_cors(policy: CorsPolicy | None) -> CompiledCors | None:
     return CompiledCors(policy) if policy is not None else None
+
+
+class CorsFilter:
+    """Envoy's CORS filter for one route: remembers an allowed origin for the
+    response (``ex.cors_origin``) and answers a preflight locally."""
+
+    __slots__ = ("policy",)
+    phase = CORS
+
+    def __init__(self, policy: CompiledCors) -> None:
+        self.policy = policy
+
+    def on_request(self, ex: FilterContext) -> bool:
+        hdict = ex.hdict
+        origin = hdict.get(b"origin")
+        if not origin:
+            return False
+        cors = self.policy
+        allowed = cors.origin_allowed(origin)
+        if ex.method != b"OPTIONS" or not hdict.get(REQUEST_METHOD):
+            if allowed:
+                ex.cors_origin = origin
+                ex.add_encoder(self)
+            return False
+        if not allowed and cors.forward_unmatched:
+            return False
+        # The preflight answer carries its own CORS headers (no encoder).
+        ex.send_local_reply(200, b"", extra=cors.preflight_headers(hdict, origin if allowed else None),
+                            route_ops=False)
+        return True
+
+    def on_response_headers(self, ex: FilterContext, headers: list[tuple[bytes, bytes]]
+                            ) -> list[tuple[bytes, bytes]]:
+        origin = ex.cors_origin
+        return self.policy.decorate(headers, origin) if origin is not None else headers

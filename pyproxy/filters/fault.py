@@ -1,7 +1,8 @@
 """Fault injection (VirtualService ``fault``), compiled once per route.
 
 Evaluated after the route matched and before any upstream work, as Envoy's
-fault filter: the delay is drawn first and applied, then the abort is drawn.
+fault filter (phase ``FAULT`` of the filter chain, filters/chain.py): the delay
+is drawn first and applied (the chain pauses), then the abort is drawn.
 A percentage that is absent means 0%. Draws use the worker's injectable RNG.
 """
 
@@ -9,8 +10,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .. import errors
 from ..config.model import HTTPFaultInjection
+from .chain import FAULT
+
+if TYPE_CHECKING:
+    from .chain import FilterContext
 
 # gRPC status names Istio accepts in ``abort.grpcStatus`` and their codes.
 GRPC_CODES = {
@@ -69,3 +76,41 @@ def compile_fault(fault: HTTPFaultInjection | None) -> FaultPolicy | None:
     if (delay <= 0 or fraction_d <= 0) and (not status or fraction_a <= 0):
         return None  # a fault that can never fire costs nothing on the request path
     return FaultPolicy(delay, fraction_d, status, fraction_a, grpc, grpc_headers)
+
+
+class FaultFilter:
+    """The route's fault policy as a chain filter."""
+
+    __slots__ = ("policy",)
+    phase = FAULT
+
+    def __init__(self, policy: FaultPolicy) -> None:
+        self.policy = policy
+
+    def on_request(self, ex: FilterContext) -> bool:
+        delay = self.policy.draw_delay(ex.worker.rng)
+        if delay > 0:
+            ex.flags.append(errors.DELAY_INJECTED)
+            ex.pause_chain(delay, lambda: self._after_delay(ex))
+            return True
+        return self._abort(ex)
+
+    def _after_delay(self, ex: FilterContext) -> None:
+        if not self._abort(ex):
+            ex.resume_chain()
+
+    def _abort(self, ex: FilterContext) -> bool:
+        fault = self.policy
+        status = fault.draw_abort(ex.worker.rng)
+        if not status:
+            return False
+        ex.flags.append(errors.FAULT_INJECTED)
+        if fault.abort_grpc is not None:
+            # Envoy answers a gRPC abort with HTTP 200; a gRPC client reads
+            # the status from the (trailers-only) grpc-status header.
+            ctype = ex.hdict.get(b"content-type", b"")
+            if ctype.startswith(b"application/grpc"):
+                ex.send_local_reply(200, b"", extra=fault.grpc_headers, content_type=ctype)
+                return True
+        ex.send_local_reply(status, errors.FI_BODY)
+        return True

@@ -3,10 +3,15 @@ as a callback-driven state machine (no task per request).
 
 Lifecycle (see the README diagram):
 
-    headers parsed ─► start(): route lookup ─► local reply?  (NR/NC/redirect/direct/fault abort)
+    headers parsed ─► start(): route lookup ─► local reply?  (NR)
                           │
                           ▼
-                     fault delay? ─► _forward(): pick destination, mutate headers, mirrors
+                     the route's filter chain (filters/chain.py: fault, CORS, ...):
+                     continue, answer locally, or pause and resume_chain()
+                          │
+                          ▼
+                     _route_action(): redirect / direct response, or
+                     _forward(): pick destination, mutate headers, mirrors (NC)
                           │
                           ▼
                      _attempt(): LB pick ─► pool acquire ─┬─ idle connection: send now
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..errors import STATUS_LINES, LocalReply
 from ..observability.peer import PEER_METADATA, UNKNOWN_PEER, decode_peer
-from ..routing.table import DIRECT_RESPONSE, REDIRECT, ROUTE
+from ..routing.table import DIRECT_RESPONSE, REDIRECT
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
 from .headers import (
@@ -47,6 +52,9 @@ from .headers import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..filters.chain import HttpFilter, ResponseFilter
     from ..routing.table import CompiledRoute, HeaderOps, RouteTarget
     from ..upstream.cluster import Cluster, ClusterEndpoint
     from ..upstream.connection import UpstreamConnection
@@ -109,8 +117,9 @@ class Exchange:
         # bookkeeping
         "start_time", "end_time", "flags", "finished", "downstream_paused_by_us",
         "obs", "hash_cookie",
-        # filters: the allowed CORS origin to echo; live mirror streams
-        "cors_origin", "shadows",
+        # filter chain: the filter that stopped it last, filters that see the
+        # response, the allowed CORS origin to echo; live mirror streams
+        "filter_pos", "encoders", "cors_origin", "shadows",
         # telemetry: the endpoint of the last attempt, the peer's identity
         # (metadata exchange), the current attempt's response status
         "upstream_host", "peer", "attempt_status",
@@ -182,6 +191,8 @@ class Exchange:
         self.downstream_paused_by_us = False
         self.obs: Any = None
         self.hash_cookie: Any = None
+        self.filter_pos = 0
+        self.encoders: tuple[ResponseFilter, ...] = ()
         self.cors_origin: bytes | None = None
         self.shadows: Any = None
         self.upstream_host: ClusterEndpoint | None = None
@@ -352,14 +363,55 @@ class Exchange:
                 self.send_reply(errors.NR_404)
                 return
         self.route = route
-        kind = route.kind
-        if kind != ROUTE and route.cors is not None and self._cors_request(route.cors):
+        filters = route.filters
+        if filters and self._run_filters(filters, 0):
             return
+        self._route_action()
+
+    # ------------------------------------------------------------------
+    # the filter chain (filters/chain.py)
+
+    def _run_filters(self, filters: tuple[HttpFilter, ...], first: int) -> bool:
+        """Run ``filters[first:]``; True when one stopped the chain."""
+        for i in range(first, len(filters)):
+            self.filter_pos = i
+            if filters[i].on_request(self):
+                return True
+        return False
+
+    def resume_chain(self) -> None:
+        """A filter that stopped the chain to wait goes on: the filters after
+        it, then the router. Nothing happens when the request has ended."""
+        if self.finished:
+            return
+        route = self.route
+        assert route is not None
+        if not self._run_filters(route.filters, self.filter_pos + 1):
+            self._route_action()
+
+    def pause_chain(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call ``callback`` in ``delay`` seconds unless the request ends
+        first (the timer is cancelled with the request's others)."""
+        self.retry_timer = self.loop.call_later(delay, self._chain_timer, callback)
+
+    def _chain_timer(self, callback: Callable[[], None]) -> None:
+        self.retry_timer = None
+        if not self.finished:
+            callback()
+
+    def add_encoder(self, f: ResponseFilter) -> None:
+        """``f.on_response_headers`` runs on this request's response head."""
+        self.encoders = (*self.encoders, f)
+
+    def _route_action(self) -> None:
+        """The router: the chain's last step."""
+        route = self.route
+        assert route is not None
+        kind = route.kind
         if kind == REDIRECT:
             loc = route.redirect.location(self, self.match_index)
             self.send_local_reply(route.redirect.code, b"", extra=((b"location", loc),))
-            return
-        if kind == DIRECT_RESPONSE:
+        elif kind == DIRECT_RESPONSE:
             status = route.direct.status
             extra: tuple = ()
             if status == 201 or 300 <= status < 400:
@@ -368,17 +420,8 @@ class Exchange:
                 extra = ((b"location", self.scheme + b"://" + self.authority + self.path
                           + (b"?" + self.query if self.query else b"")),)
             self.send_local_reply(status, route.direct.body, extra=extra)
-            return
-        fault = route.fault
-        if fault is not None:
-            delay = fault.draw_delay(worker.rng)
-            if delay > 0:
-                self.flags.append(errors.DELAY_INJECTED)
-                self.retry_timer = self.loop.call_later(delay, self._after_delay)
-                return
-            if self._fault_abort():
-                return
-        self._forward()
+        else:
+            self._forward()
 
     def service_port(self, vh: Any) -> int:
         """The service port this outbound request addresses on ``vh``."""
@@ -472,49 +515,6 @@ class Exchange:
         else:
             self.send_reply(errors.SI_408, flag_already=True)
 
-    def _after_delay(self) -> None:
-        self.retry_timer = None
-        if self.finished:
-            return
-        if not self._fault_abort():
-            self._forward()
-
-    def _fault_abort(self) -> bool:
-        route = self.route
-        assert route is not None and route.fault is not None
-        fault = route.fault
-        status = fault.draw_abort(self.worker.rng)
-        if not status:
-            return False
-        self.flags.append(errors.FAULT_INJECTED)
-        if fault.abort_grpc is not None:
-            # Envoy answers a gRPC abort with HTTP 200; a gRPC client reads
-            # the status from the (trailers-only) grpc-status header.
-            ctype = self.hdict.get(b"content-type", b"")
-            if ctype.startswith(b"application/grpc"):
-                self.send_local_reply(200, b"", extra=fault.grpc_headers, content_type=ctype)
-                return True
-        self.send_local_reply(status, errors.FI_BODY)
-        return True
-
-    def _cors_request(self, cors: Any) -> bool:
-        """Envoy's CORS filter on the request: remember an allowed origin for
-        the response; answer a preflight locally. True when answered."""
-        origin = self.hdict.get(b"origin")
-        if not origin:
-            return False
-        allowed = cors.origin_allowed(origin)
-        if allowed:
-            self.cors_origin = origin
-        if self.method != b"OPTIONS" or not self.hdict.get(b"access-control-request-method"):
-            return False
-        if not allowed and cors.forward_unmatched:
-            return False
-        self.cors_origin = None  # the preflight answer carries its own CORS headers
-        self.send_local_reply(200, b"", extra=cors.preflight_headers(self.hdict, origin if allowed else None),
-                              route_ops=False)
-        return True
-
     def _passthrough(self) -> None:
         snap = self.snapshot
         if snap.registry_only:
@@ -528,8 +528,6 @@ class Exchange:
     def _forward(self) -> None:
         route = self.route
         assert route is not None
-        if route.cors is not None and self._cors_request(route.cors):
-            return
         target = route.pick(self.worker.rng)
         self.target_choice = target
         by_port = target.by_port  # RouteTarget.cluster_for, inlined
@@ -959,13 +957,14 @@ class Exchange:
         drop = RESPONSE_DROP
         added = b""
         if ops is not None:
-            if ops.fused_drop is not None and self.cors_origin is None:
+            if ops.fused_drop is not None and not self.encoders:
                 drop = ops.fused_drop  # applied by the serialising pass below
                 added = ops.added_lines
             else:
                 headers = ops.apply(headers)
-        if self.cors_origin is not None:
-            headers = self.route.cors.decorate(headers, self.cors_origin)  # type: ignore[union-attr]
+        if self.encoders:
+            for f in self.encoders:
+                headers = f.on_response_headers(self, headers)
         http10 = self.version == "1.0"
         # Framing and hop-by-hop fields, found with one C-level dict() (last
         # value wins, as the loop this replaced did) instead of a Python loop.
@@ -1256,8 +1255,8 @@ class Exchange:
             ops = self.response_ops if self.target_choice is not None else route.response_ops
             if ops is not None:
                 fields = ops.apply(fields)
-            if self.cors_origin is not None:
-                fields = route.cors.decorate(fields, self.cors_origin)  # type: ignore[union-attr]
+            for f in self.encoders:
+                fields = f.on_response_headers(self, fields)
         parts = [STATUS_LINES.get(status) or errors.status_line(status)]
         if status != 204 and status >= 200:
             # (Envoy sends no content-length with a 204 or 1xx)

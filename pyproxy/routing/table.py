@@ -17,6 +17,7 @@ from ..http.headers import RESPONSE_DROP
 from .matchers import Check
 
 if TYPE_CHECKING:
+    from ..filters.chain import HttpFilter
     from ..filters.fault import FaultPolicy
     from ..upstream.cluster import Cluster
     from ..upstream.retry import RetryPolicy
@@ -203,6 +204,7 @@ class CompiledRoute:
         "cumulative",
         "direct",
         "fault",
+        "filters",
         "kind",
         "mirrors",
         "name",
@@ -232,6 +234,8 @@ class CompiledRoute:
         self.fault: FaultPolicy | None = None
         self.mirrors: tuple[Any, ...] = ()
         self.cors: Any = None
+        # The filter chain (filters/chain.py): () when no filter has work here.
+        self.filters: tuple[HttpFilter, ...] = ()
         self.request_ops: HeaderOps | None = None
         self.response_ops: HeaderOps | None = None
         self.rewrite: Any = None
