@@ -1,4 +1,8 @@
-"""``pyproxy canary run`` and ``pyproxy canary status``."""
+"""``pyproxy canary run`` and ``pyproxy canary status``.
+
+``add_arguments`` runs for every ``pyproxy`` command (it builds the parser),
+so this module imports only the standard library at the top; the controller
+and its dependencies load when a canary command actually runs."""
 
 from __future__ import annotations
 
@@ -11,31 +15,11 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .controller import (
-    FAILED,
-    SUCCEEDED,
-    Check,
-    Controller,
-    LockedError,
-    State,
-    StateStore,
-    read_state,
-    status_value,
-)
-from .mesh import Mesh
-from .metrics import (
-    MetricError,
-    MetricSource,
-    PrometheusSource,
-    ScrapeSource,
-    render,
-    selector_for,
-    template_model,
-)
-from .resource import FLAGGER_MIN_INTERVAL, Canary, CanaryFile, check_references, interval_seconds, load_file
-from .webhooks import call_webhook
+if TYPE_CHECKING:
+    from .controller import Check, State
+    from .resource import Canary, CanaryFile
 
 log = logging.getLogger("pyproxy.canary")
 
@@ -55,7 +39,7 @@ def add_arguments(canary: argparse.ArgumentParser) -> None:
                         help="scrape these sidecars' /stats/prometheus directly (the canary subset's sidecars)")
     run.add_argument("--metrics", metavar="HOST:PORT",
                      help="serve pyproxy_canary_* metrics on this address (default: off)")
-    run.add_argument("--min-interval", type=float, default=FLAGGER_MIN_INTERVAL, metavar="SECONDS",
+    run.add_argument("--min-interval", type=float, default=10.0, metavar="SECONDS",
                      help="raise shorter analysis intervals to this (default 10, as Flagger does); lower it "
                           "for demos and tests")
     run.add_argument("--restart", action="store_true",
@@ -116,6 +100,8 @@ class Exporter:
         self.port = self.server.server_port
 
     def observe(self, state: State, checks: list[Check]) -> None:
+        from .controller import status_value
+
         self.weight.labels(*self.values).set(state.weight)
         self.status.labels(*self.values).set(status_value(state.phase))
         self.failed.labels(*self.values).set(state.failed_checks)
@@ -130,6 +116,20 @@ class Exporter:
 
 
 def run_main(args: argparse.Namespace) -> int:
+    from .controller import FAILED, SUCCEEDED, Controller, LockedError, StateStore
+    from .mesh import Mesh
+    from .metrics import (
+        MetricError,
+        MetricSource,
+        PrometheusSource,
+        ScrapeSource,
+        render,
+        selector_for,
+        template_model,
+    )
+    from .resource import check_references, interval_seconds, load_file
+    from .webhooks import call_webhook
+
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cf = load_file(args.canary)
@@ -213,6 +213,8 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def _states(config_dir: str, name: str | None) -> list[tuple[str, State]]:
+    from .controller import read_state
+
     out = []
     for path in sorted(glob.glob(os.path.join(glob.escape(config_dir), ".canary-*.json"))):
         state = read_state(path)

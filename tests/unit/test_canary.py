@@ -647,3 +647,16 @@ def test_cli_run_rejects_a_bad_canary_file_with_located_errors(tmp_path: Path) -
     assert res.returncode == 2
     assert f"error: {bad}#0: spec.analysis.threshhold: unknown field 'threshhold' in CanaryAnalysis" in res.stderr
     assert not list(tmp_path.glob(".canary-*"))  # nothing started, nothing written
+
+
+def test_the_canary_command_keeps_pyproxy_startup_light_and_flaggers_interval_floor() -> None:
+    # build_parser (every pyproxy command, `run` included) imports pyproxy.canary.cli.
+    code = ("import sys, pyproxy.cli; p, _ = pyproxy.cli.build_parser(); "
+            "a = p.parse_args(['canary', 'run', '--config', 'd', '--canary', 'f', '--scrape', 'h:1']); "
+            "print(a.min_interval, sorted(m for m in sys.modules if m.startswith(('pyproxy.canary', 'prometheus'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=60).stdout.split(" ", 1)
+    from pyproxy.canary.resource import FLAGGER_MIN_INTERVAL
+
+    assert float(out[0]) == FLAGGER_MIN_INTERVAL
+    assert out[1].strip() == "['pyproxy.canary', 'pyproxy.canary.cli']"
