@@ -449,7 +449,12 @@ class _Builder:
         if rule.match and not kept:
             return None  # every entry excludes this proxy: the rule does not exist here
         matches = tuple(kept)
-        route.conditions = tuple(compile_match(m) for m in matches)
+        jwt_routing = bool(self.identity.gateway)
+        if not jwt_routing and any(m.claims or m.without_claims for m in matches):
+            self.warn(f"{route.origin}: JWT claim matches (@request.auth.claims) only work at a gateway: on a "
+                      f"sidecar the route is chosen before any token is verified, so a headers claim match "
+                      f"never matches and a withoutHeaders one always does (as in Istio)")
+        route.conditions = tuple(compile_match(m, jwt_routing=jwt_routing) for m in matches)
         route.names = tuple(f"{rule.name}.{m.name}" if m.name else rule.name for m in matches) or (rule.name,)
         route.catch_all = not matches or any(_catches_all(m) for m in matches)
         if rule.redirect is not None:
@@ -846,7 +851,7 @@ def _catches_all(m: Any) -> bool:
                                 or (uri.kind == "regex" and uri.value == ".*")):
         return False
     return not (m.headers or m.without_headers or m.query_params or m.method or m.authority or m.scheme
-                or m.port)
+                or m.port or m.claims or m.without_claims)
 
 
 def _ops(ops: Any) -> HeaderOps | None:

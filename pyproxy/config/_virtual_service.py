@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import re2
 
 from . import _common as c
-from ._reader import INT32_MAX, NOT_IMPLEMENTED, Node, Report, is_dns1123_label, message
+from ._reader import INT32_MAX, Node, Report, is_dns1123_label, message
 from .model import (
     CorsPolicy,
     Destination,
@@ -141,6 +142,7 @@ class _Context:
     rep: Report
     source: str  # "file#N", for HTTPRoute.origin
     applies_to_mesh: bool
+    applies_to_gateway: bool
 
 
 def parse_virtual_service(meta: Meta, spec: Node) -> VirtualService:
@@ -157,7 +159,7 @@ def parse_virtual_service(meta: Meta, spec: Node) -> VirtualService:
     _check_hosts(spec, hosts, applies_to_mesh)
     if not any(spec.get(k) for k in ("http", "tcp", "tls")):
         spec.rep.error(spec.path, "one of http, tcp or tls must be provided")
-    ctx = _Context(rep, str(meta.source), applies_to_mesh)
+    ctx = _Context(rep, str(meta.source), applies_to_mesh, any(g != "mesh" for g in gateways))
     routes = [(node.path, _http_route(ctx, node)) for node in spec.children("http", HTTP_ROUTE)]
     kept = [(path, route) for path, route in routes if route is not None]
     _warn_unreachable(rep, kept)
@@ -282,6 +284,8 @@ def _match(ctx: _Context, node: Node) -> HTTPMatchRequest:
         authority=_single_match(node, "authority"),
         headers=_header_matches(ctx, node, "headers"),
         without_headers=_header_matches(ctx, node, "withoutHeaders"),
+        claims=_claim_matches(ctx, node, "headers"),
+        without_claims=_claim_matches(ctx, node, "withoutHeaders"),
         query_params=_query_params(node),
         port=port,
         source_labels=node.string_map("sourceLabels"),
@@ -298,19 +302,53 @@ def _single_match(node: Node, key: str, *, empty_prefix_ok: bool = False) -> Str
     return c.string_match(node.rep, node.at(key), value, empty_prefix_ok=empty_prefix_ok)
 
 
+CLAIM_PREFIX = "@request.auth.claims"
+_CLAIM_BRACKETS = re.compile(r"(?:\[[^\[\]]+\])+")
+
+
+def claim_route_path(name: str) -> tuple[str, ...] | None:
+    """``@request.auth.claims.a.b`` or ``@request.auth.claims[a][b]`` → ``("a", "b")``
+    (istio pkg/jwt/routing.go ToRoutingClaim); None when malformed."""
+    rest = name[len(CLAIM_PREFIX):]
+    if rest.startswith(".") and len(rest) > 1:
+        parts = tuple(rest[1:].split("."))
+        return parts if all(parts) else None
+    if _CLAIM_BRACKETS.fullmatch(rest):
+        return tuple(re.findall(r"\[([^\[\]]+)\]", rest))
+    return None
+
+
+def _claim_matches(ctx: _Context, node: Node, key: str) -> tuple[tuple[tuple[str, ...], StringMatch], ...]:
+    """JWT claim based routing: Istio's validation refuses it on a
+    VirtualService bound to no gateway; the claims are those of the token
+    jwt_authn verified (the snapshot decides what a sidecar makes of them)."""
+    result = []
+    for path, name, value in node.entries(key):
+        if not name.startswith(CLAIM_PREFIX) or value is None:
+            continue
+        if not ctx.applies_to_gateway:
+            node.rep.error(path, "JWT claim based routing is only supported for gateways (this VirtualService "
+                                 "is bound to no gateway)")
+            continue
+        claim = claim_route_path(name)
+        if claim is None:
+            node.rep.error(path, f"{name!r}: expected @request.auth.claims.NAME[.NESTED] or "
+                                 "@request.auth.claims[NAME][NESTED]")
+            continue
+        match = c.string_match(node.rep, path, value)
+        if match is not None:
+            result.append((claim, match))
+    return tuple(result)
+
+
 def _header_matches(ctx: _Context, node: Node, key: str) -> tuple[tuple[str, StringMatch], ...]:
     result = []
     for path, name, value in node.entries(key):
         if value is None:
             node.rep.error(path, "must not be null (use {} to require that the header is present)")
             continue
-        if name.startswith("@request.auth.claims"):
-            # JWT-claim routing: Istio only allows it on gateways; pyproxy has no JWT support.
-            if ctx.applies_to_mesh:
-                node.rep.error(path, "JWT claim based routing is only supported for gateways")
-            else:
-                node.rep.warn(path, NOT_IMPLEMENTED)
-            continue
+        if name.startswith(CLAIM_PREFIX):
+            continue  # _claim_matches
         if not c.HEADER_NAME.fullmatch(name):
             node.rep.error(path, f"{name!r} is not a valid header name")
             continue

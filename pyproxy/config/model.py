@@ -83,6 +83,10 @@ class HTTPMatchRequest:
     source_namespace: str = ""
     gateways: tuple[str, ...] = ()
     ignore_uri_case: bool = False
+    # JWT claim matches (``@request.auth.claims.a.b`` / ``[a][b]`` header
+    # names): the claim path and the match, from headers and withoutHeaders.
+    claims: tuple[tuple[tuple[str, ...], StringMatch], ...] = ()
+    without_claims: tuple[tuple[tuple[str, ...], StringMatch], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,9 +200,50 @@ def _port_check(port: int) -> Check:
     return lambda ex: ex.port == port
 
 
-def compile_match(m: HTTPMatchRequest) -> tuple[Check, ...]:
-    """The AND-ed checks of one ``match[]`` entry, cheapest first."""
+def _claim_values(ex: Any, path: tuple[str, ...]) -> list[bytes]:
+    """The verified JWT's claim as Envoy's metadata matcher sees it: a string,
+    or the strings of a list (any may match); nothing without a token."""
+    auth = ex.auth
+    if auth is None:
+        return []
+    value: Any = auth.claims
+    for part in path:
+        if not isinstance(value, dict):
+            return []
+        value = value.get(part)
+    if isinstance(value, str):
+        return [value.encode("utf-8")]
+    if isinstance(value, list):
+        return [v.encode("utf-8") for v in value if isinstance(v, str)]
+    return []
+
+
+def _claim_check(path: tuple[str, ...], sm: StringMatch) -> Check:
+    match = compile_string_match(sm)
+    return lambda ex: any(match(v) for v in _claim_values(ex, path))
+
+
+def _without_claim_check(path: tuple[str, ...], sm: StringMatch) -> Check:
+    # Envoy's inverted metadata matcher: a missing claim (or no token) satisfies it.
+    match = compile_string_match(sm)
+    return lambda ex: not any(match(v) for v in _claim_values(ex, path))
+
+
+def _never(ex: Any) -> bool:
+    return False
+
+
+def compile_match(m: HTTPMatchRequest, *, jwt_routing: bool = False) -> tuple[Check, ...]:
+    """The AND-ed checks of one ``match[]`` entry, cheapest first.
+
+    ``jwt_routing``: claim matches see the verified token (a gateway, where
+    jwt_authn runs before the route is chosen). Without it (a sidecar:
+    Istio clears no route cache there, so the route is chosen before any
+    token is verified) a claim match finds no claim: ``headers`` claims never
+    match and ``withoutHeaders`` claims always do."""
     checks: list[Check] = []
+    if m.claims and not jwt_routing:
+        return (_never,)
     if m.port is not None:
         checks.append(_port_check(m.port))
     if m.method is not None:
@@ -223,4 +264,9 @@ def compile_match(m: HTTPMatchRequest) -> tuple[Check, ...]:
             checks.append(_without_header_check(name, sm))
     for name, sm in m.query_params:
         checks.append(_query_check(name, sm))
+    if jwt_routing:
+        for path, sm in m.claims:
+            checks.append(_claim_check(path, sm))
+        for path, sm in m.without_claims:
+            checks.append(_without_claim_check(path, sm))
     return tuple(checks)

@@ -30,7 +30,8 @@ def snap(text: str, *, gateway: str = "", labels: dict[str, str] | None = None) 
 
 
 def go(s: Snapshot, path: str = "/", *, inbound: bool = True, method: str = "GET",
-       headers: dict[str, str] | None = None, peer: str = "10.1.2.3") -> tuple[int, bytes, FakeConn, object]:
+       headers: dict[str, str] | None = None, peer: str = "10.1.2.3",
+       host: str = "reviews:9080") -> tuple[int, bytes, FakeConn, object]:
     worker = FakeWorker(s)
     from pyproxy.filters.mirror import Mirror
 
@@ -38,7 +39,7 @@ def go(s: Snapshot, path: str = "/", *, inbound: bool = True, method: str = "GET
     conn = FakeConn(worker, (peer, 40000))
     if inbound:
         conn.direction = INBOUND
-    ex = request(path, headers, method=method, host="reviews:9080", conn=conn)
+    ex = request(path, headers, method=method, host=host, conn=conn)
     ex.request_complete = True
     ex.start()
     resp = conn.response
@@ -162,3 +163,69 @@ spec: {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}
     assert go(s, method="GET")[0] == 0
     assert s.guard is not None and s.guard.stats.rbac == {
         ("default/deny-post", "shadow_denied"): 1, ("default/deny-post", "shadow_allowed"): 1}
+
+
+CLAIM_ROUTES = f"""
+---
+{service_entry("v1", [("10.0.0.2", 9080, {})]).strip()}
+---
+{service_entry("v2", [("10.0.0.3", 9080, {})]).strip()}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: default}}
+spec:
+  selector: {{app: gw}}
+  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: claims, namespace: default}}
+spec:
+  hosts: [v1]
+  gateways: [gw, mesh]
+  http:
+  - match:
+    - headers: {{"@request.auth.claims.groups": {{exact: group1}}}}
+    - headers: {{"@request.auth.claims[org][tier]": {{prefix: gold}}}}
+      withoutHeaders: {{"@request.auth.claims.blocked": {{exact: "yes"}}}}
+    route: [{{destination: {{host: v2}}}}]
+  - route: [{{destination: {{host: v1}}}}]
+"""
+
+
+def _cluster(ex: object) -> str:
+    return ex.cluster.name.split("|")[3].split(".")[0]  # type: ignore[attr-defined]
+
+
+def test_claim_based_routing_at_the_gateway() -> None:
+    s = snap(RA + CLAIM_ROUTES, gateway="default/gw", labels={"app": "gw"})
+    assert not [w for w in s.warnings if "claim" in w]
+
+    def via(claims: dict | None) -> str:
+        headers = {"authorization": "Bearer " + sign(claims)} if claims is not None else {}
+        status, _, _, ex = go(s, "/", inbound=False, headers=headers, host="v1")
+        assert status == 0
+        return _cluster(ex)
+
+    assert via(None) == "v1"  # no token: no claims
+    assert via({"groups": ["group2", "group1"]}) == "v2"  # a list claim: any element
+    assert via({"groups": "group2"}) == "v1"
+    assert via({"org": {"tier": "gold-plus"}}) == "v2"  # nested, prefix
+    assert via({"org": {"tier": "gold"}, "blocked": "yes"}) == "v1"  # withoutHeaders claim
+
+
+def test_claim_matches_on_a_sidecar_never_match_with_a_warning() -> None:
+    loaded = load_text(APP + "\n---\n" + RA + CLAIM_ROUTES, "t.yaml")
+    s = build_snapshot(loaded, ProxyIdentity(labels=(("app", "client"),)),
+                       BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+    assert [w for w in s.warnings if "JWT claim matches" in w]
+    worker = FakeWorker(s)
+    from pyproxy.filters.mirror import Mirror
+
+    worker.mirror = Mirror(worker.loop, worker.rng)  # type: ignore[attr-defined,arg-type]
+    ex = request("/", {"authorization": "Bearer " + sign({"groups": ["group1"]})}, host="v1",
+                 conn=FakeConn(worker))
+    ex.request_complete = True
+    ex.start()
+    assert _cluster(ex) == "v1"

@@ -1196,8 +1196,6 @@ UNIMPLEMENTED = [
     (doc("Sidecar", "inboundConnectionPool: {tcp: {maxConnections: 5}}"), "spec.inboundConnectionPool"),
     (doc("Sidecar", "outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: e}}"),
      "spec.outboundTrafficPolicy.egressProxy"),
-    (vs("hosts: [r]\ngateways: [gw]\nhttp:\n- match: [{headers: {'@request.auth.claims.sub': {exact: a}}}]\n  " + R),
-     "spec.http[0].match[0].headers.@request.auth.claims.sub"),
 ]  # fmt: skip
 
 
