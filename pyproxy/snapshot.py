@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .authz.guard import Guard
+from .authz.guard import security_filters
 from .authz.jwt import JWKS, Authenticator
 from .authz.policy import Engine, applies
 from .config.model import (
@@ -168,7 +168,9 @@ class Snapshot:
     # proxy (None when none does: nothing runs per request then).
     authz: Engine | None = None
     authn: Authenticator | None = None
-    guard: Guard | None = None
+    # Their filters (authz/guard.py), run before the route lookup, by
+    # direction (OUTBOUND, INBOUND); () where nothing applies.
+    security_filters: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
 
     def all_clusters(self) -> list[Cluster]:
         return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
@@ -829,7 +831,7 @@ class _Builder:
             routes_reused=self.routes_reused,
             authz=authz,
             authn=authn,
-            guard=Guard(authz, authn, gateway=bool(ident.gateway)) if authz or authn else None,
+            security_filters=security_filters(authz, authn, gateway=bool(ident.gateway)),
         )
 
 

@@ -1,8 +1,15 @@
-"""The jwt_authn and RBAC steps of a request, in Istio's order (jwt_authn,
-then RBAC, both before fault, CORS and the router), on the inbound side of a
-sidecar and on every request of a gateway, never on a sidecar's outbound
-side. A snapshot without an applicable AuthorizationPolicy or
-RequestAuthentication has no guard: nothing here runs per request then.
+"""The jwt_authn and RBAC filters (filters/chain.py phases AUTHN and AUTHZ),
+on the inbound side of a sidecar and on every request of a gateway, never on
+a sidecar's outbound side. A snapshot without an applicable
+AuthorizationPolicy or RequestAuthentication has none: nothing here runs per
+request then.
+
+They run before the route lookup, not in the route's chain: in Envoy the
+RBAC filter answers before the router can (an unknown host gets 403, not
+404 NR, when a policy denies), and at a gateway Istio makes the route be
+chosen again after jwt_authn (``clearRouteCache``), so claim-based routes
+see the verified token. Neither depends on the route, so running them first
+is the same order as Istio's chain (jwt_authn, RBAC, then fault, CORS, router).
 
 Replies are Envoy's: 401 (403 for a disallowed audience) with the JWT
 status string and a ``www-authenticate`` challenge; 403 ``RBAC: access
@@ -12,13 +19,11 @@ denied`` for a denied request. Neither sets a response flag.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..filters.chain import AUTHN, AUTHZ
 from .jwt import Authenticator, JwtError, www_authenticate
 from .policy import Engine, Request
-
-if TYPE_CHECKING:
-    from ..http.exchange import Exchange
 
 log = logging.getLogger("pyproxy.authz")
 
@@ -46,45 +51,54 @@ class SecurityStats:
 STATS = SecurityStats()  # one per worker process
 
 
-def _preflight(ex: Exchange) -> bool:
+def _preflight(ex: Any) -> bool:
     # Istio sets bypass_cors_preflight: OPTIONS with Origin and
     # Access-Control-Request-Method skips JWT checks.
     h = ex.hdict
     return ex.method == b"OPTIONS" and b"origin" in h and b"access-control-request-method" in h
 
 
-class Guard:
-    __slots__ = ("authn", "engine", "gateway", "stats")
+class JwtAuthnFilter:
+    """Envoy's jwt_authn as Istio configures it (phase AUTHN)."""
 
-    def __init__(self, engine: Engine | None, authn: Authenticator | None, gateway: bool,
-                 stats: SecurityStats = STATS) -> None:
-        self.engine = engine
+    phase = AUTHN
+    __slots__ = ("authn", "stats")
+
+    def __init__(self, authn: Authenticator, stats: SecurityStats = STATS) -> None:
         self.authn = authn
-        self.gateway = gateway  # every request is checked (no inbound/outbound split)
         self.stats = stats
 
-    def run(self, ex: Exchange) -> bool:
-        """Authenticate and authorize; True when a reply was sent (refused)."""
-        authn = self.authn
-        if authn is not None:
-            if _preflight(ex):
-                self.stats.jwt["cors_preflight_bypassed"] += 1
-            else:
-                try:
-                    outcome = authn.authenticate(ex.hdict, ex.query_params, ex.cookie)
-                except JwtError as err:
-                    self.stats.jwt["denied"] += 1
-                    ex.send_local_reply(err.code, err.status.encode(), route_ops=False, extra=(
-                        (b"www-authenticate", www_authenticate(ex.scheme, ex.authority, ex.path)),))
-                    return True
-                self.stats.jwt["allowed"] += 1
-                ex.auth = outcome.identity
-                if outcome.remove or outcome.add:
-                    _rewrite(ex, outcome.remove, outcome.add)
-        engine = self.engine
-        if engine is None:
+    def on_request(self, ex: Any) -> bool:
+        if _preflight(ex):
+            self.stats.jwt["cors_preflight_bypassed"] += 1
             return False
-        decision = engine.check(self.request(ex))
+        try:
+            outcome = self.authn.authenticate(ex.hdict, ex.query_params, ex.cookie)
+        except JwtError as err:
+            self.stats.jwt["denied"] += 1
+            ex.send_local_reply(err.code, err.status.encode(), route_ops=False, extra=(
+                (b"www-authenticate", www_authenticate(ex.scheme, ex.authority, ex.path)),))
+            return True
+        self.stats.jwt["allowed"] += 1
+        ex.auth = outcome.identity
+        if outcome.remove or outcome.add:
+            _rewrite(ex, outcome.remove, outcome.add)
+        return False
+
+
+class RbacFilter:
+    """Envoy's RBAC filters (AUDIT, DENY, ALLOW and their shadow rules) as
+    istiod builds them (phase AUTHZ)."""
+
+    phase = AUTHZ
+    __slots__ = ("engine", "stats")
+
+    def __init__(self, engine: Engine, stats: SecurityStats = STATS) -> None:
+        self.engine = engine
+        self.stats = stats
+
+    def on_request(self, ex: Any) -> bool:
+        decision = self.engine.check(request_of(ex))
         for policy, result in decision.shadow:
             self.stats.count(policy, result)
             log.debug("authz %s: %s %s %s", result, policy, ex.method, ex.path)
@@ -97,35 +111,49 @@ class Guard:
         ex.send_local_reply(403, RBAC_DENIED, route_ops=False)
         return True
 
-    @staticmethod
-    def request(ex: Exchange) -> Request:
-        conn = ex.conn
-        peer = conn.peer_ip
-        dst = conn.original_dst
-        if dst is not None:
-            dst_ip, dst_port = dst
-        else:
-            sock = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
-            dst_ip = sock[0] if sock else ""
-            dst_port = conn.listen_port
-        if ex.direction == 1:  # inbound: the workload port (the app's unless redirected)
-            dst_port = dst[1] if dst is not None else ex.snapshot.identity.app_port
-        return Request(
-            method=ex.method.decode("latin-1"),
-            path=ex.path.decode("latin-1"),
-            host=ex.authority.decode("latin-1"),
-            port=dst_port,
-            headers=ex.hdict,
-            source_ip=peer,
-            remote_ip=peer,
-            destination_ip=dst_ip,
-            principal=getattr(conn, "peer_principal", "") or "",
-            sni=getattr(conn, "sni", "") or "",
-            jwt=ex.auth,
-        )
+
+def security_filters(engine: Engine | None, authn: Authenticator | None,
+                     gateway: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The pre-routing filters by direction (OUTBOUND, INBOUND): on a sidecar
+    only inbound; at a gateway every request. ``()`` when nothing applies."""
+    chain: list[Any] = []
+    if authn is not None:
+        chain.append(JwtAuthnFilter(authn))
+    if engine is not None:
+        chain.append(RbacFilter(engine))
+    filters = tuple(chain)
+    return (filters if gateway else (), filters)
 
 
-def _rewrite(ex: Exchange, remove: tuple[bytes, ...], add: tuple[tuple[bytes, bytes], ...]) -> None:
+def request_of(ex: Any) -> Request:
+    """What a policy sees of the request."""
+    conn = ex.conn
+    peer = conn.peer_ip
+    dst = conn.original_dst
+    if dst is not None:
+        dst_ip, dst_port = dst
+    else:
+        sock = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
+        dst_ip = sock[0] if sock else ""
+        dst_port = conn.listen_port
+    if ex.direction == 1:  # inbound: the workload port (the app's unless redirected)
+        dst_port = dst[1] if dst is not None else ex.snapshot.identity.app_port
+    return Request(
+        method=ex.method.decode("latin-1"),
+        path=ex.path.decode("latin-1"),
+        host=ex.authority.decode("latin-1"),
+        port=dst_port,
+        headers=ex.hdict,
+        source_ip=peer,
+        remote_ip=peer,
+        destination_ip=dst_ip,
+        principal=getattr(conn, "peer_principal", "") or "",
+        sni=getattr(conn, "sni", "") or "",
+        jwt=ex.auth,
+    )
+
+
+def _rewrite(ex: Any, remove: tuple[bytes, ...], add: tuple[tuple[bytes, bytes], ...]) -> None:
     """Drop forwarded-token headers and set the payload/claim headers
     (overwriting any the client sent)."""
     drop = set(remove) | {name for name, _ in add}

@@ -127,7 +127,7 @@ class Exchange:
         "idle_mark", "idle_since",
         # a defect found while indexing the headers (refused in _validate)
         "malformed",
-        # security (authz/guard.py): the verified JWT identity, the deciding policy
+        # security filters (authz/guard.py): the verified JWT identity, the deciding policy
         "auth", "authz_policy",
     )
 
@@ -343,11 +343,13 @@ class Exchange:
         if self.expect_continue and self.has_body:
             self.conn.write(CONTINUE_100)
         snap = self.snapshot
-        guard = snap.guard
-        # jwt_authn and RBAC (Istio runs them before fault, CORS and the
-        # router): inbound, or every request at a gateway; never outbound.
-        if guard is not None and (self.direction == INBOUND or guard.gateway) and guard.run(self):
-            return
+        # jwt_authn and RBAC (authz/guard.py): before the route lookup;
+        # inbound, or every request at a gateway; never a sidecar's outbound.
+        security = snap.security_filters[self.direction]
+        if security:
+            for f in security:
+                if f.on_request(self):
+                    return
         if self.direction == INBOUND:
             route = snap.inbound_route
             self.match_index = 0

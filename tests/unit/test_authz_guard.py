@@ -1,4 +1,4 @@
-"""The guard in Exchange.start (authz/guard.py): which proxies and sides
+"""The security filters before the route lookup (authz/guard.py): which proxies and sides
 enforce, Envoy's replies, header rewriting and counters. Real Exchange
 objects over the stub connection of routing_util; no sockets."""
 
@@ -24,9 +24,16 @@ def snap(text: str, *, gateway: str = "", labels: dict[str, str] | None = None) 
     assert loaded.ok, [str(e) for e in loaded.errors]
     ident = ProxyIdentity(workload="reviews", labels=tuple((labels or {"app": "reviews"}).items()), gateway=gateway)
     s = build_snapshot(loaded, ident, BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
-    assert s.guard is not None
-    s.guard.stats = SecurityStats()
+    filters = s.security_filters[1]
+    assert filters
+    stats = SecurityStats()  # this test's own counters
+    for f in {*filters, *s.security_filters[0]}:
+        f.stats = stats
     return s
+
+
+def stats_of(s: Snapshot) -> SecurityStats:
+    return s.security_filters[1][0].stats
 
 
 def go(s: Snapshot, path: str = "/", *, inbound: bool = True, method: str = "GET",
@@ -67,29 +74,30 @@ def test_denied_request_gets_envoys_403_without_a_flag() -> None:
     assert b"content-type: text/plain" in resp
     assert ex.flag_string == "-"  # type: ignore[attr-defined]
     assert ex.authz_policy == "none"  # type: ignore[attr-defined]
-    assert s.guard is not None and s.guard.stats.rbac == {("none", "denied"): 1}
+    assert stats_of(s).rbac == {("none", "denied"): 1}
 
 
 def test_allowed_request_is_forwarded_and_counted() -> None:
     s = snap(POLICY)
     status, _, _, ex = go(s)
     assert status == 0 and ex.upstream_head  # type: ignore[attr-defined]
-    assert s.guard is not None and s.guard.stats.rbac == {("default/viewer", "allowed"): 1}
+    assert stats_of(s).rbac == {("default/viewer", "allowed"): 1}
 
 
 def test_sidecar_outbound_is_never_enforced_but_a_gateway_is() -> None:
     s = snap(POLICY)
+    assert s.security_filters[0] == ()
     assert go(s, method="POST", inbound=False)[0] != 403
     gw = snap(POLICY.replace("app: reviews}", "app: gw}"), gateway="default/gw", labels={"app": "gw"})
     assert go(gw, method="POST", inbound=False)[0] == 403
 
 
-def test_policy_for_other_workloads_or_namespaces_builds_no_guard() -> None:
+def test_policy_for_other_workloads_or_namespaces_builds_no_filters() -> None:
     loaded = load_text(APP + "\n---\n" + POLICY.replace("app: reviews}", "app: ratings}") + "\n---\n"
                        + POLICY.replace("namespace: default", "namespace: other"), "t.yaml")
     s = build_snapshot(loaded, ProxyIdentity(labels=(("app", "reviews"),)),
                        BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
-    assert s.guard is None  # nothing runs per request
+    assert s.security_filters == ((), ())  # nothing runs per request
 
 
 def test_mesh_wide_policy_from_the_root_namespace() -> None:
@@ -149,7 +157,7 @@ def test_cors_preflight_bypasses_jwt() -> None:
     status, _, _, _ = go(s, method="OPTIONS", headers={
         "authorization": "Bearer garbage", "origin": "https://a.example", "access-control-request-method": "GET"})
     assert status != 401
-    assert s.guard is not None and s.guard.stats.jwt["cors_preflight_bypassed"] == 1
+    assert stats_of(s).jwt["cors_preflight_bypassed"] == 1
 
 
 def test_dry_run_policy_is_counted_not_enforced() -> None:
@@ -161,7 +169,7 @@ spec: {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}
 """)
     assert go(s, method="POST")[0] == 0
     assert go(s, method="GET")[0] == 0
-    assert s.guard is not None and s.guard.stats.rbac == {
+    assert stats_of(s).rbac == {
         ("default/deny-post", "shadow_denied"): 1, ("default/deny-post", "shadow_allowed"): 1}
 
 
@@ -229,3 +237,11 @@ def test_claim_matches_on_a_sidecar_never_match_with_a_warning() -> None:
     ex.request_complete = True
     ex.start()
     assert _cluster(ex) == "v1"
+
+
+def test_rbac_answers_before_the_router_at_a_gateway() -> None:
+    # Envoy's RBAC filter runs before the router: a host no route serves gets 403, not 404 NR.
+    gw = snap(CLAIM_ROUTES + "\n---\n" + POLICY.replace("app: reviews}", "app: gw}"), gateway="default/gw",
+              labels={"app": "gw"})
+    assert go(gw, method="POST", inbound=False, host="unknown.example")[0] == 403
+    assert go(gw, method="GET", inbound=False, host="unknown.example")[0] == 404
