@@ -660,3 +660,31 @@ def test_the_canary_command_keeps_pyproxy_startup_light_and_flaggers_interval_fl
 
     assert float(out[0]) == FLAGGER_MIN_INTERVAL
     assert out[1].strip() == "['pyproxy.canary', 'pyproxy.canary.cli']"
+
+
+def test_confirm_traffic_increase_holds_the_next_step_without_failing() -> None:
+    hooks = Hooks({"more": ["HTTP 403", "HTTP 403", None, None]})
+    con, router, _, _, clock = make("stepWeight: 50\nmaxWeight: 50\n" + METRICS
+                                    + "webhooks: [{name: more, type: confirm-traffic-increase, url: 'http://h/'}]\n",
+                                    [GOOD] * 6, hooks)
+    seen = run_ticks(con, clock, 6)
+    # Closed twice: the weight waits at 0, nothing counts as failed; then 50, then promotion.
+    assert seen == [("Initialized", 0, 0), ("Progressing", 0, 0), ("Progressing", 0, 0), ("Progressing", 0, 0),
+                    ("Progressing", 50, 0), ("Promoting", 50, 0)]
+    held = [e for e in con.state.history if "confirm-traffic-increase webhook more not approved: HTTP 403"
+            in e["message"]]
+    assert len(held) == 2
+    assert router.routes == [Routes(100, 0), Routes(50, 50)]
+
+
+def test_skip_analysis_promotes_at_once_and_suspend_does_nothing() -> None:
+    c = load_one(canary_yaml("stepWeight: 10\n" + METRICS).replace("  service:", "  skipAnalysis: true\n  service:"))
+    router, clock = Router(), Clock()
+    con = Controller(c, router, Metrics([]), Hooks(), None, clock=clock)
+    assert [s[:2] for s in run_ticks(con, clock, 3)] == [("Initialized", 0), ("Succeeded", 100), ("Succeeded", 100)]
+    assert router.routes == [Routes(100, 0), Routes(0, 100)]
+    c = load_one(canary_yaml("stepWeight: 10\n" + METRICS).replace("  service:", "  suspend: true\n  service:"))
+    router = Router()
+    con = Controller(c, router, Metrics([]), Hooks(), None, clock=clock)
+    assert run_ticks(con, clock, 2) == [("Initializing", 0, 0), ("Initializing", 0, 0)]
+    assert router.routes == [] and con.state.message == "skipping canary run as object is suspended"
