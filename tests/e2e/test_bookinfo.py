@@ -456,6 +456,50 @@ def test_locustfile_drives_the_demo_and_sees_the_traffic_split(demo: Demo, tmp_p
     assert set(reviews) == {"red stars (v3)"} and reviews["red stars (v3)"] > 10, reviews
 
 
+def test_canary_release_of_reviews_v3_is_promoted_under_load(demo: Demo, tmp_path: Path) -> None:
+    """docs/canary.md's walk-through, faster: Flagger's Canary for reviews v3 run by
+    `pyproxy canary run --scrape` against v3's sidecar while the product page is loaded."""
+    from pyproxy.canary.load import generate
+
+    demo.apply("virtual-service-all-v1.yaml")
+    canary = (ROOT / "config" / "bookinfo" / "canary" / "reviews.yaml").read_text()
+    canary = canary.replace("interval: 10s", "interval: 2s").replace("interval: 30s", "interval: 6s")
+    (tmp_path / "reviews.yaml").write_text(canary)
+    cmd = [sys.executable, "-m", "pyproxy", "canary", "run", "--config", str(demo.config_dir), "--canary",
+           str(tmp_path / "reviews.yaml"), "--scrape", f"{demo.ip('reviews-v3')}:15090", "--min-interval", "1"]
+
+    async def drive() -> tuple[subprocess.CompletedProcess, list]:
+        stop = asyncio.Event()
+        load = asyncio.create_task(generate(demo.url + "/productpage", 20.0, 120.0, stop=stop))
+        try:
+            await asyncio.sleep(1.0)
+            res = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=120,
+                                          check=False, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+            await asyncio.sleep(2.0)
+        finally:
+            stop.set()
+        return res, await load
+
+    try:
+        res, responses = asyncio.run(drive())
+        assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+        assert "default.reviews: Succeeded, v3 promoted" in res.stdout
+        state = json.loads((demo.config_dir / ".canary-default.reviews.json").read_text())
+        advances = [e["weight"] for e in state["history"] if e["message"].startswith("Advance")]
+        assert advances == [10, 20, 30, 40, 50] and state["weight"] == 100, state["history"]
+        assert all(r.status == 200 for r in responses), [r for r in responses if r.status != 200][:3]
+        assert responses[-1].version == "v3"  # red stars once promoted
+        assert {r.version for r in responses} <= {"v1", "v3"}
+    finally:
+        before = demo.config_versions()
+        for leftover in (demo.config_dir / "zz-canary-reviews.yaml", *demo.config_dir.glob(".canary-*")):
+            leftover.unlink(missing_ok=True)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while not all(v > before[p] for p, v in demo.config_versions().items()):
+            assert time.monotonic() < deadline, "the proxies did not drop the canary's VirtualService"
+            time.sleep(0.2)
+
+
 def test_stopping_the_demo_stops_every_process_it_started(demo: Demo) -> None:
     assert processes_mentioning(demo.prefix), "the demo's processes should be running"
     assert demo.stop() == 0, demo.text()[-2000:]
