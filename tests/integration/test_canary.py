@@ -21,6 +21,7 @@ shows the weight while it runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import http.server
 import json
@@ -224,6 +225,20 @@ class Run:
     state: dict
     responses: list[Response]
     exported: dict[str, list[float]]  # every value seen while it ran, per series
+    served: dict[tuple[str, str], int]  # (version, response code) -> requests the reviews sidecars served
+
+
+def served(mesh: LocalMesh) -> collections.Counter[tuple[str, str]]:
+    """istio_requests_total as the reviews sidecars report it (reporter=destination)."""
+    out: collections.Counter[tuple[str, str]] = collections.Counter()
+    for proxy in (mesh.v1, mesh.v3):
+        status, body = http_get(proxy.stats_url + "/stats/prometheus")
+        assert status == 200
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == "istio_requests_total" and sample.labels.get("reporter") == "destination":
+                    out[(sample.labels["destination_version"], sample.labels["response_code"])] += int(sample.value)
+    return out
 
 
 def run_canary(mesh: LocalMesh, source: list[str], tmp_path: Path, canary: str = CANARY) -> Run:
@@ -232,6 +247,7 @@ def run_canary(mesh: LocalMesh, source: list[str], tmp_path: Path, canary: str =
     metrics_port = free_port()
     responses: list[Response] = []
     exported: dict[str, list[float]] = {}
+    before = served(mesh)
 
     async def drive() -> tuple[int, str]:
         stop = asyncio.Event()
@@ -268,7 +284,9 @@ def run_canary(mesh: LocalMesh, source: list[str], tmp_path: Path, canary: str =
 
     code, output = asyncio.run(drive())
     state = json.loads((mesh.config_dir / ".canary-default.reviews.json").read_text())
-    return Run(code, output, state, responses, exported)
+    after = served(mesh)
+    delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    return Run(code, output, state, responses, exported, delta)
 
 
 def _get_text(url: str) -> str:
@@ -315,6 +333,9 @@ def test_good_release_is_promoted_with_the_embedded_scraper(mesh: LocalMesh, tmp
     assert all(r.status == 200 for r in run.responses), {(r.status, r.note) for r in run.responses if r.status != 200}
     shares = check_shares(run)
     assert len(shares) >= 4, shares  # most steps had enough traffic to be compared
+    # What the sidecars served is what the client got, version by version.
+    got = collections.Counter((r.version, str(r.status)) for r in run.responses)
+    assert run.served == dict(got), (run.served, got)
     assert run.responses[-1].version == "v3"
     assert max(run.exported['pyproxy_canary_checks_total{"name": "reviews", "namespace": "default", '
                             '"result": "pass"}']) >= 3, run.exported
@@ -340,6 +361,9 @@ def test_bad_release_is_rolled_back_with_the_embedded_scraper(mesh: LocalMesh, t
     # Only the bad release's own answers failed: no request was lost to a step.
     bad = [r for r in run.responses if r.status != 200]
     assert bad and all(r.status == 500 and "injected failure" in r.note for r in bad), bad[:5]
+    # Every 500 was served by v3's sidecar; the 200s by the version the body names.
+    got = collections.Counter((r.version or "v3", str(r.status)) for r in run.responses)
+    assert run.served == dict(got), (run.served, got)
     check_shares(run)
     assert run.responses[-1].version == "v1"
     assert max(run.exported['pyproxy_canary_checks_total{"name": "reviews", "namespace": "default", '
