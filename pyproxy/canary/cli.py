@@ -115,6 +115,11 @@ class Exporter:
         self.server.server_close()
 
 
+def _host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def run_main(args: argparse.Namespace) -> int:
     from .controller import FAILED, SUCCEEDED, Controller, LockedError, StateStore
     from .mesh import Mesh
@@ -161,8 +166,9 @@ def run_main(args: argparse.Namespace) -> int:
                 source = PrometheusSource(args.prometheus, selector, cf.templates)
             else:
                 targets = [t.strip() for t in args.scrape.split(",") if t.strip()]
-                if not targets:
-                    problems.append("--scrape: give at least one HOST:PORT")
+                bad = [t for t in targets if not _host_port(t)]
+                if not targets or bad:
+                    problems.append(f"--scrape: expected HOST:PORT[,HOST:PORT...], got {args.scrape!r}")
                 source = ScrapeSource(targets, selector)
     if problems or source is None:
         for p in problems:
@@ -177,7 +183,14 @@ def run_main(args: argparse.Namespace) -> int:
     exporter = None
     try:
         if args.metrics:
-            exporter = Exporter(args.metrics, canary)
+            if not _host_port(args.metrics):
+                print(f"pyproxy canary: --metrics: expected HOST:PORT, got {args.metrics!r}", file=sys.stderr)
+                return 2
+            try:
+                exporter = Exporter(args.metrics, canary)
+            except OSError as exc:
+                print(f"pyproxy canary: --metrics {args.metrics}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
             log.info("metrics on http://%s:%d/metrics", args.metrics.rpartition(":")[0] or "0.0.0.0", exporter.port)
         controller = Controller(canary, mesh, source, call_webhook, store,
                                 observer=exporter.observe if exporter else None, restart=args.restart)

@@ -688,3 +688,23 @@ def test_skip_analysis_promotes_at_once_and_suspend_does_nothing() -> None:
     con = Controller(c, router, Metrics([]), Hooks(), None, clock=clock)
     assert run_ticks(con, clock, 2) == [("Initializing", 0, 0), ("Initializing", 0, 0)]
     assert router.routes == [] and con.state.message == "skipping canary run as object is suspended"
+
+
+@pytest.mark.parametrize(("files", "flags", "message"), [
+    ({"routing.yaml": MESH}, ["--scrape", "sidecar-without-port"], "--scrape: expected HOST:PORT"),
+    ({"routing.yaml": MESH.replace("name: v3", "name: v2")}, ["--scrape", "127.0.0.1:1"],
+     "no DestinationRule for host 'reviews' defines subset 'v3'"),
+    ({"routing.yaml": MESH}, ["--scrape", "127.0.0.1:1", "--metrics", "9095"], "--metrics: expected HOST:PORT"),
+])
+def test_cli_run_refuses_a_mesh_or_flags_it_cannot_work_with(tmp_path: Path, files: dict[str, str],
+                                                             flags: list[str], message: str) -> None:
+    mesh = tmp_path / "mesh"
+    mesh.mkdir()
+    for name, text in files.items():
+        (mesh / name).write_text(text)
+    (tmp_path / "c.yaml").write_text(canary_yaml("stepWeight: 10\n" + METRICS))
+    res = subprocess.run([sys.executable, "-m", "pyproxy", "canary", "run", "--config", str(mesh), "--canary",
+                          str(tmp_path / "c.yaml"), *flags], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert sorted(p.name for p in mesh.iterdir() if not p.name.endswith(".lock")) == ["routing.yaml"]
