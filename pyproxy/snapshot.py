@@ -27,13 +27,16 @@ from .authz.jwt import JWKS, Authenticator
 from .authz.policy import Engine, applies
 from .config.model import (
     AuthorizationPolicy,
+    ClientTLSSettings,
     DestinationRule,
     Gateway,
     HTTPMatchRequest,
     HTTPRoute,
     LoadedConfig,
+    PeerAuthentication,
     RequestAuthentication,
     ServiceEntry,
+    ServicePort,
     Sidecar,
     Subset,
     VirtualService,
@@ -55,11 +58,14 @@ from .routing.table import (
     RouteTarget,
     VirtualHost,
 )
+from .security.authn import PeerAuthIndex, PeerPolicy, auto_mtls, client_tls_for, endpoint_tls_mode, istio_sni
+from .security.upstream import UpstreamTLS
 from .upstream.cluster import Cluster, ClusterEndpoint, PassthroughCluster
 from .upstream.lb import make_balancer
 from .upstream.outlier import NULL_OUTLIER, OutlierDetector, can_ever_eject
 from .upstream.registry import (
     Service,
+    ServiceEndpoint,
     address_host,
     build_registry,
     canonical_host,
@@ -116,6 +122,8 @@ class BuildContext:
     clock: Callable[[], float] | None = None
     # Called for every newly created cluster (metrics binding, admin views).
     on_cluster_created: Callable[[Cluster], None] | None = None
+    # The worker's CertStore (security/certs.py); None = no workload certificate.
+    certs: Any = None
 
 
 # What a resolved destination came to: (canonical host, cluster, clusters by
@@ -150,6 +158,8 @@ class Snapshot:
     inbound_route: CompiledRoute
     passthrough: PassthroughCluster
     registry_only: bool
+    # This workload's inbound PeerAuthentication mode (security/authn.py).
+    peer_policy: PeerPolicy = field(default_factory=PeerPolicy)
     warnings: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     dns_names: frozenset[str] = frozenset()
@@ -269,6 +279,7 @@ class _Builder:
         self.gateways: list[Gateway] = []
         self.authz_policies: list[AuthorizationPolicy] = []
         self.request_auths: list[RequestAuthentication] = []
+        self.peer_auths: list[PeerAuthentication] = []
         for r in loaded.resources:
             if isinstance(r, ServiceEntry):
                 self.ses.append(r)
@@ -286,6 +297,11 @@ class _Builder:
                 self.authz_policies.append(r)
             elif isinstance(r, RequestAuthentication):
                 self.request_auths.append(r)
+            elif isinstance(r, PeerAuthentication):
+                self.peer_auths.append(r)
+        self.peer_auth = PeerAuthIndex(self.peer_auths, warn=self.warn)
+        creds = ctx.certs.current if ctx.certs is not None else None
+        self.trust_domain = creds.identity.trust_domain if creds is not None else "cluster.local"
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -341,6 +357,7 @@ class _Builder:
         ctx = self.ctx
         cluster = cls(name, settings, fingerprint, ctx.loop, ctx.rng, ctx.resolver,
                       kind=kind, service=service, service_port=port, subset=subset)
+        cluster.certs = ctx.certs
         eps = [ClusterEndpoint(cluster, *spec) for spec in endpoints]
         cluster.lb = make_balancer(settings, [], ctx.rng)
         cluster.set_endpoints(eps)
@@ -372,12 +389,14 @@ class _Builder:
                     sname = subset.name if subset else ""
                     name = f"outbound|{port.number}|{sname}|{svc.hostname}"
                     settings = cluster_settings(top, subset.traffic_policy if subset else None, port.number)
+                    dr_tls = client_tls_for(top, subset.traffic_policy if subset else None, port.number)
                     if svc.resolution == "NONE" and not svc.endpoints:
                         cluster = self.make_cluster(name, settings, [], service=svc, port=port.number,
                                                     subset=sname, cls=PassthroughCluster)
                     else:
                         selected = [
-                            (ep.address, ep.port_for(port), ep.labels, ep.weight, ep.workload, ep.namespace)
+                            (ep.address, ep.port_for(port), ep.labels, ep.weight, ep.workload, ep.namespace,
+                             self.endpoint_tls(svc, port.number, sname, dr_tls, ep))
                             for ep in svc.endpoints
                             if subset is None or labels_match(subset.labels, ep.labels)
                         ]
@@ -387,6 +406,46 @@ class _Builder:
                                                     port=port.number, subset=sname)
                     self.clusters[name] = cluster
             yield  # a point where a cooperative build lets the event loop run
+
+    def endpoint_tls(self, svc: Service, port: int, subset: str, dr_tls: ClientTLSSettings | None,
+                     ep: ServiceEndpoint) -> UpstreamTLS | None:
+        """How this proxy connects to one endpoint (spec 2.1): the
+        DestinationRule's tls when it has one, else auto mTLS."""
+        if dr_tls is not None:
+            mode = dr_tls.mode
+            if mode == "DISABLE":
+                return None
+            if mode == "ISTIO_MUTUAL":
+                return UpstreamTLS("ISTIO_MUTUAL", dr_tls.sni or istio_sni(port, subset, svc.hostname),
+                                   dr_tls.subject_alt_names or self.service_sans(svc))
+            # SIMPLE / MUTUAL: no sni → the destination host (Istio's auto SNI
+            # takes the request's Host, which for a per-host cluster is this name).
+            return UpstreamTLS(mode, dr_tls.sni or svc.hostname.lstrip("*."), dr_tls.subject_alt_names,
+                               dr_tls.ca_certificates, dr_tls.client_certificate, dr_tls.private_key,
+                               dr_tls.insecure_skip_verify)
+        certs = self.ctx.certs
+        if certs is None or svc.location != "MESH_INTERNAL":
+            return None
+        peer = self.peer_auth
+        ep_labels = dict(ep.labels)
+        ep_policy = peer.effective(ep.namespace, ep_labels)
+        if not auto_mtls(svc.location, peer.namespace_mode(svc.namespace),
+                         endpoint_tls_mode(ep_labels, ep.service_account),
+                         ep_policy.for_port(ep.port_for(svc.port(port) or ServicePort(port))), True):
+            return None
+        return UpstreamTLS("ISTIO_MUTUAL", istio_sni(port, subset, svc.hostname), self.service_sans(svc),
+                           auto=True)
+
+    def service_sans(self, svc: Service) -> tuple[str, ...]:
+        """ServiceEntry subjectAltNames + the SPIFFE IDs of its endpoints'
+        service accounts (Istio's service accounts of a destination)."""
+        sans = list(svc.subject_alt_names)
+        for ep in svc.endpoints:
+            if ep.service_account:
+                uri = f"spiffe://{self.trust_domain}/ns/{ep.namespace}/sa/{ep.service_account}"
+                if uri not in sans:
+                    sans.append(uri)
+        return tuple(sans)
 
     # -- routes -------------------------------------------------------------------
 
@@ -821,6 +880,7 @@ class _Builder:
             inbound_route=inbound_route,
             passthrough=passthrough,
             registry_only=self.registry_only(),
+            peer_policy=self.peer_auth.effective(ident.namespace, ident.label_dict),
             # One line per finding: a rule compiled for several hosts (a
             # service's aliases, a gateway's hosts) finds the same problem each time.
             warnings=list(dict.fromkeys(self.warnings)),

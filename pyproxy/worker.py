@@ -28,7 +28,7 @@ from .config.loader import ParseCache
 from .config.model import LoadedConfig
 from .filters.mirror import Mirror
 from .heap import HEAP
-from .http.downstream import DownstreamConnection, StreamFactory
+from .http.downstream import DownstreamConnection, MTLSDownstreamConnection, StreamFactory
 from .http.exchange import INBOUND, OUTBOUND, Exchange
 from .options import RunOptions
 from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
@@ -90,6 +90,8 @@ class Listener:
         self.connections: set[DownstreamConnection] = set()
         # What a connection creates for each request it parses.
         self.new_stream: StreamFactory = Exchange
+        # Inbound with a workload certificate: TLS inspector + mTLS (security/inbound.py).
+        self.acceptor: Any = None
 
     def on_connection_made(self, conn: DownstreamConnection) -> None:
         stats = self.worker.stats
@@ -117,8 +119,18 @@ class Listener:
         # inheriting the class; the loop only calls those methods.
         return cast(asyncio.Protocol, DownstreamConnection(self))
 
+    def _new_tls_connection(self, certs: CertStore) -> asyncio.Protocol:
+        return cast(asyncio.Protocol, MTLSDownstreamConnection(self, certs))
+
     async def start(self, reuse_port: bool) -> None:
         loop = self.worker.loop
+        certs = self.worker.certs
+        if certs is not None and self.direction == INBOUND:
+            from .security.inbound import InboundAcceptor
+
+            self.acceptor = InboundAcceptor(self, certs)
+            await self.acceptor.start(reuse_port)
+            return
         if self.host == "::":
             # ``[::]`` listens on IPv4 and IPv6 (IPv6-only would be asyncio's
             # default), so one listener takes both families' redirected
@@ -136,6 +148,8 @@ class Listener:
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
 
 
 def dual_stack_socket(port: int, reuse_port: bool) -> socket.socket:
@@ -240,7 +254,7 @@ class Worker:
     # -- config ------------------------------------------------------------
 
     def _build_context(self) -> BuildContext:
-        return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created)
+        return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created, self.certs)
 
     def _on_cluster_created(self, cluster: Cluster) -> None:
         for cb in self.cluster_listeners:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _common as c
 from ._reader import UINT32_MAX, UINT64_MAX, Node, is_dns1123_label, message
 from .model import (
+    ClientTLSSettings,
     ConnectionPoolSettings,
     ConsistentHashLB,
     DestinationRule,
@@ -24,12 +25,12 @@ from .model import (
 )
 
 DESTINATION_RULE = message("DestinationRule", "host trafficPolicy subsets exportTo workloadSelector")
-# Messages pyproxy does not implement: not read, but checked for unknown fields.
 CLIENT_TLS = message(
     "ClientTLSSettings",
-    "",
     "mode clientCertificate privateKey caCertificates credentialName subjectAltNames sni insecureSkipVerify caCrl",
 )
+TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+# Messages pyproxy does not implement: not read, but checked for unknown fields.
 TUNNEL = message("TrafficPolicy.TunnelSettings", "", "protocol targetHost targetPort")
 PROXY_PROTOCOL = message("TrafficPolicy.ProxyProtocol", "", "version")
 RETRY_BUDGET = message("TrafficPolicy.RetryBudget", "", "percent minRetryConcurrency budgetInterval")
@@ -87,15 +88,14 @@ OUTLIER_DETECTION = message(
 )
 PORT_TRAFFIC_POLICY = message(
     "TrafficPolicy.PortTrafficPolicy",
-    "port loadBalancer connectionPool outlierDetection",
-    ignored="tls",
+    "port loadBalancer connectionPool outlierDetection tls",
     tls=CLIENT_TLS,
 )
 # retryBudget: Istio 1.27.
 TRAFFIC_POLICY = message(
     "TrafficPolicy",
-    "loadBalancer connectionPool outlierDetection portLevelSettings",
-    ignored="tls tunnel proxyProtocol retryBudget",
+    "loadBalancer connectionPool outlierDetection portLevelSettings tls",
+    ignored="tunnel proxyProtocol retryBudget",
     tls=CLIENT_TLS,
     tunnel=TUNNEL,
     proxyProtocol=PROXY_PROTOCOL,
@@ -164,6 +164,7 @@ def _traffic_policy(parent: Node, key: str) -> TrafficPolicy | None:
         connection_pool=_connection_pool(node),
         outlier_detection=_outlier_detection(node),
         port_level_settings=_port_level_settings(node),
+        tls=_tls(node),
     )
 
 
@@ -180,9 +181,54 @@ def _port_level_settings(parent: Node) -> tuple[PortTrafficPolicy, ...]:
                 load_balancer=_load_balancer(node),
                 connection_pool=_connection_pool(node),
                 outlier_detection=_outlier_detection(node),
+                tls=_tls(node),
             )
         )
     return tuple(result)
+
+
+def _tls(parent: Node) -> ClientTLSSettings | None:
+    """ClientTLSSettings, with the checks of Istio's validation webhook
+    (validateTLS): MUTUAL needs clientCertificate and privateKey unless
+    credentialName is set; credentialName excludes the file fields;
+    insecureSkipVerify cannot go with DISABLE or ISTIO_MUTUAL."""
+    node = parent.child("tls", CLIENT_TLS)
+    if node is None:
+        return None
+    mode = node.enum("mode", TLS_MODES) or "DISABLE"
+    tls = ClientTLSSettings(
+        mode=mode,
+        client_certificate=node.string("clientCertificate") or "",
+        private_key=node.string("privateKey") or "",
+        ca_certificates=node.string("caCertificates") or "",
+        credential_name=node.string("credentialName") or "",
+        subject_alt_names=node.strings("subjectAltNames"),
+        sni=node.string("sni") or "",
+        insecure_skip_verify=node.boolean("insecureSkipVerify") or False,
+        ca_crl=node.string("caCrl") or "",
+    )
+    if tls.insecure_skip_verify and mode in ("DISABLE", "ISTIO_MUTUAL"):
+        node.error("insecureSkipVerify", f"cannot be true when mode is {mode}")
+    if mode in ("SIMPLE", "MUTUAL") and tls.credential_name:
+        if tls.client_certificate or tls.private_key or tls.ca_certificates or tls.ca_crl:
+            node.error("credentialName", "cannot be set together with clientCertificate, privateKey, "
+                                         "caCertificates or caCrl")
+        # Kubernetes Secrets do not exist here: the files must be named.
+        node.error("credentialName", "Kubernetes secrets are not available to pyproxy: give the files with "
+                                     "clientCertificate, privateKey and caCertificates instead")
+    elif mode == "MUTUAL":
+        if not tls.client_certificate:
+            node.error("clientCertificate", "is required for MUTUAL mode")
+        if not tls.private_key:
+            node.error("privateKey", "is required for MUTUAL mode")
+    if mode == "ISTIO_MUTUAL":
+        for key in ("clientCertificate", "privateKey", "caCertificates", "credentialName", "caCrl"):
+            if node.has(key):
+                # Istio ignores them; say so rather than pretend to use them.
+                node.warn(key, "ignored in ISTIO_MUTUAL mode (the workload certificate and mesh root are used)")
+    if tls.ca_crl:
+        node.warn("caCrl", "certificate revocation lists are not implemented by pyproxy: not checked")
+    return tls
 
 
 # -- load balancer ------------------------------------------------------------

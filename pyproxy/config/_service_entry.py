@@ -16,8 +16,7 @@ from .model import Meta, ServiceEntry, ServicePort, WorkloadEntry
 
 SERVICE_ENTRY = message(
     "ServiceEntry",
-    "hosts addresses ports location resolution endpoints workloadSelector exportTo",
-    ignored="subjectAltNames",
+    "hosts addresses ports location resolution endpoints workloadSelector exportTo subjectAltNames",
 )
 SERVICE_PORT = message("ServicePort", "number protocol name targetPort")
 WORKLOAD_ENTRY = message("WorkloadEntry", "address ports labels network locality weight serviceAccount")
@@ -72,6 +71,7 @@ def parse_service_entry(meta: Meta, spec: Node) -> ServiceEntry:
         endpoints=endpoints,
         workload_selector=selector,
         export_to=c.export_to(spec),
+        subject_alt_names=spec.strings("subjectAltNames"),
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ._destination_rule import DESTINATION_RULE, parse_destination_rule
 from ._duration import parse_duration
 from ._gateway import GATEWAY, parse_gateway
+from ._peer_authentication import PEER_AUTHENTICATION, parse_peer_authentication
 from ._reader import MIN_NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
 from ._security import (
     AUTHORIZATION_POLICY,
@@ -82,6 +83,7 @@ KINDS: dict[str, _Kind] = {
     "Gateway": _Kind(GATEWAY, parse_gateway),
     "AuthorizationPolicy": _Kind(AUTHORIZATION_POLICY, parse_authorization_policy, SECURITY_VERSIONS),
     "RequestAuthentication": _Kind(REQUEST_AUTHENTICATION, parse_request_authentication, SECURITY_VERSIONS),
+    "PeerAuthentication": _Kind(PEER_AUTHENTICATION, parse_peer_authentication, SECURITY_VERSIONS),
 }
 
 

@@ -292,11 +292,27 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTLSSettings:
+    """DestinationRule ``trafficPolicy.tls`` (istio/api ClientTLSSettings)."""
+
+    mode: str = "DISABLE"  # DISABLE | SIMPLE | MUTUAL | ISTIO_MUTUAL
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    insecure_skip_verify: bool = False
+    ca_crl: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PortTrafficPolicy:
     port: int
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +321,7 @@ class TrafficPolicy:
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
     port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+    tls: ClientTLSSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +380,22 @@ class ServiceEntry:
     endpoints: tuple[WorkloadEntry, ...] = ()
     workload_selector: Pairs | None = None
     export_to: tuple[str, ...] = ()
+    # The server identities ISTIO_MUTUAL accepts (with the endpoints' service accounts).
+    subject_alt_names: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# PeerAuthentication (security.istio.io)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    meta: Meta
+    # matchLabels of spec.selector; None = namespace (or mesh) wide.
+    selector: Pairs | None = None
+    mode: str = "UNSET"  # UNSET | DISABLE | PERMISSIVE | STRICT
+    port_level: tuple[tuple[int, str], ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -508,7 +541,7 @@ class RequestAuthentication:
 
 
 Resource = (VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
-            | AuthorizationPolicy | RequestAuthentication)
+            | AuthorizationPolicy | RequestAuthentication | PeerAuthentication)
 
 
 # --------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class DownstreamConnection:
         "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
         "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
-        "corked", "wbuf",
+        "corked", "wbuf", "tls_peer",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -243,6 +243,16 @@ class DownstreamConnection:
         # arriving in one read cost one send() instead of two or three.
         self.corked = False
         self.wbuf: list[bytes] = []
+        # The authenticated client of an inbound mTLS connection
+        # (security/inbound.py TLSPeer); None on plaintext.
+        self.tls_peer: Any = None
+
+    @property
+    def peer_principal(self) -> str:
+        """The client certificate's SPIFFE URI on an inbound mTLS connection,
+        "" on plaintext (what AuthorizationPolicy principals match)."""
+        peer = self.tls_peer
+        return peer.uri if peer is not None else ""
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -650,3 +660,27 @@ class DownstreamConnection:
         self.draining = True
         if close_idle and self.current is None and not self.pipeline and self.tunnel is None:
             self.close()
+
+
+class MTLSDownstreamConnection(DownstreamConnection):
+    """An inbound mutual-TLS connection: the client's certificate is checked
+    (trust domain) before the connection is served at all."""
+
+    __slots__ = ("certs",)
+
+    def __init__(self, listener: Any, certs: Any) -> None:
+        super().__init__(listener)
+        self.certs = certs
+
+    def connection_made(self, transport: Any) -> None:
+        from ..security.inbound import verify_client
+
+        peer = verify_client(transport, self.certs)
+        if peer is None:
+            self.transport = transport
+            self.closed = True
+            transport.abort()
+            return
+        self.tls_peer = peer
+        super().connection_made(transport)
+

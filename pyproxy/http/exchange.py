@@ -46,6 +46,7 @@ from .headers import (
     LAST_CHUNK,
     REQUEST_DROP,
     RESPONSE_DROP,
+    XFCC,
     chunk,
     connection_tokens,
     new_request_id,
@@ -590,10 +591,13 @@ class Exchange:
         drop = REQUEST_DROP
         if self.direction == INBOUND and not self._from_sidecar():
             drop = INBOUND_EXTERNAL_DROP
+        xfcc = None
         for name, value in headers:
             if name in drop:
                 if upgrade and name in (b"upgrade", b"connection"):
                     append(name + b": " + value + b"\r\n")
+                elif name == XFCC:
+                    xfcc = value
                 continue
             if tokens is not None and name in tokens:
                 continue
@@ -607,6 +611,10 @@ class Exchange:
         append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer) + b"\r\n")
         if not xfp:
             append(b"x-forwarded-proto: http\r\n")
+        tls_peer = conn.tls_peer
+        if tls_peer is not None:
+            # Istio's inbound APPEND_FORWARD: the mTLS peer's XFCC kept, ours appended.
+            append(XFCC + b": " + (xfcc + b"," + tls_peer.xfcc if xfcc else tls_peer.xfcc) + b"\r\n")
         if self.chunked_in:
             append(b"transfer-encoding: chunked\r\n")
         elif self.content_length >= 0 and (self.content_length > 0 or self.method not in (b"GET", b"HEAD")):
@@ -616,8 +624,14 @@ class Exchange:
 
     def _from_sidecar(self) -> bool:
         """Inbound: did the caller send valid peer metadata (a sidecar)?
-        Unauthenticated, as Istio's plaintext metadata exchange; it only
-        decides whether Envoy control headers are stripped."""
+        Without a workload certificate this is unauthenticated, as Istio's
+        plaintext metadata exchange; with one (mTLS on) only a caller
+        authenticated by mTLS counts. It decides whether Envoy control
+        headers are stripped."""
+        conn = self.conn
+        if conn.tls_peer is None and conn.worker.certs is not None:
+            # With mTLS on, only an authenticated mesh peer is a sidecar.
+            return False
         peer = self.peer
         if peer is None:
             raw = self.hdict.get(PEER_METADATA)

@@ -23,12 +23,17 @@ HOP_BY_HOP = frozenset(
 # Request headers the proxy regenerates itself, so incoming copies are dropped
 # before the outgoing head is built (framing and Host are re-emitted;
 # Expect is answered by the proxy, as Envoy does by default).
+XFCC = b"x-forwarded-client-cert"
+
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-envoy-attempt-count",
                              b"x-envoy-expected-rq-timeout-ms",
                              # peer metadata is sidecar-to-sidecar (observability/peer.py):
                              # never shown to the application, whatever telemetry does
                              b"x-pyproxy-peer-metadata", b"x-pyproxy-peer-metadata-id",
-                             b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"}
+                             b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id",
+                             # Envoy sanitizes a client's XFCC (SANITIZE; the inbound side
+                             # of Istio's APPEND_FORWARD keeps it only from an mTLS peer).
+                             XFCC}
 
 # x-envoy-upstream-service-time is regenerated (Envoy overwrites it), so a
 # chain of proxies reports one value, this hop's. ``server`` is overwritten

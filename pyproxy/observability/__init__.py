@@ -24,6 +24,11 @@ def build_observer(worker: Worker, processor: Any = None) -> Any:
     metrics = IstioMetrics(worker.identity)
     worker.cluster_listeners.append(metrics.bind_cluster)
     worker.on_reload.append(lambda w: setattr(metrics, "snapshot", w.snapshot))
+    creds = worker.certs.current if worker.certs is not None else None
+    if creds is not None:
+        import dataclasses
+
+        metrics.me_tls = dataclasses.replace(metrics.me, principal=creds.uri)
     me = metrics.me
     tracer = None
     if opts.tracing == "on":

@@ -39,6 +39,7 @@ garbage collected), as Envoy's stats store does per cluster name.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from bisect import bisect_left
@@ -232,6 +233,8 @@ class IstioMetrics:
 
     def __init__(self, identity: ProxyIdentity) -> None:
         self.me = peer_from_labels(identity.workload, identity.namespace, identity.labels)
+        # This proxy as the end of an mTLS connection: principal = its certificate's URI SAN.
+        self.me_tls = self.me
         self.series: dict[tuple[str, ...], Series] = {}
         self.clusters = ClusterStatsRegistry()
         # Requests with no cluster (404 NR, 503 NC, REGISTRY_ONLY) and
@@ -332,9 +335,14 @@ class IstioMetrics:
             dst = dest
         elif dest is not None:
             dst = endpoint_peer(dest)
+            if dest.tls_principal:  # ISTIO_MUTUAL to a destination without peer metadata
+                dst = dataclasses.replace(dst, principal=dest.tls_principal)
         else:
             dst = UNKNOWN_PEER
-        s = self.series_for(self._labels("source", self.me, dst, svc, key[0], key[1], "unknown"))
+        # Istio's source reporter: source_principal is the local certificate of
+        # an mTLS upstream connection; connection_security_policy is "unknown".
+        src = self.me_tls if dst.principal != UNKNOWN else self.me
+        s = self.series_for(self._labels("source", src, dst, svc, key[0], key[1], "unknown"))
         if len(cache) >= MAX_CACHE_KEYS:
             cache.clear()
         cache[key] = s
@@ -343,7 +351,10 @@ class IstioMetrics:
     def _bind_inbound(self, key: tuple, ex: Exchange) -> Series:
         src = ex.peer or UNKNOWN_PEER
         svc = self._service_for_host(ex.host)
-        s = self.series_for(self._labels("destination", src, self.me, svc, key[0], key[1], "none"))
+        if src.principal != UNKNOWN:  # set only from a verified client certificate
+            s = self.series_for(self._labels("destination", src, self.me_tls, svc, key[0], key[1], "mutual_tls"))
+        else:
+            s = self.series_for(self._labels("destination", src, self.me, svc, key[0], key[1], "none"))
         if len(self.inbound_cache) >= MAX_CACHE_KEYS:
             self.inbound_cache.clear()
         self.inbound_cache[key] = s
@@ -428,7 +439,10 @@ def tls_state(certs: Any) -> dict:
     """The workload certificate and the TLS handshake counters (empty
     without --certs)."""
     if certs is None:
-        return {}
+        from ..security.certs import TLS_STATS
+
+        # TLS origination (SIMPLE/MUTUAL) works without a workload certificate.
+        return {"ssl": dict(TLS_STATS)} if any(TLS_STATS.values()) else {}
     creds = certs.current
     return {
         "ssl": dict(certs.stats),

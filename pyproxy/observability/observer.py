@@ -126,7 +126,13 @@ class TelemetryObserver(Observer):
     def on_request_start(self, ex: Exchange) -> None:
         if ex.direction:  # inbound: who is calling?
             raw = ex.hdict.get(PEER_METADATA)
-            if raw is not None:
+            conn = ex.conn
+            tls_peer = conn.tls_peer
+            if tls_peer is not None:
+                # mTLS: the certificate says who (principal, namespace).
+                ex.peer = self.peers.authenticated(raw, tls_peer.uri, tls_peer.namespace)
+            elif raw is not None and conn.worker.certs is None:
+                # Plaintext metadata is believed only while mTLS is off.
                 ex.peer = self.peers.get(raw)
         tracer = self.tracer
         if tracer is not None:
@@ -172,7 +178,10 @@ class TelemetryObserver(Observer):
             return headers  # the destination has no sidecar (or is not pyproxy)
         for name, value in headers:
             if name == PEER_METADATA:
-                ex.peer = self.peers.get(value)
+                ep = ex.endpoint  # the attempt in progress
+                principal = ep.tls_principal if ep is not None else ""
+                # Over ISTIO_MUTUAL the server's certificate names the principal.
+                ex.peer = self.peers.authenticated(value, principal, "") if principal else self.peers.get(value)
                 break
         return [h for h in headers if h[0] not in PEER_HEADERS]
 

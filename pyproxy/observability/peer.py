@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -171,12 +172,29 @@ def decode_peer(value: bytes) -> PeerInfo | None:
 class PeerCache:
     """Header value → PeerInfo, decoded once per distinct value (bounded)."""
 
-    __slots__ = ("known", "limit", "rejected")
+    __slots__ = ("known", "limit", "rejected", "mtls")
 
     def __init__(self, limit: int = MAX_PEERS) -> None:
         self.known: dict[bytes, PeerInfo] = {}
         self.limit = limit
         self.rejected = 0
+        # (metadata, principal) → PeerInfo for mTLS callers (bounded the same way).
+        self.mtls: dict[tuple[bytes | None, str], PeerInfo] = {}
+
+    def authenticated(self, value: bytes | None, principal: str, namespace: str) -> PeerInfo:
+        """The caller of an mTLS connection: its metadata (if any) with the
+        certificate's principal and namespace, which win (Istio's stats
+        filter takes both from the peer certificate)."""
+        key = (value, principal)
+        peer = self.mtls.get(key)
+        if peer is not None:
+            return peer
+        base = self.get(value) if value is not None else UNKNOWN_PEER
+        if len(self.mtls) >= self.limit:
+            self.mtls.clear()
+        peer = self.mtls[key] = dataclasses.replace(base, principal=principal,
+                                                    namespace=namespace or base.namespace)
+        return peer
 
     def get(self, value: bytes) -> PeerInfo:
         peer = self.known.get(value)

@@ -39,6 +39,12 @@ ISTIO_TLS12_CIPHERS = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA38
 EXPIRY_WARNING_FRACTION = 0.10
 
 
+# TLS handshake counters of this worker process, both directions (Envoy's
+# listener/cluster ssl.* stats): plain ints, read at scrape time.
+TLS_STATS: dict[str, int] = {"ssl.handshake": 0, "ssl.connection_error": 0, "ssl.fail_verify_san": 0,
+                             "ssl.fail_verify_no_cert": 0, "ssl.fail_verify_error": 0}
+
+
 class CredentialError(Exception):
     """Why a credential set cannot be used (file, reason)."""
 
@@ -212,10 +218,7 @@ class CertStore:
         self.reload_failures = 0
         self.last_error = ""
         self._warned_expiry_for: tuple = ()
-        # TLS handshake counters (Envoy's listener/cluster ssl.* stats).
-        self.stats: dict[str, int] = {"ssl.handshake": 0, "ssl.connection_error": 0,
-                                      "ssl.fail_verify_san": 0, "ssl.fail_verify_no_cert": 0,
-                                      "ssl.fail_verify_error": 0}
+        self.stats = TLS_STATS
 
     def load(self) -> Credentials:
         """The initial load: errors propagate (the sidecar refuses to start)."""

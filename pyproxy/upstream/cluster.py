@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..security.upstream import UpstreamTLS, tls_failed, tls_verified
+from ..security.upstream import connect as tls_connect
 from .connection import UpstreamConnection, UpstreamStream
 from .settings import ClusterSettings
 
@@ -124,6 +126,10 @@ class ClusterEndpoint:
         "total_requests",
         "total_errors",
         "label_dict",
+        # security/upstream.py UpstreamTLS, or None: plaintext.
+        "tls",
+        # The server's verified URI SAN (ISTIO_MUTUAL), for telemetry.
+        "tls_principal",
     )
 
     def __init__(
@@ -135,8 +141,11 @@ class ClusterEndpoint:
         weight: int = 1,
         workload: str = "unknown",
         namespace: str = "default",
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.cluster = cluster
+        self.tls = tls
+        self.tls_principal = ""
         self.host = host
         self.port = port
         self.labels = labels
@@ -239,6 +248,9 @@ class ClusterEndpoint:
             host = cluster.resolve(self.host)
             if host.startswith("unix://"):
                 coro = cluster.loop.create_unix_connection(lambda: conn, host[len("unix://"):])
+            elif self.tls is not None:
+                coro = tls_connect(cluster.loop, lambda: conn, host, self.port, self.tls, cluster.certs,
+                                   cluster.settings.connect_timeout)
             else:
                 coro = cluster.loop.create_connection(lambda: conn, host, self.port)
             await asyncio.wait_for(coro, cluster.settings.connect_timeout)
@@ -253,9 +265,15 @@ class ClusterEndpoint:
             self._connect_done(None if conn.transport is None else conn, reason)
             return
         except (OSError, socket.gaierror, ValueError) as exc:
+            if self.tls is not None:
+                tls_failed(exc)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("connect to %s for %s failed: %s", self.address, cluster.name, exc)
             self._connect_done(None if conn.transport is None else conn, reason)
+            return
+        if self.tls is not None and not tls_verified(conn.transport, self, cluster.name):
+            conn.abort()
+            self._connect_done(conn, reason)
             return
         self._connect_done(conn)
 
@@ -373,6 +391,7 @@ class Cluster:
         "metric_cache",
         "dest_info",
         "retries_active",
+        "certs",
         "__weakref__",
     )
 
@@ -411,6 +430,8 @@ class Cluster:
         self.dest_info: Any = None
         # Retries in progress (scheduled or running), bounded by maxRetries.
         self.retries_active = 0
+        # The worker's CertStore (ISTIO_MUTUAL endpoints read its current credentials).
+        self.certs: Any = None
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} endpoints={len(self.endpoints)}>"

@@ -88,6 +88,7 @@ class ServiceEndpoint:
     weight: int
     workload: str  # workload name for telemetry ("unknown" if not known)
     namespace: str
+    service_account: str = ""  # WorkloadEntry serviceAccount (auto mTLS, expected SANs)
 
     def port_for(self, port: ServicePort) -> int:
         for name, number in self.ports:
@@ -106,6 +107,7 @@ class Service:
     endpoints: tuple[ServiceEndpoint, ...]
     source: str  # "file#doc" of the ServiceEntry
     addresses: tuple[str, ...] = ()  # ServiceEntry ``addresses`` (VIPs / CIDRs), as written
+    subject_alt_names: tuple[str, ...] = ()  # ServiceEntry ``subjectAltNames``
 
     @property
     def is_wildcard(self) -> bool:
@@ -152,6 +154,7 @@ def build_registry(
                     weight=ep.weight or 1,
                     workload=_workload_name(ep, ep.labels),
                     namespace=ns,
+                    service_account=ep.service_account,
                 )
             )
         if se.workload_selector is not None:
@@ -167,6 +170,7 @@ def build_registry(
                             weight=we.weight or 1,
                             workload=_workload_name(we, we.labels),
                             namespace=we.meta.namespace,
+                            service_account=we.service_account,
                         )
                     )
         for raw_host in se.hosts:
@@ -185,13 +189,15 @@ def build_registry(
                     )
                 ports = existing.ports + tuple(p for p in se.ports if existing.port(p.number) is None)
                 addresses = existing.addresses + tuple(a for a in se.addresses if a not in existing.addresses)
+                sans = existing.subject_alt_names + tuple(
+                    s for s in se.subject_alt_names if s not in existing.subject_alt_names)
                 services[host] = Service(
                     host, existing.namespace, ports, existing.resolution, existing.location,
-                    existing.endpoints + tuple(eps), existing.source, addresses,
+                    existing.endpoints + tuple(eps), existing.source, addresses, sans,
                 )
             else:
                 services[host] = Service(
                     host, ns, se.ports, se.resolution, se.location, tuple(eps), str(se.meta.source),
-                    se.addresses,
+                    se.addresses, se.subject_alt_names,
                 )
     return services

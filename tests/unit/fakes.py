@@ -207,6 +207,7 @@ class FakeWorker:
         self.limits = limits or Limits()
         self.observer = None
         self.stats = WorkerStats()
+        self.certs = None  # no workload certificate: mTLS off
 
 
 class FakeDownstream:
@@ -221,6 +222,7 @@ class FakeDownstream:
         self.original_dst = None
         self.closed = False
         self.draining = False
+        self.tls_peer = None  # plaintext
         self.out = bytearray()
         self.done: list[Exchange] = []
         self.corked = False

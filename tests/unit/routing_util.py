@@ -67,6 +67,7 @@ class FakeWorker:
         self.rng = random.Random(seed)
         self.observer = None
         self.limits = Limits()
+        self.certs = None  # no workload certificate: mTLS off
 
 
 class FakeConn:
@@ -83,6 +84,7 @@ class FakeConn:
         self.original_dst = None
         self.draining = False
         self.closed = False
+        self.tls_peer = None  # plaintext
         self.written: list[bytes] = []
         self.done: list[Any] = []
 

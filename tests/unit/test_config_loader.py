@@ -1178,7 +1178,6 @@ UNIMPLEMENTED = [
     (vs("hosts: [r]\ntls:\n- match: [{sniHosts: [r]}]\n  " + R), "spec.tls"),
     (vs("hosts: [r]\ntcp:\n- " + R), "spec.tcp"),
     (routed("match: [{statPrefix: s}]"), f"{H}.match[0].statPrefix"),
-    (policy("{tls: {mode: ISTIO_MUTUAL}}"), f"{TP}.tls"),
     (policy("{tunnel: {targetHost: a, targetPort: 8080}}"), f"{TP}.tunnel"),
     (policy("{proxyProtocol: {version: V2}}"), f"{TP}.proxyProtocol"),
     (policy("{loadBalancer: {simple: RANDOM, localityLbSetting: {enabled: true}}}"),
@@ -1189,8 +1188,6 @@ UNIMPLEMENTED = [
     (policy("{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}"), f"{TP}.connectionPool.http.h2UpgradePolicy"),
     (policy("{connectionPool: {http: {useClientProtocol: true}}}"), f"{TP}.connectionPool.http.useClientProtocol"),
     (policy("{connectionPool: {tcp: {tcpKeepalive: {time: 10s}}}}"), f"{TP}.connectionPool.tcp.tcpKeepalive"),
-    (policy("{portLevelSettings: [{port: {number: 80}, tls: {mode: SIMPLE}}]}"), f"{TP}.portLevelSettings[0].tls"),
-    (se("hosts: [a.example]\nsubjectAltNames: [spiffe://a]"), "spec.subjectAltNames"),
     (doc("Sidecar", "egress: [{hosts: ['./*']}]"), "spec.egress"),
     (doc("Sidecar", "ingress: [{port: {number: 80}}]"), "spec.ingress"),
     (doc("Sidecar", "inboundConnectionPool: {tcp: {maxConnections: 5}}"), "spec.inboundConnectionPool"),
@@ -1616,13 +1613,13 @@ def test_validate_cli_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         tmp_path / "a.yaml",
         vs(simple_route(), name="a")
         + "---\n"
-        + dr("host: r\ntrafficPolicy: {tls: {mode: SIMPLE}}", name="b"),
+        + dr("host: r\ntrafficPolicy: {proxyProtocol: {version: V2}}", name="b"),
     )
     assert validate.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out == "1 files, 2 resources: OK\n"
     lines = err.splitlines()
-    assert lines[0] == f"warning: {tmp_path}/a.yaml#1: spec.trafficPolicy.tls: not implemented by pyproxy, ignored"
+    assert lines[0] == f"warning: {tmp_path}/a.yaml#1: spec.trafficPolicy.proxyProtocol: not implemented by pyproxy, ignored"
     # Then what the proxies would warn about (tests/unit/test_validate.py): no registry here.
     assert lines[1] == (f"warning: {tmp_path}/a.yaml#1: DestinationRule default/b: host r.default.svc.cluster.local "
                         "is not in the service registry: the rule has no effect")
