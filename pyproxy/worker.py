@@ -119,8 +119,8 @@ class Listener:
         # inheriting the class; the loop only calls those methods.
         return cast(asyncio.Protocol, DownstreamConnection(self))
 
-    def _new_tls_connection(self, certs: CertStore) -> asyncio.Protocol:
-        return cast(asyncio.Protocol, MTLSDownstreamConnection(self, certs))
+    def _new_tls_connection(self, verify: Callable[[Any], Any]) -> asyncio.Protocol:
+        return cast(asyncio.Protocol, MTLSDownstreamConnection(self, verify))
 
     async def start(self, reuse_port: bool) -> None:
         loop = self.worker.loop
@@ -128,8 +128,16 @@ class Listener:
         if certs is not None and self.direction == INBOUND:
             from .security.inbound import InboundAcceptor
 
+            if self.host == "::":
+                sock = dual_stack_socket(self.port, reuse_port)
+            else:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                sock = socket.create_server((self.host, self.port), family=family, reuse_port=reuse_port)
+            sock.listen(1024)
+            if self.port == 0:
+                self.port = sock.getsockname()[1]
             self.acceptor = InboundAcceptor(self, certs)
-            await self.acceptor.start(reuse_port)
+            self.acceptor.start(sock)
             return
         if self.host == "::":
             # ``[::]`` listens on IPv4 and IPv6 (IPv6-only would be asyncio's

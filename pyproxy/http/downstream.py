@@ -663,19 +663,18 @@ class DownstreamConnection:
 
 
 class MTLSDownstreamConnection(DownstreamConnection):
-    """An inbound mutual-TLS connection: the client's certificate is checked
-    (trust domain) before the connection is served at all."""
+    """An inbound mutual-TLS connection: ``verify(transport)`` (the client
+    certificate's trust domain, security/inbound.py) runs before the
+    connection is served at all; None refuses it."""
 
-    __slots__ = ("certs",)
+    __slots__ = ("verify",)
 
-    def __init__(self, listener: Any, certs: Any) -> None:
+    def __init__(self, listener: Any, verify: Any) -> None:
         super().__init__(listener)
-        self.certs = certs
+        self.verify = verify
 
     def connection_made(self, transport: Any) -> None:
-        from ..security.inbound import verify_client
-
-        peer = verify_client(transport, self.certs)
+        peer = self.verify(transport)
         if peer is None:
             self.transport = transport
             self.closed = True
@@ -683,4 +682,3 @@ class MTLSDownstreamConnection(DownstreamConnection):
             return
         self.tls_peer = peer
         super().connection_made(transport)
-

@@ -99,22 +99,14 @@ class InboundAcceptor:
         self.task: asyncio.Task | None = None
         self.pending: set[asyncio.Task] = set()
 
-    async def start(self, reuse_port: bool) -> None:
-        from ..worker import dual_stack_socket
-
-        listener = self.listener
-        if listener.host == "::":
-            sock = dual_stack_socket(listener.port, reuse_port)
-        else:
-            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-            sock = socket.create_server((listener.host, listener.port), family=family, backlog=1024,
-                                        reuse_port=reuse_port)
+    def start(self, sock: socket.socket) -> None:
+        """Serve the listening socket ``sock`` (bound by the listener)."""
         sock.setblocking(False)
-        sock.listen(1024)
         self.sock = sock
-        if listener.port == 0:
-            listener.port = sock.getsockname()[1]
-        self.task = listener.worker.loop.create_task(self._accept_loop())
+        self.task = self.listener.worker.loop.create_task(self._accept_loop())
+
+    def _verify(self, transport: Any) -> TLSPeer | None:
+        return verify_client(transport, self.certs)
 
     def close(self) -> None:
         if self.task is not None:
@@ -191,7 +183,7 @@ class InboundAcceptor:
             assert creds is not None
             try:
                 await loop.connect_accepted_socket(
-                    lambda: listener._new_tls_connection(self.certs), conn, ssl=creds.server_context,
+                    lambda: listener._new_tls_connection(self._verify), conn, ssl=creds.server_context,
                     ssl_handshake_timeout=timeout)
             except (ssl.SSLError, OSError, TimeoutError) as exc:
                 TLS_STATS["ssl.connection_error"] += 1

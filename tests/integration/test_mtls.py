@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.errors import CONNECT_FAILURE_BODY
 from pyproxy.security.ca import init_ca, issue_to_dir
 from tests.harness import ROOT, Upstream, http_get, raw_request, running_proxy
 
@@ -252,11 +251,12 @@ spec:
                 data = await raw_request(client.outbound, _get(REVIEWS, "/x"))
                 stats = http_get(client.admin_url + "/stats")[1].decode()
     assert data.startswith(b"HTTP/1.1 503"), data[:300]
-    # The same local reply as any connect failure (Envoy adds ", transport
-    # failure reason: TLS_error:..." with BoringSSL's text; docs/differences.md).
-    assert data.endswith(CONNECT_FAILURE_BODY), data[-200:]
+    # The same local reply as any retried connect failure (Envoy adds
+    # ", transport failure reason: TLS_error:..." with BoringSSL's text;
+    # docs/differences.md).
+    assert data.endswith(b"retried and the latest reset reason: remote connection failure"), data[-200:]
     assert app.seen == []
-    assert " UF,URX " in log.read_text(), log.read_text()
+    assert " URX,UF " in log.read_text(), log.read_text()  # Envoy's order: flags as set
     if case == "wrong-san":
         assert "ssl.fail_verify_san: 3" in stats  # the first try and Istio's two retries
     else:
