@@ -16,11 +16,13 @@ here they read the same claims from jwt_authn's own metadata
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +233,7 @@ def table() -> list[tuple[str, str, str, dict[str, str]]]:
                     {"x-role": "admin", "x-env": "prod"}):
         for method in ("POST", "PUT", "DELETE"):
             rows.append((method, "/api/books", "reviews.example", headers))
-    for name, token in tok.items():
+    for token in tok.values():
         for method, path, host in (("GET", "/other", "reviews.example"), ("POST", "/other", "reviews.example"),
                                    ("DELETE", "/other", "reviews.example"), ("GET", "/other", "API.Internal"),
                                    ("GET", "/api/books", "reviews.example")):
@@ -241,6 +243,21 @@ def table() -> list[tuple[str, str, str, dict[str, str]]]:
     rows.append(("OPTIONS", "/other", "reviews.example", {"authorization": "Bearer garbage", "origin": "https://a",
                                                            "access-control-request-method": "GET"}))
     return rows
+
+
+@contextlib.contextmanager
+def envoy_process(config: Path, log_path: Path) -> Iterator[subprocess.Popen]:
+    """Envoy with this bootstrap, stopped on exit (readiness is the caller's)."""
+    assert ENVOY is not None
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+                                 "--base-id", str(free_port()), "-l", "warning"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def _answers(port: int, rows: list[tuple[str, str, str, dict[str, str]]]) -> list[tuple[int, str]]:
@@ -262,11 +279,7 @@ async def test_envoy_and_pyproxy_decide_the_same(tmp_path: Path) -> None:
         envoy_port = free_port()
         cfg = tmp_path / "envoy.json"
         cfg.write_text(json.dumps(envoy_config(envoy_port, app.port)))
-        log = open(tmp_path / "envoy.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([ENVOY, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
-                                 "--base-id", str(free_port()), "-l", "warning"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
-        try:
+        with envoy_process(cfg, tmp_path / "envoy.log") as proc:
             deadline = time.monotonic() + 30
             while True:
                 assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
@@ -278,10 +291,6 @@ async def test_envoy_and_pyproxy_decide_the_same(tmp_path: Path) -> None:
                     assert time.monotonic() < deadline, "Envoy did not start"
                     await asyncio.sleep(0.1)
             envoy_answers = await _answers(envoy_port, rows)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-            log.close()
         with running_proxy({"policies.yaml": POLICIES}, app_port=app.port, args=["--labels", "app=reviews"]) as px:
             pyproxy_answers = await _answers(px.inbound, rows)
     differences = [(rows[i][:3], {k: v[:20] for k, v in rows[i][3].items()}, envoy_answers[i], pyproxy_answers[i])
