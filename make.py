@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -53,6 +54,26 @@ def ensure_env(extras: str) -> Path:
     return py
 
 
+# System tools some tests need (Debian package names), as .ci/run installs them.
+FULL_RUN_TOOLS = (("iptables", "iptables"), ("ip", "iproute2"), ("nginx", "nginx-light"), ("wrk", "wrk"),
+                  ("prometheus", "prometheus"))
+
+
+def full_run_notes() -> list[str]:
+    """What this machine lacks for the tests that otherwise skip."""
+    notes = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        notes.append("root (the transparent-capture tests build network namespaces with iptables rules)")
+    missing = [(tool, pkg) for tool, pkg in FULL_RUN_TOOLS if shutil.which(tool) is None]
+    if missing:
+        notes.append(f"{', '.join(t for t, _ in missing)} (apt-get install {' '.join(p for _, p in missing)})")
+    reference = Path(os.environ.get("PYPROXY_REFERENCE") or ROOT.parent / "shared" / "reference")
+    if not reference.is_dir():
+        notes.append(f"the reference data (Istio samples, the Compose schema) at {reference}: "
+                     "set PYPROXY_REFERENCE to where it is")
+    return notes
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
         print(__doc__)
@@ -61,7 +82,14 @@ def main(argv: list[str]) -> int:
     if cmd == "test":
         # The load extra too: the benchmark and locust smoke tests need it.
         py = ensure_env("test,load")
-        return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+        code = subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+        notes = full_run_notes()
+        if notes:
+            print("\n[make] some tests skip on this machine; the full run (what CI runs) also needs:")
+            for note in notes:
+                print(f"[make]   - {note}")
+            print("[make] as root on Debian/Ubuntu, `bash .ci/run` installs the packages and runs the whole suite.")
+        return code
     if cmd == "bench":
         py = ensure_env("test,load")
         return subprocess.call([str(py), str(ROOT / "load-tests" / "bench.py"), *rest], cwd=ROOT)

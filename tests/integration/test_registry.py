@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.harness import ROOT, Upstream, running_proxy
+from tests.reference import reference, skip_unless_present
 
-REFERENCE = Path("/work/shared/reference/istio")
+REFERENCE = reference("istio")
 
 
 async def get(session: aiohttp.ClientSession, url: str, host: str | None = None) -> tuple[int, str, str]:
@@ -281,7 +281,7 @@ def test_validate_ok_and_missing_file(tmp_path: Path) -> None:
     assert res.stderr.strip() == f"{tmp_path / 'missing.yaml'}: no such file or directory"
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"Istio reference samples not present at {REFERENCE}")
+@skip_unless_present(REFERENCE)
 def test_validate_accepts_every_istio_reference_sample() -> None:
     files = sorted(p for p in REFERENCE.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
     assert len(files) >= 20, files

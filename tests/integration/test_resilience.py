@@ -31,8 +31,9 @@ from tests.harness import (
     service_entry,
 )
 from tests.integration.obs_helpers import scrape, value
+from tests.reference import reference, skip_unless_present
 
-CIRCUIT_BREAKER_DR = Path("/work/shared/reference/istio/circuit-breaking/destination-rule-httpbin-circuit-breaker.yaml")
+CIRCUIT_BREAKER_DR = reference("istio/circuit-breaking/destination-rule-httpbin-circuit-breaker.yaml")
 
 
 def logged(*extra: str) -> list[str]:
@@ -376,6 +377,7 @@ async def test_breaker_overflow_under_concurrency_is_immediate_with_x_envoy_over
             assert cluster_stat(px, "narrow", "upstream_cx_total") == 1
 
 
+@skip_unless_present(CIRCUIT_BREAKER_DR)
 @pytest.mark.parametrize("clients", [2, 3])
 async def test_istio_circuit_breaking_task(clients: int) -> None:
     """Istio's circuit-breaking task, its DestinationRule loaded from the

@@ -37,8 +37,9 @@ from pyproxy.config.model import (
     VirtualService,
     WorkloadEntry,
 )
+from tests.reference import reference, skip_unless_present
 
-REFERENCE = Path("/work/shared/reference/istio")
+REFERENCE = reference("istio")
 F = "t.yaml"
 
 
@@ -1542,7 +1543,7 @@ def reference_files() -> list[Path]:
     return sorted(p for sub in ("bookinfo", "circuit-breaking") for p in (REFERENCE / sub).glob("*.yaml"))
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference Istio samples not present at {REFERENCE}")
+@skip_unless_present(REFERENCE)
 @pytest.mark.parametrize("path", reference_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_reference_istio_sample_loads_without_errors(path: Path) -> None:
     cfg = load_paths([str(path)])
@@ -1550,7 +1551,7 @@ def test_reference_istio_sample_loads_without_errors(path: Path) -> None:
     assert cfg.files == (str(path),)
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference Istio samples not present at {REFERENCE}")
+@skip_unless_present(REFERENCE)
 def test_reference_samples_values() -> None:
     cfg = ok_paths([str(REFERENCE / "bookinfo"), str(REFERENCE / "circuit-breaking")])
     by_key = {r.meta.key: r for r in cfg.resources}
