@@ -196,16 +196,20 @@ def test_every_bookinfo_app_shares_a_pyproxy_sidecars_network_namespace() -> Non
     assert seen == {(): PODS, ("transparent",): PODS}
 
 
-def test_apps_start_after_their_sidecar_is_ready() -> None:
+def test_apps_start_after_their_sidecar_is_ready_and_restart_with_it() -> None:
+    # An app joined to its sidecar's network namespace keeps the old namespace
+    # when the sidecar container restarts: Compose restarts the app with it.
     for name, app in apps().items():
         owner = owner_of(name)
         deps = app["depends_on"]
+        assert deps[owner] == {"condition": "service_healthy", "restart": True}, name
         if profiles(app):
             init = next(d for d in deps if is_init(services()[d]))
             assert deps[init] == {"condition": "service_completed_successfully"}, name
             assert services()[init]["depends_on"] == {owner: {"condition": "service_healthy"}}, init
+            assert set(deps) == {owner, init}, name
         else:
-            assert deps == {owner: {"condition": "service_healthy"}}, name
+            assert set(deps) == {owner}, name
 
 
 def test_default_wiring_points_the_apps_at_their_sidecar_without_privileges() -> None:
@@ -384,12 +388,27 @@ def test_ingress_is_published_on_8080_and_serves_the_bookinfo_gateway() -> None:
     opts = run_options(ingress)
     assert ingress["ports"] == ["8080:8080"] and opts.outbound.port == 8080 and opts.outbound.host == "0.0.0.0"
     assert opts.gateway == "default/bookinfo-gateway"
-    assert "depends_on" in ingress
+    # It waits for productpage's app (its health check), not only for its sidecar.
+    for gw, app_name in ((ingress, "productpage-v1"), (services()["tp-ingress"], "tp-productpage-v1")):
+        assert gw["depends_on"][app_name] == {"condition": "service_healthy"}, app_name
+        check = services()[app_name]["healthcheck"]["test"]
+        assert check[0] == "CMD" and "http://127.0.0.1:9080/health" in " ".join(check), check
     tp_ingress = services()["tp-ingress"]
     assert tp_ingress["ports"] == ["8081:8080"] and run_options(tp_ingress).outbound.port == 8080
 
 
 # --------------------------------------------------------------------------- observability and load
+
+
+def test_only_the_ingresses_are_published_beyond_loopback_and_prometheus_has_no_lifecycle_api() -> None:
+    public = {}
+    for name, svc in services().items():
+        for spec in svc.get("ports", ()):
+            parts = str(spec).split(":")
+            if len(parts) < 3 or parts[0] != "127.0.0.1":
+                public[name] = spec
+    assert public == {"ingress": "8080:8080", "tp-ingress": "8081:8080"}
+    assert not any("lifecycle" in arg for arg in services()["prometheus"]["command"])
 
 
 def test_prometheus_scrapes_every_proxy() -> None:
@@ -415,7 +434,10 @@ def test_prometheus_scrapes_every_proxy() -> None:
 
 def test_every_proxy_sends_traces_to_jaeger_over_otlp() -> None:
     jaeger = services()["jaeger"]
-    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    # Jaeger v2 (v1's all-in-one is end of life): OTLP is on by default, no v1 variables.
+    image, _, tag = jaeger["image"].rpartition(":")
+    assert image == "docker.io/jaegertracing/jaeger" and int(tag.split(".")[0]) >= 2, jaeger["image"]
+    assert not any(k.startswith(("COLLECTOR_", "SPAN_STORAGE")) for k in jaeger.get("environment", {}))
     for name, svc in proxies().items():
         env = svc["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name  # OTLP/HTTP
@@ -428,7 +450,7 @@ def test_grafana_is_provisioned_with_the_istio_metrics_dashboard() -> None:
     ds_file = host_path(grafana, "/etc/grafana/provisioning/datasources/prometheus.yaml")
     (ds,) = yaml.safe_load(ds_file.read_text())["datasources"]
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
-    assert services()["prometheus"]["ports"] == ["9090:9090"]
+    assert services()["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
     providers = yaml.safe_load(host_path(grafana, "/etc/grafana/provisioning/dashboards/pyproxy.yaml").read_text())
     (provider,) = providers["providers"]
     dash_dir = host_path(grafana, provider["options"]["path"])
@@ -465,7 +487,7 @@ def test_locust_master_and_worker_drive_the_ingress() -> None:
     assert host_path(master, cmd[cmd.index("-f") + 1]) == ROOT / "load-tests" / "locustfile_bookinfo.py"
     wcmd = worker["command"]
     assert "--worker" in wcmd and wcmd[wcmd.index("--master-host") + 1] == "locust-master"
-    assert master["ports"] == ["8089:8089"]
+    assert master["ports"] == ["127.0.0.1:8089:8089"]
 
 
 def test_canary_controller_uses_the_prometheus_and_the_mesh(capsys: pytest.CaptureFixture[str]) -> None:
