@@ -69,7 +69,9 @@ class LocalReply:
 
 
 NR_404 = LocalReply(404, b"", NO_ROUTE)
-NR_502 = LocalReply(502, b"", NO_ROUTE)
+# REGISTRY_ONLY: istiod's "block_all" virtual host is a direct response 502,
+# which Envoy logs without a flag (httproute.go buildCatchAllVirtualHost).
+NR_502 = LocalReply(502, b"", "")
 # Envoy's cluster_not_found reply (Istio sets cluster_not_found_response_code
 # SERVICE_UNAVAILABLE): an empty body.
 NC_503 = LocalReply(503, b"", NO_CLUSTER)

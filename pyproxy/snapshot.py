@@ -728,6 +728,13 @@ class _Builder:
         for host, vss in by_host.items():
             if host in self.registry:
                 continue
+            if not gateway and host.startswith("*") and any(
+                    host == "*" or s.hostname.endswith(host[1:]) for s in self.registry.values()):
+                # istiod (separateVSHostsAndServices) gives a wildcard
+                # VirtualService host to the services it matches and makes no
+                # virtual host of its own when it matches any: a host outside
+                # the registry goes to passthrough, as from a real sidecar.
+                continue
             vh = VirtualHost(host, self.compile_routes(vss), None, has_vs=True)
             yield
             if host == "*":

@@ -65,7 +65,8 @@ HTTP_MATCH = message(
     ignored="statPrefix",
 )
 ROUTE_DESTINATION = message("HTTPRouteDestination", "destination weight headers")
-# prefixRewrite is not Istio's: it is a pyproxy extension (warned about when used).
+# prefixRewrite: Istio's since 1.31 (istio/api#3708, istio/istio#60385), Envoy's
+# RedirectAction.prefix_rewrite.
 REDIRECT = message("HTTPRedirect", "uri authority port derivePort scheme redirectCode prefixRewrite")
 DIRECT_RESPONSE = message("HTTPDirectResponse", "status body")
 HTTP_BODY = message("HTTPBody", "string bytes")
@@ -210,6 +211,10 @@ def _http_route(ctx: _Context, node: Node) -> HTTPRoute | None:
     if len(rep.errors) == errors_before:  # a bad weight already explains a zero total
         _check_weights(node, route)
     redirect = _redirect(node)
+    if redirect is not None and redirect.prefix_rewrite is not None and any(
+            m.uri is not None and m.uri.kind != "prefix" for m in matches):
+        # Istio's validation: the matched prefix is what gets replaced.
+        node.error("redirect.prefixRewrite", "prefixRewrite needs every uri match of the rule to be a prefix match")
     direct = _direct_response(node)
     rewrite = _rewrite(node)
     fault = _fault(node)
@@ -409,10 +414,8 @@ def _redirect(parent: Node) -> HTTPRedirect | None:
         return None
     uri = node.string("uri")
     prefix = node.string("prefixRewrite")
-    if node.has("prefixRewrite"):
-        node.warn("prefixRewrite", "prefixRewrite is a pyproxy extension; Istio would reject this field")
-        if node.has("uri"):
-            node.error("prefixRewrite", "uri and prefixRewrite cannot both be set")
+    if node.has("prefixRewrite") and node.has("uri"):
+        node.error("prefixRewrite", "uri and prefixRewrite cannot both be set")
     port = node.integer("port", lo=0, hi=65535) or None  # 0 means "keep the port"
     derive = node.enum("derivePort", ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"))
     if node.has("port") and node.has("derivePort"):

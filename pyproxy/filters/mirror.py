@@ -80,11 +80,14 @@ class MirrorStats:
 
 def shadow_head(head: bytes) -> bytes:
     """The upstream request head with ``-shadow`` appended to the host part
-    of the authority (Envoy's shadowAppendedHost), terminated."""
+    of the authority (Envoy's shadowAppendedHost), terminated. Like
+    Envoy's shadow (checked against Envoy 1.40), it is marked internal and
+    carries its (only) attempt's count."""
     before, sep, rest = head.partition(b"\r\nhost: ")
     authority, crlf, after = rest.partition(b"\r\n")
     host, port = split_host_port(authority)
-    return before + sep + host + b"-shadow" + (b":" + port if port else b"") + crlf + after + b"\r\n"
+    return (before + sep + host + b"-shadow" + (b":" + port if port else b"") + crlf
+            + b"x-envoy-attempt-count: 1\r\nx-envoy-internal: true\r\n" + after + b"\r\n")
 
 
 class Mirror:

@@ -246,8 +246,15 @@ class Exchange:
         exp = hdict.get(b"expect")
         self.expect_continue = exp is not None and exp.lower() == b"100-continue"
 
-        # Request target: origin-form (/path?q) or absolute-form (http://host/path).
+        # The request's scheme: Envoy sets :scheme from a valid x-forwarded-proto
+        # (sidecar listeners trust it, use_remote_address false); a gateway
+        # overwrites XFP first (see _prepare_upstream), so it stays "http".
         self.scheme = b"http"
+        xfp = hdict.get(b"x-forwarded-proto")
+        if xfp is not None:
+            xfp = xfp.lower()
+            if xfp == b"https" and not self.snapshot.identity.gateway:
+                self.scheme = xfp
         self.port = 0
         if target[:1] == b"/":
             path, _, query = target.partition(b"?")
@@ -259,8 +266,8 @@ class Exchange:
             cut = min(x for x in (slash, qmark, len(rest)) if x >= 0)
             self.authority = rest[:cut]
             path, _, query = (rest[cut:] or b"/").partition(b"?")
-            if not path:
-                path = b"/"
+            # "http://host?q" has no path: Envoy's codec refuses it with 404
+            # (absolute_path_rejected); an empty path is left for _validate.
         else:
             path, query = target, b""
             self.authority = hdict.get(b"host", b"")
@@ -481,6 +488,8 @@ class Exchange:
             return 400, b"invalid request target"
         if b"#" in target:
             return 400, b"fragment in request target"
+        if not self.path:
+            return 404, b""
         return None
 
     def reject(self, status: int, body: bytes, counted: bool = False) -> None:
@@ -498,8 +507,10 @@ class Exchange:
             if obs is not None:
                 obs.on_request_start(self)
         self.close_after = True
-        # Envoy marks codec-level refusals DPE; its 413 (buffer limit) has no flag.
-        self.send_local_reply(status, body, flag=None if status == 413 else errors.DOWNSTREAM_PROTOCOL_ERROR)
+        # Envoy marks codec-level refusals DPE; its 413 (buffer limit) and the
+        # 404 for an absolute URL without a path have no flag.
+        self.send_local_reply(status, body,
+                              flag=None if status in (413, 404) else errors.DOWNSTREAM_PROTOCOL_ERROR)
 
     def on_stream_idle_timeout(self) -> None:
         """Nothing moved either way for ``--stream-idle-timeout`` (Envoy's
@@ -559,14 +570,34 @@ class Exchange:
         authority = self.authority
         path = self.path
         target = self.target_choice
+        conn = self.conn
+        # x-forwarded-for / -proto as Envoy's HCM sets them before the router
+        # (ConnectionManagerUtility::mutateRequestHeaders) with istiod's
+        # listener settings: sidecar listeners have use_remote_address false,
+        # so XFF passes unchanged (no peer appended) and XFP is kept, or set
+        # to "http" when absent; a gateway has use_remote_address true and
+        # xff_num_trusted_hops 0 (MeshConfig numTrustedProxies' default), so
+        # the peer is appended to XFF and XFP is overwritten.
+        add_xfp = b"x-forwarded-proto" not in self.hdict
+        if self.snapshot.identity.gateway:
+            xff = self.hdict.get(b"x-forwarded-for")
+            peer = conn.peer_ip_bytes
+            headers = [h for h in headers if h[0] != b"x-forwarded-for" and h[0] != b"x-forwarded-proto"]
+            headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+            add_xfp = True
         if route is not None and target is not None:
             # The route's and the destination's operations, combined at load
             # in Envoy's order, and the authority they (or rewrite) set.
             ops = target.request_ops
             if ops is not None:
                 headers = ops.apply(headers)
+                if add_xfp and b"x-forwarded-proto" in ops.drop:
+                    add_xfp = False  # the route removes (or sets) what the HCM added
             if target.authority is not None:
                 authority = target.authority
+                # Envoy's router keeps the authority it rewrote.
+                headers = [h for h in headers if h[0] != b"x-envoy-original-host"]
+                headers.append((b"x-envoy-original-host", self.authority))
             rw = route.rewrite
             if rw is not None and rw.rewrites_path:
                 new_path = rw.new_path(path, self.match_index)
@@ -577,7 +608,6 @@ class Exchange:
                     headers.append((b"x-envoy-original-path", original))
                     path = new_path
             self.response_ops = target.response_ops
-        conn = self.conn
         tokens = None
         conn_hdr = self.hdict.get(b"connection")
         if conn_hdr is not None:
@@ -586,8 +616,6 @@ class Exchange:
         parts = [self.method, b" ", path, b"?" + self.query if self.query else b"", b" HTTP/1.1\r\nhost: ",
                  authority, b"\r\n"]
         append = parts.append
-        xff = None
-        xfp = False
         drop = REQUEST_DROP
         if self.direction == INBOUND and not self._from_sidecar():
             drop = INBOUND_EXTERNAL_DROP
@@ -601,20 +629,17 @@ class Exchange:
                 continue
             if tokens is not None and name in tokens:
                 continue
-            if name == b"x-forwarded-for":
-                xff = value
-                continue
-            if name == b"x-forwarded-proto":
-                xfp = True
             append(name + b": " + value + b"\r\n")
-        peer = conn.peer_ip_bytes
-        append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer) + b"\r\n")
-        if not xfp:
+        if add_xfp:
             append(b"x-forwarded-proto: http\r\n")
         tls_peer = conn.tls_peer
         if tls_peer is not None:
             # Istio's inbound APPEND_FORWARD: the mTLS peer's XFCC kept, ours appended.
             append(XFCC + b": " + (xfcc + b"," + tls_peer.xfcc if xfcc else tls_peer.xfcc) + b"\r\n")
+        te = self.hdict.get(b"te")
+        if te is not None and b"trailers" in te.lower():
+            # Envoy forwards TE reduced to "trailers" (sanitizeTEHeader).
+            append(b"te: trailers\r\n")
         if self.chunked_in:
             append(b"transfer-encoding: chunked\r\n")
         elif self.content_length >= 0 and (self.content_length > 0 or self.method not in (b"GET", b"HEAD")):

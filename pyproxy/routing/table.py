@@ -335,6 +335,20 @@ class HostIndex:
         vh = self.exact.get(host)
         if vh is not None:
             return vh
+        if host[-1:] == b"." and len(host) > 1:
+            # An absolute name ("reviews.default.svc.cluster.local."): istiod
+            # adds each host's FQDN with the trailing dot to its virtual host's
+            # domains (PILOT_ENABLE_ABSOLUTE_FQDN_VHOST_DOMAIN, on by default
+            # since Istio 1.27); short aliases get no dotted form.
+            name = host[:-1]
+            vh = self.exact.get(name)
+            if vh is not None and vh.name.encode() == name:
+                return vh
+            host = name
+            for suffix, vh in self.wildcards:
+                if host.endswith(suffix):
+                    return vh
+            return self.catch_all
         for suffix, vh in self.wildcards:
             if host.endswith(suffix):
                 return vh

@@ -164,3 +164,117 @@ async def test_connect_failure_wording_and_flag_order(tmp_path: Path) -> None:
     # Flags in the order Envoy sets them: URX (retries exhausted), then UF.
     lines = log.read_text().splitlines()
     assert '" 503 UF ' in lines[0] and '" 503 URX,UF ' in lines[1], lines
+
+
+async def test_forwarded_headers_per_listener_kind() -> None:
+    """istiod: sidecar listeners have use_remote_address false (XFF passes
+    unchanged, XFP kept or set to http); a gateway has it true with
+    xff_num_trusted_hops 0 (peer appended to XFF, XFP overwritten)."""
+    async with Upstream("v1") as up:
+        cfg = service_entry("reviews", [(up.port, {})])
+        with running_proxy(cfg, app_port=up.port) as px:
+            for port in (px.outbound, px.inbound):
+                await raw_request(port, b"GET / HTTP/1.1\r\nHost: reviews\r\nx-forwarded-for: 1.2.3.4\r\n"
+                                        b"x-forwarded-proto: https\r\n\r\n")
+                h = up.seen[-1].headers
+                assert (h.get("x-forwarded-for"), h.get("x-forwarded-proto")) == ("1.2.3.4", "https"), h
+                await raw_request(port, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+                h = up.seen[-1].headers
+                assert "x-forwarded-for" not in h and h.get("x-forwarded-proto") == "http", h
+        gateway = """---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: front}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http: [{route: [{destination: {host: reviews}}]}]
+"""
+        with running_proxy(cfg + gateway, args=["--gateway", "gw"]) as px:
+            await raw_request(px.outbound, b"GET / HTTP/1.1\r\nHost: shop\r\nx-forwarded-for: 1.2.3.4\r\n"
+                                           b"x-forwarded-proto: https\r\n\r\n")
+            h = up.seen[-1].headers
+            assert (h.get("x-forwarded-for"), h.get("x-forwarded-proto")) == ("1.2.3.4, 127.0.0.1", "http"), h
+
+
+async def test_scheme_follows_a_trusted_x_forwarded_proto() -> None:
+    async with Upstream("v1") as up:
+        cfg = service_entry("reviews", [(up.port, {})]) + vs("""
+  - match: [{scheme: {exact: https}, uri: {prefix: /scheme}}]
+    directResponse: {status: 200, body: {string: https}}
+  - match: [{uri: {prefix: /scheme}}]
+    directResponse: {status: 200, body: {string: http}}
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new}
+  - match: [{uri: {prefix: /noxfp}}]
+    route: [{destination: {host: reviews}}]
+    headers: {request: {remove: [x-forwarded-proto]}}
+  - match: [{uri: {prefix: /rewritten}}]
+    route: [{destination: {host: reviews}}]
+    rewrite: {authority: other.example}
+  - route: [{destination: {host: reviews}}]""")
+        with running_proxy(cfg) as px:
+            async def get(path: str, extra: str = "") -> tuple[int, list[tuple[str, str]], bytes]:
+                return head_fields(await raw_request(
+                    px.outbound, f"GET {path} HTTP/1.1\r\nHost: reviews\r\n{extra}\r\n".encode()))
+
+            assert (await get("/scheme", "x-forwarded-proto: https\r\n"))[2] == b"https"
+            assert (await get("/scheme"))[2] == b"http"
+            _, fields, _ = await get("/old", "x-forwarded-proto: https\r\n")
+            assert values(fields, "location") == ["https://reviews/new"]
+            # A route's remove of x-forwarded-proto is honoured (the proxy
+            # sets it before the route's operations run, as Envoy's HCM).
+            await get("/noxfp")
+            assert "x-forwarded-proto" not in up.seen[-1].headers
+            # te: trailers goes through, reduced to "trailers"; a rewritten
+            # authority is kept in x-envoy-original-host.
+            await get("/rewritten", "te: trailers, deflate\r\n")
+            h = up.seen[-1].headers
+            assert (h.get("te"), h.get("host"), h.get("x-envoy-original-host")) == (
+                "trailers", "other.example", "reviews"), h
+
+
+async def test_host_forms_absolute_names_and_wildcard_virtual_services(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    async with Upstream("v1") as up:
+        cfg = service_entry("reviews", [(up.port, {})]) + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: everything}
+spec:
+  hosts: ["*.default.svc.cluster.local"]
+  http: [{directResponse: {status: 200, body: {string: from-vs}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+"""
+        with running_proxy(cfg, args=["--access-log", str(log)]) as px:
+            async def get(target: str, host: str) -> tuple[int, bytes]:
+                status, _, body = head_fields(await raw_request(
+                    px.outbound, f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
+                return status, body
+
+            # The wildcard VirtualService applies to the service it matches...
+            assert await get("/", "reviews") == (200, b"from-vs")
+            # ...the absolute FQDN (trailing dot) names the service too...
+            assert await get("/", "reviews.default.svc.cluster.local.") == (200, b"from-vs")
+            # ...but a host in no ServiceEntry gets no virtual host from it:
+            # like a sidecar it goes to passthrough, here blocked (502, no flag).
+            assert await get("/", "other.default.svc.cluster.local") == (502, b"")
+            # Absolute form without a path: Envoy's 404, no flag.
+            assert (await get("http://reviews?q=1", "reviews"))[0] == 404
+            assert await get("http://reviews/?q=1", "reviews") == (200, b"from-vs")
+            await wait_for(lambda: len(log.read_text().splitlines()) == 5 if log.exists() else False,
+                           timeout=5, what="five access log lines")
+    lines = log.read_text().splitlines()
+    assert '" 502 - ' in lines[2] and '" 404 - ' in lines[3], lines

@@ -380,10 +380,16 @@ def test_redirect_and_direct_response() -> None:
     assert http[4].direct_response.body is None
 
 
-def test_prefix_rewrite_redirect_is_a_warned_pyproxy_extension() -> None:
+def test_prefix_rewrite_redirect_is_an_istio_field() -> None:
+    # Istio 1.31 added HTTPRedirect.prefix_rewrite (istio/api#3708): no warning.
     cfg = ok(vs("hosts: [r]\nhttp:\n- redirect: {prefixRewrite: /v2/}\n"))
     assert cfg.resources[0].http[0].redirect == HTTPRedirect(prefix_rewrite="/v2/")  # type: ignore[union-attr]
-    assert has_diag(cfg.warnings, "t.yaml#0: spec.http[0].redirect.prefixRewrite", "pyproxy extension")
+    assert not cfg.warnings
+    # Istio's validation: only with prefix uri matches, never with uri.
+    bad = load(vs("hosts: [r]\nhttp:\n- match: [{uri: {exact: /a}}]\n  redirect: {prefixRewrite: /v2/}\n"))
+    assert has_diag(bad.errors, "t.yaml#0: spec.http[0].redirect.prefixRewrite", "prefix match")
+    both = load(vs("hosts: [r]\nhttp:\n- redirect: {prefixRewrite: /v2/, uri: /x}\n"))
+    assert has_diag(both.errors, "t.yaml#0: spec.http[0].redirect.prefixRewrite", "cannot both be set")
 
 
 def test_regex_rewrite() -> None:

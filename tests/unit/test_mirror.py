@@ -99,7 +99,10 @@ def connect(shadow: ShadowRequest) -> FakeUpConn:
 
 def test_shadow_head_suffixes_the_host_part() -> None:
     head = b"GET /x HTTP/1.1\r\nhost: reviews:9080\r\nx-a: 1\r\ncontent-length: 0\r\n"
-    assert shadow_head(head) == b"GET /x HTTP/1.1\r\nhost: reviews-shadow:9080\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"
+    # Envoy's shadow also says it is internal and its attempt count (1).
+    assert shadow_head(head) == (b"GET /x HTTP/1.1\r\nhost: reviews-shadow:9080\r\n"
+                                 b"x-envoy-attempt-count: 1\r\nx-envoy-internal: true\r\n"
+                                 b"x-a: 1\r\ncontent-length: 0\r\n\r\n")
     assert b"host: reviews-shadow\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: reviews\r\n")
     assert b"host: [::1]-shadow:80\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: [::1]:80\r\n")
 
