@@ -15,7 +15,7 @@ The stand-in apps (``pyproxy.demo.apps``) reach their sidecar through
 ``HTTP_PROXY=http://<pod>:15001``; the registry (ServiceEntries whose
 endpoints are the pods' inbound listeners, labelled app/version) is written
 into the mesh config directory, which every sidecar reads. The ingress is a
-pyproxy run with ``--gateway bookinfo-gateway`` and
+pyproxy run with ``--gateway default/bookinfo-gateway --namespace istio-system`` and
 ``config/bookinfo/gateway.yaml`` (a Gateway and the VirtualService bound to it).
 
 Changes to the config directory are applied live: every proxy watches its
@@ -87,6 +87,15 @@ SCENARIOS = (
     ("virtual-service-reviews-v3.yaml", "traffic shifting: reviews 100% v3"),
     ("virtual-service-reviews-90-10.yaml", "traffic shifting: reviews 90% v1, 10% v2"),
     ("circuit-breaking.yaml", "circuit breaking: productpage maxConnections 1, 1 pending request"),
+)
+# Authorization scenarios go to their own file next to the routing one.
+AUTHZ_FILE = "authz.yaml"
+AUTHZ_SCENARIOS = (
+    ("authz-allow-nothing.yaml", "authorization: allow nothing in default (403 RBAC: access denied)"),
+    ("authz-productpage-viewer.yaml", "authorization: + GET on productpage (details, reviews unavailable)"),
+    ("authz-details-reviews-viewer.yaml", "authorization: + details/reviews from productpage's mTLS identity"),
+    ("authz-ratings-viewer.yaml", "authorization: + ratings from reviews' mTLS identity"),
+    ("jwt-ingress.yaml", "JWT at the ingress: token required (jwt-demo-token.txt)"),
 )
 
 
@@ -357,7 +366,9 @@ class Mesh:
         self.sidecars.append(Child(
             "ingress",
             [py, "-m", "pyproxy", "run", "--config", str(self.config_dir),
-             "--config", str(BOOKINFO_CONFIG / "gateway.yaml"), "--gateway", GATEWAY_NAME,
+             "--config", str(BOOKINFO_CONFIG / "gateway.yaml"),
+             # Istio's ingress runs in istio-system; its Gateway is in default.
+             "--namespace", "istio-system", "--gateway", f"default/{GATEWAY_NAME}",
              "--workload", "istio-ingressgateway", "--labels", "istio=ingressgateway,app=istio-ingressgateway",
              "--outbound", f"{host}:{port}", "--inbound", f"{gw_pod}:{INBOUND_PORT}",
              "--app", f"{gw_pod}:{APP_PORT}", "--admin", f"{gw_pod}:{ADMIN_PORT}",
@@ -542,6 +553,12 @@ def banner(mesh: Mesh) -> str:
         lines.append(f"  cp {scen}/{name} {cfg}/{ROUTING_FILE}    # {what}")
     lines += [
         f"  rm {cfg}/{ROUTING_FILE}    # back to no rules",
+        "Authorization (its own file; each is complete for its step):",
+    ]
+    for name, what in AUTHZ_SCENARIOS:
+        lines.append(f"  cp {scen}/{name} {cfg}/{AUTHZ_FILE}    # {what}")
+    lines += [
+        f"  rm {cfg}/{AUTHZ_FILE}    # no policies",
         "",
         f"Proxies: admin http://<pod>:{ADMIN_PORT}/server_info, stats http://<pod>:{STATS_PORT}/stats/prometheus",
         "  " + ", ".join(f"{p.name} {pod_address(mesh.subnet, p.host_number)}" for p in PODS)

@@ -12,6 +12,7 @@ from pyproxy.config.loader import load_paths
 from pyproxy.config.model import ServiceEntry
 from pyproxy.demo import launcher
 from pyproxy.demo.launcher import (
+    AUTHZ_SCENARIOS,
     BOOKINFO_CONFIG,
     PODS,
     SCENARIOS,
@@ -160,7 +161,8 @@ def test_everything_the_demo_reads_is_package_data() -> None:
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pyproxy.demo"]
     package_dir = ROOT / "pyproxy" / "demo"
     assert (package_dir / "bookinfo").resolve() == BOOKINFO_CONFIG
-    needed = ["gateway.yaml", "local/services.yaml", "compose/services.yaml", *(name for name, _ in SCENARIOS)]
+    needed = ["gateway.yaml", "local/services.yaml", "compose/services.yaml", "jwt-demo-token.txt",
+              *(name for name, _ in (*SCENARIOS, *AUTHZ_SCENARIOS))]
     shipped = [str(p.relative_to(BOOKINFO_CONFIG)) for p in BOOKINFO_CONFIG.rglob("*") if p.is_file()]
     for rel in needed:
         assert rel in shipped, rel
