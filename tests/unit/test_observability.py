@@ -317,6 +317,17 @@ def test_json_format_escapes_and_nulls() -> None:
     assert doc["response_code"] == 200 and doc["duration"] == 4 and doc["path"] == "/reviews/0?a=1"
 
 
+def test_json_format_carries_the_rbac_policy_and_the_jwt_principal() -> None:
+    log = accesslog.AccessLog.__new__(accesslog.AccessLog)
+    log.clock = accesslog.WallClock()
+    doc = json.loads(log.format_json(_fake_exchange()))  # type: ignore[arg-type]
+    assert doc["rbac_policy"] is None and doc["request_auth_principal"] is None
+    auth = SimpleNamespace(principal="https://issuer.example/alice")
+    doc = json.loads(log.format_json(_fake_exchange(authz_policy="default/readers", auth=auth)))  # type: ignore[arg-type]
+    assert doc["rbac_policy"] == "default/readers"
+    assert doc["request_auth_principal"] == "https://issuer.example/alice"
+
+
 def test_wall_clock_format() -> None:
     import re
     import time
