@@ -351,14 +351,19 @@ class Controller:
             if math.isnan(value):
                 checks.append(Check(m.name, "no_data", None, f"no values found for metric {m.name}"))
                 continue
-            shown = f"{value:.2f}%" if m.name == "request-success-rate" else (
-                f"{value:.0f}ms" if m.name == "request-duration" else f"{value:.4g}")
-            violation = m.threshold_range.violation(value)
+            builtin = m.template is None and not m.query
+            if builtin and m.name == "request-duration":
+                # Flagger reads the p99 as whole milliseconds (time.Duration(int64(value))).
+                value = float(math.trunc(value))
+            unit = {"request-success-rate": "%", "request-duration": "ms"}.get(m.name, "") if builtin else ""
+            violation = m.threshold_range.violation(value, unit)
             if violation is None:
+                shown = f"{value:.0f}ms" if unit == "ms" else f"{value:.2f}{unit}"
                 checks.append(Check(m.name, "pass", value, f"{m.name} {shown}"))
             else:
+                # Flagger's wording: "success rate 98.69% < 99%", "request duration 1515ms > 500ms".
                 what = {"request-success-rate": "success rate", "request-duration": "request duration"}.get(
-                    m.name, m.name)
+                    m.name, m.name) if builtin else m.name
                 checks.append(Check(m.name, "fail", value, f"{what} {violation}"))
         return all(k.result == "pass" for k in checks)
 

@@ -82,12 +82,12 @@ class ThresholdRange:
     min: float | None = None
     max: float | None = None
 
-    def violation(self, value: float) -> str | None:
-        """Why ``value`` is outside the range, or None when it is inside."""
+    def violation(self, value: float, unit: str = "") -> str | None:
+        """Why ``value`` is outside the range (``98.69% < 99%``), or None when it is inside."""
         if self.min is not None and value < self.min:
-            return f"{value:.2f} < {self.min:g}"
+            return f"{value:.2f}{unit} < {self.min:g}{unit}"
         if self.max is not None and value > self.max:
-            return f"{value:.2f} > {self.max:g}"
+            return f"{value:.2f}{unit} > {self.max:g}{unit}"
         return None
 
 

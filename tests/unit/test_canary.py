@@ -78,7 +78,7 @@ def test_issue_example_loads_with_flagger_defaults() -> None:
     assert (a.interval, a.threshold, a.max_weight, a.step_weight, a.strategy) == (30.0, 5, 50, 10, "canary")
     assert [(m.name, m.interval, m.interval_text) for m in a.metrics] == [
         ("request-success-rate", 60.0, "1m"), ("request-duration", 30.0, "30s")]
-    assert a.metrics[0].threshold_range.violation(98.5) == "98.50 < 99"
+    assert a.metrics[0].threshold_range.violation(98.5, "%") == "98.50% < 99%"
     assert a.metrics[1].threshold_range.violation(501) == "501.00 > 500"
     assert a.metrics[1].threshold_range.violation(500) is None
 
@@ -427,7 +427,7 @@ def test_failed_checks_accumulate_and_roll_back_at_threshold() -> None:
     ]
     assert router.routes[-1] == Routes(100, 0)
     assert ("post-rollout", "bye", "Failed") in hooks.calls
-    assert con.state.checks[0]["message"] == "success rate 80.00 < 99"
+    assert con.state.checks[0]["message"] == "success rate 80.00% < 99%"
     assert "Rolling back default.reviews failed checks threshold reached 3" in [
         e["message"] for e in con.state.history]
 
@@ -631,7 +631,7 @@ def test_cli_status_prints_phase_weight_checks_and_history(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.startswith("default.reviews: Progressing\n  weight 20%   failed checks 1"), out
-    assert "request-success-rate     fail         80.00  success rate 80.00 < 99" in out
+    assert "request-success-rate     fail         80.00  success rate 80.00% < 99%" in out
     assert "Advance default.reviews canary weight 20" in out
     res = subprocess.run([sys.executable, "-m", "pyproxy", "canary", "status", "--config", str(tmp_path), "nope"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
@@ -708,3 +708,13 @@ def test_cli_run_refuses_a_mesh_or_flags_it_cannot_work_with(tmp_path: Path, fil
                          check=False)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert sorted(p.name for p in mesh.iterdir() if not p.name.endswith(".lock")) == ["routing.yaml"]
+
+
+def test_request_duration_is_whole_milliseconds_as_in_flagger() -> None:
+    # Flagger: time.Duration(int64(value)) * time.Millisecond, then "> max": 500.9 ms passes a 500 ms maximum.
+    con, _, _, _, clock = make("stepWeight: 10\nmaxWeight: 50\n" + METRICS,
+                               [{"request-success-rate": 100.0, "request-duration": 500.9},
+                                {"request-success-rate": 100.0, "request-duration": 501.2}])
+    run_ticks(con, clock, 5)
+    assert (con.state.phase, con.state.weight, con.state.failed_checks) == ("Progressing", 20, 1)
+    assert con.state.checks[1]["message"] == "request duration 501.00ms > 500ms"
