@@ -713,3 +713,24 @@ async def test_a_bad_release_fails_its_share_of_requests_evenly_and_stays_health
     assert (await get_json(client, url / "health"))[0] == 200
     with pytest.raises(ValueError, match="0..100"):
         add_faults(build_app("details"), fail_percent=120)
+
+
+async def test_a_slow_release_waits_before_every_request_but_health(
+    start: Start, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyproxy.demo.apps as apps_module
+
+    waited: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(seconds: float) -> None:
+        waited.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(apps_module.asyncio, "sleep", recording_sleep)
+    url = await start(add_faults(build_app("ratings"), delay_ms=250))
+    assert (await get_json(client, url / "ratings" / "1"))[0] == 200
+    assert (await get_json(client, url / "health"))[0] == 200
+    assert waited == [0.25]
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        add_faults(build_app("ratings"), delay_ms=-1)
