@@ -457,12 +457,17 @@ def test_grafana_is_provisioned_with_the_istio_metrics_dashboard() -> None:
     (dash_file,) = dash_dir.glob("*.json")
     dash = json.loads(dash_file.read_text())
     exprs = []
+    canary_exprs = []
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == ds["uid"]
+            if target["expr"].startswith("pyproxy_canary_"):
+                canary_exprs.append(target["expr"])  # the canary controller's own metrics (profile canary)
+                continue
             assert re.search(r"\bistio_[a-z_]+", target["expr"]), target["expr"]
             exprs.append(target["expr"])
+    assert sorted(canary_exprs) == ["pyproxy_canary_failed_checks", "pyproxy_canary_status", "pyproxy_canary_weight"]
     text = "\n".join(exprs)
     assert "rate(istio_requests_total" in text  # request rate
     assert 'response_code!~"5.."' in text  # success rate
