@@ -718,3 +718,21 @@ def test_request_duration_is_whole_milliseconds_as_in_flagger() -> None:
     run_ticks(con, clock, 5)
     assert (con.state.phase, con.state.weight, con.state.failed_checks) == ("Progressing", 20, 1)
     assert con.state.checks[1]["message"] == "request duration 501.00ms > 500ms"
+
+
+def test_run_ticks_until_a_final_phase_and_a_finished_canary_only_reports_again(tmp_path: Path) -> None:
+    store = StateStore(str(tmp_path), "default", "reviews")
+    con, router, _, _, clock = make("stepWeight: 50\nmaxWeight: 50\n" + METRICS, [GOOD] * 3, store=store)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.t += seconds
+
+    assert con.run(sleep, 10.0, lambda: False) == "Succeeded"
+    assert slept and all(s == 10.0 for s in slept)  # one tick per interval
+    assert router.routes[-1] == Routes(0, 100)
+    again, router2, _, _, _ = make("stepWeight: 50\nmaxWeight: 50\n" + METRICS, [], store=store)
+    assert again.run(sleep, 10.0, lambda: False) == "Succeeded"
+    assert router2.routes == [Routes(0, 100)]  # the routes put back, no new analysis
+    assert again.state.history[-1]["message"].startswith("resumed in phase Succeeded")
