@@ -207,3 +207,57 @@ spec:
                 await asyncio.gather(*tasks)
             assert failures == []
             assert done > 50
+
+
+CLAIM_GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: by-claim, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match:
+    - headers: {"@request.auth.claims.groups": {exact: group1}}
+    route: [{destination: {host: v2}}]
+  - route: [{destination: {host: v1}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: ingress-jwt, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  jwtRules: [{issuer: ISSUER, jwks: 'JWKS'}]
+"""
+
+
+async def test_claim_based_routing_at_the_gateway() -> None:
+    from tests.harness import service_entry
+
+    now = time.time()
+    async with Upstream("v1") as v1, Upstream("v2") as v2:
+        cfg = (service_entry("v1", [(v1.port, {})]) + "---\n" + service_entry("v2", [(v2.port, {})]) + "---\n"
+               + CLAIM_GATEWAY.replace("ISSUER", ISS).replace("JWKS", json.dumps(RSA_JWKS)))
+        with running_proxy(cfg, args=["--gateway", "gw", "--labels", "istio=ingressgateway"]) as px:
+            async with aiohttp.ClientSession() as s:
+                async def upstream(headers: dict[str, str]) -> str:
+                    status, body = await fetch(s, px.outbound_url + "/page", headers=headers)
+                    assert status == 200, body
+                    return json.loads(body)["upstream"]
+
+                group1 = sign({"groups": ["group1"], "exp": now + 3600})
+                group2 = sign({"groups": ["group2"], "exp": now + 3600})
+                assert await upstream({}) == "v1"
+                assert await upstream({"authorization": "Bearer " + group1}) == "v2"
+                assert await upstream({"authorization": "Bearer " + group2}) == "v1"
+                status, body = await fetch(s, px.outbound_url + "/page", headers={"authorization": "Bearer x.y"})
+                assert (status, body) == (
+                    401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")
+    assert "authorization" not in v2.seen[0].headers  # the token is not forwarded
