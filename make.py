@@ -2,7 +2,8 @@
 """Bootstrap for the two README quick-start commands.
 
     python3 make.py demo [args...]   install into .venv, then run `pyproxy demo ...`
-    python3 make.py test [args...]   install into .venv (with test extras), then run pytest
+    python3 make.py test [args...]   install into .venv (with test extras), then run pytest: everything
+    python3 make.py test --fast      the fast tier: unit + core integration, nothing slow or netns
 
 Only the standard library is used here, so this works on a fresh machine with
 nothing but Python >= 3.11. The virtual environment is reused; it is
@@ -82,6 +83,13 @@ def main(argv: list[str]) -> int:
     if cmd == "test":
         # The load extra too: the benchmark and locust smoke tests need it.
         py = ensure_env("test,load")
+        if "--fast" in rest:
+            # The fast tier (CONTRIBUTING.md): the unit tests and the core
+            # integration tests, without anything marked slow (fuzz, soak, bench
+            # smoke, lint, end to end) or netns. Without --fast: everything, as CI
+            # runs it.
+            rest = [a for a in rest if a != "--fast"]
+            rest = ["-m", "(unit or core) and not slow and not netns", *rest]
         code = subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
         notes = full_run_notes()
         if notes:

@@ -13,6 +13,9 @@ from aiohttp import web
 from tests.harness import Upstream, free_port, http_get, running_proxy, service_entry, start_proxy
 from tests.integration.obs_helpers import scrape, value, wait_for
 
+# Core integration: part of the fast tier (make.py test --fast).
+pytestmark = pytest.mark.core
+
 
 def post(px, path: str) -> tuple[int, bytes]:
     return http_get(px.admin_url + path, method="POST", data=b"")

@@ -19,6 +19,9 @@ import pytest
 
 from tests.harness import ROOT
 
+# wrk against nginx and the proxy, Envoy config validation: the full run only.
+pytestmark = pytest.mark.slow
+
 BENCH = ROOT / "load-tests" / "bench.py"
 
 

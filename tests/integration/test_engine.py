@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.harness import (
@@ -20,6 +21,9 @@ from tests.harness import (
     service_entry,
 )
 from tests.integration.hardening_helpers import downstream_stats
+
+# Core integration: part of the fast tier (make.py test --fast).
+pytestmark = pytest.mark.core
 
 
 async def test_registry_routing_and_forwarding_headers() -> None:

@@ -14,11 +14,15 @@ import socket
 import time
 
 import httptools
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.harness import http_get, running_proxy, service_entry
 from tests.integration.hardening_helpers import ThreadedUpstream, downstream_stats
+
+# A live fuzz of both listeners (about half a minute): the full run only.
+pytestmark = pytest.mark.slow
 
 VALID = b"GET /ok HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
 FUZZ = settings(deadline=None, derandomize=False, database=None,

@@ -17,6 +17,9 @@ from aiohttp import web
 
 from tests.harness import Proxy, Upstream, free_port, running_proxy, service_entry
 
+# Core integration: part of the fast tier (make.py test --fast).
+pytestmark = pytest.mark.core
+
 SUBSETS = """
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

@@ -11,6 +11,9 @@ from pyproxy.config.loader import load_text
 from pyproxy.config.model import LoadedConfig
 from tests.unit.test_config_loader import FULL_DR, FULL_VS, doc
 
+# Hypothesis over the loader (~3,500 examples): the full run only.
+pytestmark = pytest.mark.slow
+
 FILE = "f.yaml"
 # Sized to keep the whole file around 10 s on a shared 2-core machine.
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

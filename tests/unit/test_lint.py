@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# ruff and mypy over the tree (subprocesses): the full run only; landing runs it via tests/unit.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,9 @@ from pyproxy.config.loader import load_text
 from pyproxy.snapshot import BuildContext, ProxyIdentity, build_snapshot
 from tests.unit.test_config_fuzz import VALID_OBJECTS, deleted, leaf_paths, replaced
 from tests.unit.test_snapshot import StubLoop
+
+# Hypothesis over the snapshot builder: the full run only.
+pytestmark = pytest.mark.slow
 
 # Values a real config could hold, so that many mutations stay valid and
 # reach the builder (random junk is the loader's fuzzer's job).
