@@ -168,7 +168,7 @@ def unmap_ipv4(ip: str) -> str:
 
 
 def simple_response(status: int, body: bytes, close: bool = True) -> bytes:
-    head = STATUS_LINES.get(status) or b"HTTP/1.1 %d Error\r\n" % status
+    head = STATUS_LINES.get(status) or errors.status_line(status)
     return (
         head
         + b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: text/plain\r\n"

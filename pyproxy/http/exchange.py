@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..errors import STATUS_LINES, LocalReply
 from ..observability.peer import PEER_METADATA, UNKNOWN_PEER, decode_peer
+from ..routing.matchers import parse_query
 from ..routing.table import DIRECT_RESPONSE, REDIRECT
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
@@ -290,8 +291,6 @@ class Exchange:
     def query_params(self) -> dict[str, str]:
         qp = self._query_params
         if qp is None:
-            from ..routing.matchers import parse_query
-
             qp = self._query_params = parse_query(self.query)
         return qp
 
@@ -443,8 +442,8 @@ class Exchange:
             return orig[1]
         port = self.port
         # No port, or the sidecar's own listener port (an app configured to
-        # call ``details:15001``): that names the service, not one of its ports
-        # (VirtualHost.effective_port, inlined).
+        # call ``details:15001``): that names the service, not one of its
+        # ports, and so does a port the service does not declare.
         if port > 0 and port != self.conn.listen_port and (port in vh.ports or not vh.ports):
             return port
         return vh.default_port
@@ -544,8 +543,7 @@ class Exchange:
         assert route is not None
         target = route.pick(self.worker.rng)
         self.target_choice = target
-        by_port = target.by_port  # RouteTarget.cluster_for, inlined
-        cluster = by_port.get(self.port, target.cluster) if by_port else target.cluster
+        cluster = target.cluster_for(self.port)
         if cluster is None:
             # Envoy still applies the route's (and this destination's)
             # response header operations to the cluster_not_found reply.

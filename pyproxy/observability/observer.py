@@ -24,7 +24,7 @@ loads.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .peer import PEER_HEADERS, PEER_METADATA, PEER_METADATA_ID, PeerCache, peer_header_lines
 
@@ -64,43 +64,6 @@ class Observer:
 
     def close(self) -> None:
         """Worker shutdown: flush what is buffered."""
-
-
-class NullObserver(Observer):
-    pass
-
-
-class CompositeObserver(Observer):
-    """Several observers in order (e.g. metrics, tracing, access log)."""
-
-    def __init__(self, parts: list[Any]) -> None:
-        self.parts = parts
-
-    def on_request_start(self, ex: Exchange) -> None:
-        for p in self.parts:
-            p.on_request_start(ex)
-
-    def attempt_headers(self, ex: Exchange) -> bytes:
-        return b"".join(p.attempt_headers(ex) for p in self.parts)
-
-    def on_attempt_end(self, ex: Exchange) -> None:
-        for p in self.parts:
-            p.on_attempt_end(ex)
-
-    def on_upstream_response(
-        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
-    ) -> list[tuple[bytes, bytes]]:
-        for p in self.parts:
-            headers = p.on_upstream_response(ex, headers)
-        return headers
-
-    def on_request_done(self, ex: Exchange) -> None:
-        for p in self.parts:
-            p.on_request_done(ex)
-
-    def close(self) -> None:
-        for p in self.parts:
-            p.close()
 
 
 class TelemetryObserver(Observer):

@@ -61,20 +61,6 @@ TRACE_HEADERS = frozenset(
     {TRACEPARENT, TRACESTATE, B3, B3_TRACEID, B3_SPANID, B3_PARENT, B3_SAMPLED, B3_FLAGS}
 )
 
-# Headers an application must copy from its incoming request to the requests
-# it makes (README "Tracing"), like with Istio.
-FORWARD_HEADERS = (
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "b3",
-)
-
 _HEX = frozenset("0123456789abcdef")
 _MASK64 = (1 << 64) - 1
 

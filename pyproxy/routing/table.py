@@ -251,20 +251,6 @@ class CompiledRoute:
         names = self.names
         return names[match_index] if 0 <= match_index < len(names) else self.name
 
-    def match_index(self, ex: Any) -> int:
-        """Index of the first ``match[]`` entry the request satisfies (0 for a
-        rule without match), or -1."""
-        conditions = self.conditions
-        if not conditions:
-            return 0
-        for i, checks in enumerate(conditions):
-            for check in checks:
-                if not check(ex):
-                    break
-            else:
-                return i
-        return -1
-
     def set_targets(self, targets: list[RouteTarget]) -> None:
         """Weights are relative; weight-0 destinations are dropped; a single
         destination takes 100% whatever its weight."""
@@ -298,17 +284,11 @@ class VirtualHost:
         self.ports: frozenset[int] = frozenset(p.number for p in service.ports) if service else frozenset()
         self.default_port = service.ports[0].number if service and service.ports else 80
 
-    def effective_port(self, port: int | None) -> int:
-        """The service port a request addressed: its own port when the service
-        has it, else the service's first port (a request sent to the sidecar's
-        own listener port, or with no port, names the service, not a port)."""
-        if port is not None and (port in self.ports or not self.ports):
-            return port
-        return self.default_port
-
     def match(self, ex: Any) -> CompiledRoute | None:
-        """First matching route; records the matching entry's index on ``ex``."""
-        # CompiledRoute.match_index, inlined: this loop runs for every request.
+        """First matching route; records the index of its first matching
+        ``match[]`` entry on ``ex`` (0 for a rule without match entries).
+        The one implementation of the rule: the request path and the tests
+        call it."""
         for route in self.routes:
             conditions = route.conditions
             if not conditions:

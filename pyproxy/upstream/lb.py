@@ -193,9 +193,6 @@ class RingHash(LoadBalancer):
         i = bisect.bisect_left(self.ring, h)
         return 0 if i == len(self.ring) else i
 
-    def lookup(self, h: int) -> ClusterEndpoint:
-        return self.points[self._index(h)]
-
     def pick(self, ex: Any, exclude: Any = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None

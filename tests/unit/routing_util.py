@@ -109,7 +109,7 @@ def request(target: str | bytes, headers: dict[str, str] | list[tuple[str, str]]
             method: str = "GET", host: str = "reviews", port: int | None = None,
             conn: FakeConn | None = None) -> Exchange:
     """A parsed request as the router sees it. ``port`` overrides the
-    effective service port (what ``VirtualHost.effective_port`` sets)."""
+    effective service port (what ``Exchange.service_port`` sets)."""
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     if not any(k.lower() == "host" for k, _ in pairs):
         pairs.insert(0, ("host", host))

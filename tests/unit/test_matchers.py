@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from pyproxy.config.model import HTTPMatchRequest, StringMatch
+from pyproxy.http.exchange import Exchange
 from pyproxy.routing.matchers import RegexMatch, compile_match, compile_regex
-from pyproxy.routing.table import CompiledRoute
+from pyproxy.routing.table import CompiledRoute, VirtualHost
 
 from .routing_util import build, request, service_entry
 
@@ -179,6 +180,11 @@ def test_every_field_of_one_entry_must_hold() -> None:
     assert not matches(m, "/other?q", {"x": "1"})
 
 
+def match_index(route: CompiledRoute, ex: Exchange) -> int:
+    """The match entry ``VirtualHost.match`` records for ``route`` (-1: none matched)."""
+    return ex.match_index if VirtualHost("t", (route,), None, False).match(ex) is route else -1
+
+
 def test_match_entries_are_ored_and_the_first_matching_index_is_reported() -> None:
     route = CompiledRoute()
     route.conditions = (
@@ -186,12 +192,12 @@ def test_match_entries_are_ored_and_the_first_matching_index_is_reported() -> No
         compile_match(HTTPMatchRequest(uri=sm(P, "/b"))),
         compile_match(HTTPMatchRequest(headers=(("x", sm(E, "1")),))),
     )
-    assert route.match_index(request("/a", {"x": "1"})) == 0
-    assert route.match_index(request("/b", {"x": "1"})) == 1
-    assert route.match_index(request("/c", {"x": "1"})) == 2
-    assert route.match_index(request("/a")) == -1
+    assert match_index(route, request("/a", {"x": "1"})) == 0
+    assert match_index(route, request("/b", {"x": "1"})) == 1
+    assert match_index(route, request("/c", {"x": "1"})) == 2
+    assert match_index(route, request("/a")) == -1
     empty = CompiledRoute()
-    assert empty.match_index(request("/anything")) == 0  # no match: matches everything
+    assert match_index(empty, request("/anything")) == 0  # no match: matches everything
 
 
 RE2_CASES = [

@@ -190,7 +190,8 @@ def test_virtual_service_only_host_routes_to_a_registry_service() -> None:
     vh = lookup(snap, b"legacy.internal:80")
     assert vh is not None and vh.service is None and vh.has_vs
     assert cluster_of(vh) is snap.clusters["outbound|9080||reviews.default.svc.cluster.local"]
-    assert vh.effective_port(None) == 80 and vh.effective_port(8080) == 8080
+    # No port, or one the (portless) service does not declare: port 80.
+    assert addressed_port(snap, b"legacy.internal") == 80 and addressed_port(snap, b"legacy.internal:8080") == 8080
 
 
 def test_virtual_service_short_host_gets_cluster_aliases() -> None:
@@ -334,12 +335,13 @@ def addressed_port(snap: Snapshot, authority: bytes, original_dst: tuple[str, in
 
 
 def test_effective_port() -> None:
-    vh = lookup(build(MULTI), b"multi")
+    snap = build(MULTI)
+    vh = lookup(snap, b"multi")
     assert vh.ports == frozenset({8080, 9090}) and vh.default_port == 8080
-    assert vh.effective_port(9090) == 9090
-    assert vh.effective_port(8080) == 8080
-    assert vh.effective_port(None) == 8080  # no port: the first declared port
-    assert vh.effective_port(12345) == 8080  # not a service port: the first declared port
+    assert addressed_port(snap, b"multi:9090") == 9090
+    assert addressed_port(snap, b"multi:8080") == 8080
+    assert addressed_port(snap, b"multi") == 8080  # no port: the first declared port
+    assert addressed_port(snap, b"multi:12345") == 8080  # not a service port: the first declared port
 
 
 def test_port_selection_from_authority_and_original_destination() -> None:
