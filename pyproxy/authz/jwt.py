@@ -35,10 +35,12 @@ import base64
 import binascii
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from ..config.model import JWTHeader, JWTRule
 
@@ -75,6 +77,8 @@ NOT_YET_VALID = "Jwt not yet valid"
 NO_MATCHING_KEY = "Jwks doesn't have key to match kid or alg from Jwt"
 
 # Algorithms Envoy's jwt_authn verifies, and the key type each needs.
+_TOKEN_CHAR = re.compile(r"[A-Za-z0-9\-_.]")
+
 ALGORITHMS: dict[str, tuple[str, str | None]] = {
     **{f"RS{n}": ("RSA", None) for n in (256, 384, 512)},
     **{f"PS{n}": ("RSA", None) for n in (256, 384, 512)},
@@ -325,6 +329,9 @@ class Authenticator:
         self.header_names = frozenset(name for p in self.providers for name, _ in p.headers)
         self.params = frozenset(name for p in self.providers for name in p.params)
         self.cookies = frozenset(name for p in self.providers for name in p.cookies)
+        self.sanitize = tuple(dict.fromkeys(
+            name for p in self.providers
+            for name in ((p.payload_header,) if p.payload_header else ()) + tuple(h for h, _ in p.claim_headers)))
         self.clock = clock
         # token -> (provider, keys version, identity)
         self.cache: dict[str, tuple[Provider, int, Identity]] = {}
@@ -344,14 +351,19 @@ class Authenticator:
                 raw = headers.get(name)
                 if raw is None:
                     continue
-                value = raw.decode("latin-1")
+                token = raw.decode("latin-1")
                 if prefix:
-                    # Envoy does not extract a value without the prefix: the
-                    # request counts as having no token (verified on Envoy 1.40).
-                    if not value.startswith(prefix):
+                    # Envoy's extractor (checked against Envoy 1.40): the
+                    # prefix may be anywhere in the value (case-sensitive);
+                    # without it the request counts as having no token. The
+                    # token starts at the first base64url character or dot
+                    # after it and runs to the end of the value.
+                    pos = token.find(prefix)
+                    if pos < 0:
                         continue
-                    value = value[len(prefix):]
-                token = value.strip()
+                    first = _TOKEN_CHAR.search(token, pos + len(prefix))
+                    if first is not None:
+                        token = token[first.start():]
                 if token and token not in seen:
                     seen.add(token)
                     found.append(Located(token, name))
@@ -359,6 +371,8 @@ class Authenticator:
                 qp = query()
                 for param in p.params:
                     found_value = qp.get(param)
+                    if found_value and "%" in found_value:
+                        found_value = unquote(found_value)  # Envoy decodes query parameters
                     if found_value and found_value not in seen:
                         seen.add(found_value)
                         found.append(Located(found_value, None))
@@ -375,7 +389,9 @@ class Authenticator:
                      cookie: Callable[[str], str | None]) -> Outcome:
         """Raises JwtError for a refused token; no token is not an error."""
         identity = None
-        remove: list[bytes] = []
+        # Envoy sanitizes the payload and claim headers on every request, so
+        # a client cannot send its own (even without a token).
+        remove: list[bytes] = [name for name in self.sanitize if name in headers]
         add: list[tuple[bytes, bytes]] = []
         for located in self.locate(headers, query, cookie):
             provider, ident = self.verify(located.token)

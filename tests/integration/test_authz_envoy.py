@@ -239,6 +239,13 @@ def table() -> list[tuple[str, str, str, dict[str, str]]]:
                                    ("GET", "/api/books", "reviews.example")):
             rows.append((method, path, host, {"authorization": f"Bearer {token}"}))
     rows.append(("GET", "/other?access_token=" + tok["alice"], "reviews.example", {}))
+    # Envoy's extractor: percent-decoded parameters, the prefix anywhere, the base64url run after it.
+    rows.append(("GET", "/other?access_token=" + tok["alice"].replace(".", "%2E"), "reviews.example", {}))
+    rows.append(("GET", "/other", "reviews.example", {"authorization": "Foo Bearer " + tok["alice"]}))
+    rows.append(("GET", "/other", "reviews.example", {"authorization": "Bearer " + tok["alice"] + ", x"}))
+    rows.append(("GET", "/other", "reviews.example", {"authorization": "bearer " + tok["alice"]}))
+    rows.append(("GET", "/other", "reviews.example", {"authorization": "Bearer !!!" + tok["forged"]}))
+    rows.append(("GET", "/other", "reviews.example", {"authorization": "Bearer "}))
     rows.append(("GET", "/other", "reviews.example", {"authorization": "Basic YWxpY2U6cHc="}))
     rows.append(("OPTIONS", "/other", "reviews.example", {"authorization": "Bearer garbage", "origin": "https://a",
                                                            "access-control-request-method": "GET"}))

@@ -197,7 +197,7 @@ def test_malformed_tokens() -> None:
     bad_format = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
     assert refused(a, "abc") == (401, bad_format)
     assert refused(a, "a.b.c.d") == (401, bad_format)
-    assert refused(a, "!!!.e30.sig") == (401, "Jwt header is an invalid Base64url encoded")
+    assert refused(a, "a.e30.sig") == (401, "Jwt header is an invalid Base64url encoded")  # 1 char: no byte
     assert refused(a, _b64(b"not json") + ".e30.sig") == (401, "Jwt header is an invalid JSON")
     assert refused(a, _b64(b'{"kid": "x"}') + ".e30.sig") == (401, "Jwt header [alg] field is required and must be a string")
     head = _b64(b'{"alg": "RS256"}')
@@ -278,3 +278,24 @@ def test_jwks_loading_errors() -> None:
 def test_www_authenticate_realm() -> None:
     assert J.www_authenticate(b"http", b"h:80", b"/p") == b'Bearer realm="http://h:80/p", error="invalid_token"'
     assert len(J.www_authenticate(b"http", b"h", b"/" + b"a" * 500)) == len(b'Bearer realm="", error="invalid_token"') + 256
+
+
+def test_extraction_follows_envoys_extractor() -> None:
+    a = auth()
+    token = sign()
+    # The prefix may appear anywhere; the token starts at the first base64url
+    # character after it and runs to the end (as Envoy 1.40 does).
+    assert run(a, {"authorization": "Foo Bearer " + token}).identity is not None
+    assert run(a, {"authorization": "Bearer !!" + token}).identity is not None
+    assert refused(a, token + ", other") == (401, "Jwt signature is an invalid Base64url encoded")
+    assert run(a, {"authorization": "bearer " + token}).identity is None  # case-sensitive prefix: no token
+    # Query parameters are percent-decoded.
+    assert run(a, query={"access_token": token.replace(".", "%2E")}).identity is not None
+
+
+def test_payload_and_claim_headers_are_removed_from_every_request() -> None:
+    rule = JWTRule(issuer=ISS, jwks=json.dumps(RSA_JWKS), output_payload_to_header="x-payload",
+                   output_claim_to_headers=(ClaimToHeader("x-sub", "sub"),))
+    out = run(auth([rule]), {"x-sub": "admin", "x-payload": "forged", "x-other": "kept"})
+    assert out.identity is None
+    assert set(out.remove) == {b"x-sub", b"x-payload"} and out.add == ()
