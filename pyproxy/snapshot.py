@@ -126,6 +126,10 @@ class BuildContext:
     certs: Any = None
 
 
+# A sidecar's note on a VirtualService meant for gateways (validate, which
+# analyzes the gateways too, leaves it out).
+GATEWAY_ONLY = "bound only to gateways"
+
 # What a resolved destination came to: (canonical host, cluster, clusters by
 # port, warning or "").
 Resolution = tuple[str, "Cluster | None", tuple[tuple[int, Cluster], ...], str]
@@ -815,6 +819,9 @@ class _Builder:
                 self.warn(f"{where}: gateway {', '.join(missing)} is not defined in the config (a proxy run "
                           f"with --gateway {missing[0]} serves the VirtualService's own hosts)")
             mesh = not vs.gateways or "mesh" in vs.gateways
+            if not mesh and not self.identity.gateway:
+                self.warn(f"{where}: {GATEWAY_ONLY} {', '.join(vs.gateways)}: sidecars ignore it, "
+                          f"only a proxy run with --gateway applies it (add 'mesh' to apply it to sidecars)")
             hosts = [canonical_host(h, vs.meta.namespace) for h in vs.hosts]
             if mesh and hosts and not any(covered(h) for h in hosts):
                 self.warn(f"{where}: none of its hosts ({', '.join(hosts)}) is a service in the registry: "

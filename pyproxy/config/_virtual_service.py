@@ -150,13 +150,9 @@ def parse_virtual_service(meta: Meta, spec: Node) -> VirtualService:
     rep = spec.rep
     hosts = spec.strings("hosts")
     gateways = spec.strings("gateways")
+    # Bound only to gateways: sidecars ignore it and say so (snapshot.py); a
+    # gateway proxy, for which it is meant, does not.
     applies_to_mesh = not gateways or "mesh" in gateways
-    if gateways and not applies_to_mesh:
-        spec.warn(
-            "gateways",
-            f"bound only to gateways {', '.join(gateways)}; does not apply to sidecar traffic, only "
-            "to a proxy run with --gateway (add 'mesh' to apply it to sidecars)",
-        )
     _check_hosts(spec, hosts, applies_to_mesh)
     if not any(spec.get(k) for k in ("http", "tcp", "tls")):
         spec.rep.error(spec.path, "one of http, tcp or tls must be provided")

@@ -508,10 +508,11 @@ def test_without_headers_regex_star_means_present() -> None:
     assert rule.match[0].without_headers == (("x-a", StringMatch("present")),)
 
 
-def test_gateway_only_virtual_service_is_parsed_with_a_warning() -> None:
+def test_gateway_only_virtual_service_is_parsed() -> None:
+    # The "sidecars ignore it" warning is the sidecar's (tests/unit/test_validate.py).
     cfg = ok(vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n"))
     assert cfg.resources[0].gateways == ("bookinfo-gateway",)  # type: ignore[union-attr]
-    assert has_diag(cfg.warnings, "t.yaml#0: spec.gateways", "does not apply to sidecar traffic")
+    assert cfg.warnings == ()
 
 
 def test_gateways_including_mesh_give_no_gateway_warning() -> None:

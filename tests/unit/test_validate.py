@@ -112,3 +112,18 @@ def test_validate_cli_prints_findings_as_warnings_and_exits_0(tmp_path: Path,
     assert out == "1 files, 4 resources: OK\n"
     assert err == (f"warning: {tmp_path}/a.yaml#3: DestinationRule default/ghost: host "
                    "ghost.default.svc.cluster.local is not in the service registry: the rule has no effect\n")
+
+
+def test_a_sidecar_says_it_ignores_a_gateways_virtual_service_and_the_gateway_does_not() -> None:
+    gw = doc("Gateway", "selector: {istio: ingressgateway}\nservers:\n- port: {number: 80, name: http, protocol: HTTP}\n"
+                        "  hosts: ['*']", name="gw")
+    vs = doc("VirtualService", "hosts: ['*']\ngateways: [gw]\nhttp:\n- route: [{destination: {host: ratings}}]",
+             name="ingress")
+    cfg = load_text(f"{SERVICES}---\n{gw}---\n{vs}", "m.yaml")
+    assert cfg.warnings == ()
+    note = ("m.yaml#4: VirtualService default/ingress: bound only to gateways gw: sidecars ignore it, only a proxy "
+            "run with --gateway applies it (add 'mesh' to apply it to sidecars)")
+    for identity, expected in ((ProxyIdentity(), [note]), (ProxyIdentity(gateway="default/gw"), [])):
+        ctx = BuildContext(StubLoop(), random.Random(0))  # type: ignore[arg-type]
+        assert build_snapshot(cfg, identity, ctx).warnings == expected, identity
+    assert validate.analyze(cfg) == []  # validate analyzes the gateway as well: no finding
