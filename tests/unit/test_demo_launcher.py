@@ -140,12 +140,15 @@ def test_every_scenario_loads_and_builds_cleanly_for_every_local_proxy(scenario:
         (tmp_path / "routing.yaml").write_text((BOOKINFO_CONFIG / scenario).read_text())
     paths = [str(tmp_path), str(BOOKINFO_CONFIG / "gateway.yaml")]
     assert validate_main(paths) == 0, capsys.readouterr()
-    loaded = load_paths(paths)
-    identities = [ProxyIdentity(workload=p.name, labels=(("app", p.app), ("version", p.version))) for p in PODS]
-    identities.append(ProxyIdentity(workload="istio-ingressgateway", gateway="default/bookinfo-gateway"))
+    # What each proxy reads (launcher.py): the sidecars the mesh dir, the ingress gateway.yaml too.
+    sidecar_config, ingress_config = load_paths(paths[:1]), load_paths(paths)
+    identities = [(ProxyIdentity(workload=p.name, labels=(("app", p.app), ("version", p.version))), sidecar_config)
+                  for p in PODS]
+    identities.append((ProxyIdentity(workload="istio-ingressgateway", gateway="default/bookinfo-gateway"),
+                       ingress_config))
     loop = asyncio.new_event_loop()
     try:
-        for identity in identities:
+        for identity, loaded in identities:
             snap = build_snapshot(loaded, identity, BuildContext(loop, random.Random(0)))
             assert snap.warnings == [], (identity.workload, snap.warnings)
     finally:
