@@ -189,7 +189,9 @@ class InboundAcceptor:
                 TLS_STATS["ssl.connection_error"] += 1
                 if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc).upper():
                     TLS_STATS["ssl.fail_verify_error"] += 1
-                elif isinstance(exc, TimeoutError):
+                elif isinstance(exc, TimeoutError) or "longer than" in str(exc):
+                    # (asyncio/uvloop abort a slow handshake with ConnectionAbortedError
+                    # "SSL handshake is taking longer than N seconds".)
                     TLS_STATS["downstream_pre_cx_timeout"] += 1
                 log.debug("inbound TLS handshake failed: %s", exc)
                 conn.close()

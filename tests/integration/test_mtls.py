@@ -4,6 +4,7 @@ real TLS (stdlib ssl, certificates from pyproxy's own CA)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import re
 import shutil
@@ -306,3 +307,222 @@ async def test_tls_without_client_certificate_is_refused_by_strict(creds: dict[s
             assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
     assert head.startswith(b"HTTP/1.1 200")
     assert [s.path for s in app.seen] == ["/with-cert"]
+
+
+# -- TLS origination (SIMPLE) ------------------------------------------------------------------------
+
+
+def _server_cert(ca_dir: Path, out: Path, dns: str) -> None:
+    """A plain TLS server certificate for ``dns`` from the test CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from pyproxy.security.ca import cert_pem, key_pem, load_ca, new_key
+
+    loaded = load_ca(ca_dir)
+    key = new_key("ec")
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+            .issuer_name(loaded.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(loaded.key, hashes.SHA256()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cert.pem").write_bytes(cert_pem(cert) + loaded.chain_pem)
+    (out / "key.pem").write_bytes(key_pem(key))
+
+
+@pytest.mark.parametrize("case", ["ok", "system-roots", "wrong-host", "insecure"])
+async def test_simple_tls_origination(ca: Path, tmp_path: Path, case: str) -> None:
+    """Istio's Egress TLS Origination task, locally: the app sends plain HTTP
+    to port 80, the sidecar speaks TLS to the endpoint (targetPort), SNI and
+    the hostname check from the destination host, roots from caCertificates
+    (or the system's, which do not know the test CA)."""
+    cert_host = "other.example.test" if case == "wrong-host" else "api.example.test"
+    _server_cert(ca, tmp_path / "server", cert_host)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "server" / "cert.pem", tmp_path / "server" / "key.pem")
+    seen_sni: list[str | None] = []
+    server_ctx.sni_callback = lambda obj, name, ctx: seen_sni.append(name)  # type: ignore[assignment,misc,func-returns-value]
+    tls = {"ok": f"{{mode: SIMPLE, caCertificates: {ca / 'root-cert.pem'}}}",
+           "system-roots": "{mode: SIMPLE}",
+           "wrong-host": f"{{mode: SIMPLE, caCertificates: {ca / 'root-cert.pem'}}}",
+           "insecure": "{mode: SIMPLE, insecureSkipVerify: true}"}[case]
+    from aiohttp import web
+
+    runner_app = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=f"tls={request.secure} host={request.host}")
+
+    runner_app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(runner_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [api.example.test]
+  ports: [{{number: 80, name: http-port, protocol: HTTP, targetPort: {port}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: default}}
+spec:
+  host: api.example.test
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls: {tls}
+"""
+    try:
+        with running_proxy(config) as proxy:
+            data = await raw_request(proxy.outbound, _get("api.example.test", "/politics"))
+            stats = http_get(proxy.admin_url + "/stats")[1].decode()
+    finally:
+        await runner.cleanup()
+    if case in ("ok", "insecure"):
+        assert data.startswith(b"HTTP/1.1 200"), data[:300]
+        assert data.endswith(b"tls=True host=api.example.test")
+        assert seen_sni and set(seen_sni) == {"api.example.test"}
+        assert "ssl.handshake: 1" in stats
+    else:
+        assert data.startswith(b"HTTP/1.1 503"), data[:300]  # UF: the certificate is not trusted / not for the host
+        assert "ssl.handshake: 0" in stats and "ssl.fail_verify_error: 3" in stats
+
+
+# -- hostile clients against the inbound TLS inspector ----------------------------------------------
+
+
+def _client_hello() -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["istio-http/1.1", "istio", "http/1.1"])
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="x")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """The server closed (EOF or reset) the connection within ``seconds``."""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), seconds)
+            if not chunk:
+                return True
+    except (ConnectionError, OSError):
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_hostile_handshakes_are_cut_and_others_served(creds: dict[str, Path]) -> None:
+    async with Upstream("reviews") as app:
+        with running_proxy(MESH + strict(), app_port=app.port,
+                           args=["--certs", str(creds["bookinfo-reviews"]), "--request-header-timeout", "1"]
+                           ) as server:
+            with running_proxy(reviews_entry(server.inbound),
+                               args=["--certs", str(creds["bookinfo-productpage"])]) as client:
+                hello = _client_hello()
+                opened = []
+                for _ in range(4):
+                    opened.append(await asyncio.open_connection("127.0.0.1", server.inbound))
+                silent, trickle, oversize, hugehello = opened
+                # An oversized TLS record (over 2^14 + 2048 bytes) and a ClientHello claiming 1 MiB.
+                oversize[1].write(b"\x16\x03\x01\xff\xff" + b"\x00" * 100)
+                hugehello[1].write(b"\x16\x03\x01\x40\x00\x01\x10\x00\x00" + b"\x00" * 100)
+                # A ClientHello trickled a byte at a time while a mesh client is served.
+                served = []
+                for i, byte in enumerate(hello[:200]):
+                    trickle[1].write(bytes([byte]))
+                    await asyncio.sleep(0.002)
+                    if i % 50 == 0:
+                        served.append(await raw_request(client.outbound, _get(REVIEWS, f"/during{i}")))
+                assert await _closed_within(oversize[0], 5)
+                assert await _closed_within(hugehello[0], 5)
+                # The silent one and the one whose hello never completes are cut by the
+                # header timeout (1 s); the proxy keeps serving meanwhile.
+                assert await _closed_within(silent[0], 5)
+                assert await _closed_within(trickle[0], 5)
+                served.append(await raw_request(client.outbound, _get(REVIEWS, "/after")))
+                for _, w in opened:
+                    w.close()
+                stats = http_get(server.admin_url + "/stats")[1].decode()
+    assert all(r.startswith(b"HTTP/1.1 200") for r in served), [r[:100] for r in served]
+    assert [s.path for s in app.seen] == ["/during0", "/during50", "/during100", "/during150", "/after"]
+    assert "downstream_pre_cx_timeout: 2" in stats
+    assert "tls_inspector.client_hello_too_large: 1" in stats
+    assert "no_filter_chain_match: 1" in stats  # the oversized record is not TLS to the inspector
+
+
+async def test_never_finished_handshake_is_cut(creds: dict[str, Path]) -> None:
+    """A complete ClientHello, then silence: the handshake timeout (the
+    header timeout) closes it."""
+    async with Upstream("reviews"):
+        with running_proxy(MESH + strict(), args=["--certs", str(creds["bookinfo-reviews"]),
+                                                  "--request-header-timeout", "1"]) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.inbound)
+            writer.write(_client_hello())
+            assert await _closed_within(reader, 5)
+            writer.close()
+            stats = http_get(server.admin_url + "/stats")[1].decode()
+    assert "downstream_pre_cx_timeout: 1" in stats and "ssl.handshake: 0" in stats
+
+
+# -- rotation under load ------------------------------------------------------------------------------
+
+
+async def test_rotation_under_load_fails_nothing(ca: Path, tmp_path: Path) -> None:
+    """Both sidecars' certificates are re-issued several times while requests
+    flow (one new mTLS connection per request): every request succeeds and
+    later handshakes present the new certificates."""
+    for sa in ("bookinfo-productpage", "bookinfo-reviews"):
+        issue_to_dir(ca, tmp_path / sa, "default", sa)
+    pool = f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: {REVIEWS}
+  trafficPolicy: {{connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}}}
+"""
+    results: list[bytes] = []
+    async with Upstream("reviews") as app:
+        with running_proxy(MESH + strict(), app_port=app.port,
+                           args=["--certs", str(tmp_path / "bookinfo-reviews"), "--watch-interval", "0.1"]) as server:
+            with running_proxy(reviews_entry(server.inbound, pool), args=[
+                    "--certs", str(tmp_path / "bookinfo-productpage"), "--watch-interval", "0.1"]) as client:
+                stop = asyncio.Event()
+
+                async def load() -> None:
+                    i = 0
+                    while not stop.is_set():
+                        results.append(await raw_request(client.outbound, _get(REVIEWS, f"/{i}")))
+                        i += 1
+
+                loaders = [asyncio.create_task(load()) for _ in range(4)]
+                for _ in range(3):
+                    await asyncio.sleep(0.4)
+                    issue_to_dir(ca, tmp_path / "bookinfo-productpage", "default", "bookinfo-productpage")
+                    issue_to_dir(ca, tmp_path / "bookinfo-reviews", "default", "bookinfo-reviews")
+                await asyncio.sleep(0.6)
+                stop.set()
+                await asyncio.gather(*loaders)
+                client_stats = http_get(client.stats_url + "/stats/prometheus")[1].decode()
+    failed = [r[:120] for r in results if not r.startswith(b"HTTP/1.1 200")]
+    assert len(results) > 20 and failed == [], failed
+    hashes = {s.headers["x-forwarded-client-cert"].split(";")[1] for s in app.seen}
+    assert len(hashes) >= 3  # the client's new certificates were presented
+    assert 'pyproxy_workload_cert_reloads_total{result="success"} 3.0' in client_stats
