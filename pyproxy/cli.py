@@ -243,6 +243,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--pod-subnet", default="127.0.0.0/24", metavar="CIDR",
                       help="loopback network for the pods' addresses (.10 ingress, .11-.16 pods)")
     demo.add_argument("--log-level", default="warning", help="the proxies' log level")
+    demo.add_argument("--mtls", choices=("on", "off"), default="on",
+                      help="issue each sidecar a certificate from a fresh mesh CA (default: on)")
     from .canary.cli import add_arguments as add_canary_args
 
     add_canary_args(sub.add_parser("canary", help="progressive delivery: a Flagger Canary's analysis (run, status)"))

@@ -185,7 +185,8 @@ def _workload_entry(
             ports.append((name, number))
     if address.startswith(UNIX_PREFIX) and ports:
         node.error("ports", "must not be set for a unix:// address")
-    for key in ("network", "locality", "serviceAccount"):
+    # serviceAccount is used: auto mTLS (tlsMode) and the SANs ISTIO_MUTUAL expects.
+    for key in ("network", "locality"):
         if node.has(key):
             node.warn(key, "parsed, but not implemented by pyproxy: it has no effect")
     weight = node.integer("weight", lo=0, hi=UINT32_MAX)

@@ -63,6 +63,8 @@ ADMIN_PORT = 15000
 STATS_PORT = 15090
 INGRESS_HOST_NUMBER = 10
 GATEWAY_NAME = "bookinfo-gateway"
+MTLS_DR_FILE = "destination-rule-all-mtls.yaml"
+STRICT_FILE = "peer-authentication-strict.yaml"
 REGISTRY_FILE = "services.yaml"
 ROUTING_FILE = "routing.yaml"
 # Where the scenario files live (a source checkout; `make.py demo` installs in editable mode).
@@ -143,6 +145,29 @@ def pod_address(subnet: ipaddress.IPv4Network, host_number: int) -> str:
     return str(subnet.network_address + host_number)
 
 
+def service_account(app: str) -> str:
+    """Bookinfo's service accounts (bookinfo.yaml): bookinfo-<app>."""
+    return f"bookinfo-{app}"
+
+
+# The ingress gateway's identity (Istio: istio-ingressgateway-service-account
+# in istio-system; here in the demo's one namespace).
+GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
+
+
+def issue_certificates(directory: Path) -> dict[str, Path]:
+    """A mesh CA (pyproxy ca init) and one workload certificate per pod and
+    for the ingress, in istio-agent's file-mounted layout: {pod name: dir}."""
+    from ..security.ca import init_ca, issue_to_dir
+
+    init_ca(directory / "ca")
+    out = {}
+    for name, sa in [("ingress", GATEWAY_SERVICE_ACCOUNT), *((p.name, service_account(p.app)) for p in PODS)]:
+        out[name] = directory / name
+        issue_to_dir(directory / "ca", out[name], "default", sa)
+    return out
+
+
 def render_registry(subnet: ipaddress.IPv4Network) -> str:
     """The ServiceEntries for the local pods: one per service, its endpoints
     the pods' sidecar inbound listeners, labelled app and version."""
@@ -173,6 +198,9 @@ def render_registry(subnet: ipaddress.IPv4Network) -> str:
                     f"  - address: {pod_address(subnet, pod.host_number)}",
                     f"    ports: {{http: {INBOUND_PORT}}}",
                     f"    labels: {{app: {pod.app}, version: {pod.version}}}",
+                    # Istio's Bookinfo service accounts: auto mTLS to this endpoint,
+                    # and the server identity the client sidecar expects.
+                    f"    serviceAccount: {service_account(pod.app)}",
                 ]
     return "\n".join(out) + "\n"
 
@@ -319,6 +347,8 @@ class Mesh:
     ingress: tuple[str, int]
     log_level: str = "warning"
     out: IO[str] = field(default_factory=lambda: sys.stdout)
+    # Workload certificate directories by pod name ("ingress" too); empty = no mTLS.
+    certs: dict[str, Path] = field(default_factory=dict)
     sidecars: list[Child] = field(default_factory=list)
     apps: list[Child] = field(default_factory=list)
     stop_requested: int = 0
@@ -373,7 +403,7 @@ class Mesh:
              "--outbound", f"{host}:{port}", "--inbound", f"{gw_pod}:{INBOUND_PORT}",
              "--app", f"{gw_pod}:{APP_PORT}", "--admin", f"{gw_pod}:{ADMIN_PORT}",
              "--stats", f"{gw_pod}:{STATS_PORT}", "--access-log", str(self.log_dir / "ingress.access.log"),
-             *common],
+             *self.certs_args("ingress"), *common],
             self.log_dir / "ingress.log", f"http://{gw_pod}:{STATS_PORT}/healthz/ready", env,
         ))
         for pod in PODS:
@@ -384,7 +414,8 @@ class Mesh:
                  "--workload", pod.name, "--labels", f"app={pod.app},version={pod.version}",
                  "--outbound", f"{ip}:{OUTBOUND_PORT}", "--inbound", f"{ip}:{INBOUND_PORT}",
                  "--app", f"{ip}:{APP_PORT}", "--admin", f"{ip}:{ADMIN_PORT}", "--stats", f"{ip}:{STATS_PORT}",
-                 "--access-log", str(self.log_dir / f"{pod.name}.access.log"), *common],
+                 "--access-log", str(self.log_dir / f"{pod.name}.access.log"), *self.certs_args(pod.name),
+                 *common],
                 self.log_dir / f"{pod.name}.sidecar.log", f"http://{ip}:{STATS_PORT}/healthz/ready", env,
             ))
             app_env = dict(env)
@@ -396,6 +427,9 @@ class Mesh:
                  *bad_release_args(pod, env)],
                 self.log_dir / f"{pod.name}.app.log", f"http://{ip}:{APP_PORT}/health", app_env,
             ))
+
+    def certs_args(self, name: str) -> list[str]:
+        return ["--certs", str(self.certs[name])] if name in self.certs else ["--certs", "off"]
 
     def children(self) -> list[Child]:
         return [*self.sidecars, *self.apps]
@@ -560,6 +594,20 @@ def banner(mesh: Mesh) -> str:
     lines += [
         f"  rm {cfg}/{AUTHZ_FILE}    # no policies",
         "",
+    ]
+    if mesh.certs:
+        lines += [
+            "Mutual TLS is on: every sidecar has a bookinfo-<app> certificate from the demo's own CA",
+            f"({_shown(mesh.certs['ingress'].parent / 'ca')}); sidecars talk mTLS (auto mTLS), plaintext is still",
+            "accepted (PERMISSIVE). Istio's Mutual TLS tasks:",
+            f"  cp {scen}/{MTLS_DR_FILE} {cfg}/    # DestinationRules with tls ISTIO_MUTUAL",
+            f"  cp {scen}/{STRICT_FILE} {cfg}/    # STRICT: plaintext is refused",
+            f"  curl -s http://{pp}:{STATS_PORT}/stats/prometheus | grep connection_security_policy",
+            "",
+        ]
+    else:
+        lines += ["Mutual TLS is off (--mtls off).", ""]
+    lines += [
         f"Proxies: admin http://<pod>:{ADMIN_PORT}/server_info, stats http://<pod>:{STATS_PORT}/stats/prometheus",
         "  " + ", ".join(f"{p.name} {pod_address(mesh.subnet, p.host_number)}" for p in PODS)
         + f", ingress {mesh.ingress_admin}",
@@ -593,6 +641,8 @@ def main(args: argparse.Namespace) -> int:
     log_dir = workdir / "logs"
     log_dir.mkdir()
     mesh = Mesh(config_dir, log_dir, subnet, ingress, log_level=args.log_level, out=out)
+    if getattr(args, "mtls", "on") == "on":
+        mesh.certs = issue_certificates(workdir / "certs")
 
     def on_signal(signum: int, frame: object) -> None:
         mesh.stop_requested += 1

@@ -413,6 +413,85 @@ async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
 # --------------------------------------------------------------------------- bad input, shutdown
 
 
+ISTIO_MTLS_DR = Path("/work/shared/reference/istio/bookinfo/destination-rule-all-mtls.yaml")
+PP_PRINCIPAL = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+
+
+async def add_config(demo: Demo, name: str, source: Path | None) -> None:
+    """Add (or, with None, remove) a file in the mesh config directory next to
+    routing.yaml and wait until every proxy has reloaded."""
+    before = demo.config_versions()
+    target = demo.config_dir / name
+    if source is None:
+        target.unlink()
+    else:
+        tmp = demo.config_dir / f".{name}.tmp"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while not all(v > before[p] for p, v in demo.config_versions().items()):
+        assert time.monotonic() < deadline, demo.text()[-2000:]
+        await asyncio.sleep(0.2)
+
+
+def mtls_requests_at(demo: Demo, pod: str) -> dict[tuple[str, str], int]:
+    """istio_requests_total at a pod's sidecar (reporter=destination) by
+    (source_principal, connection_security_policy)."""
+    status, body = http_get(f"http://{demo.ip(pod)}:15090/stats/prometheus", timeout=5)
+    assert status == 200
+    out: dict[tuple[str, str], int] = collections.Counter()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "istio_requests_total" and sample.labels.get("reporter") == "destination":
+                key = (sample.labels["source_principal"], sample.labels["connection_security_policy"])
+                out[key] += int(sample.value)
+    return out
+
+
+async def _plaintext_to(ip: str) -> bytes:
+    reader, writer = await asyncio.open_connection(ip, 15006)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_sidecars_use_mtls_and_istio_mtls_destination_rules_and_strict_work(demo: Demo) -> None:
+    """Istio's Mutual TLS tasks on the demo: auto mTLS between the sidecars,
+    destination-rule-all-mtls (the project's copy of Istio's sample), then a
+    mesh-wide STRICT PeerAuthentication: pages keep working, plaintext to a
+    sidecar's inbound port is refused."""
+    demo.apply("virtual-service-all-v1.yaml")
+    before = mtls_requests_at(demo, "reviews-v1")
+    assert await page_kinds(demo.url, 3, 1) == {"none": 3}
+    after = mtls_requests_at(demo, "reviews-v1")
+    assert after[(PP_PRINCIPAL, "mutual_tls")] - before[(PP_PRINCIPAL, "mutual_tls")] == 3, after
+    await add_config(demo, "destination-rule-all-mtls.yaml", SCENARIOS / "destination-rule-all-mtls.yaml")
+    await add_config(demo, "peer-authentication-strict.yaml", SCENARIOS / "peer-authentication-strict.yaml")
+    try:
+        assert await page_kinds(demo.url, 3, 1) == {"none": 3}
+        # No sidecar, no certificate: refused (reset) by reviews-v1's STRICT inbound.
+        assert await _plaintext_to(demo.ip("reviews-v1")) == b""
+    finally:
+        await add_config(demo, "peer-authentication-strict.yaml", None)
+        await add_config(demo, "destination-rule-all-mtls.yaml", None)
+    # PERMISSIVE again: plaintext is served.
+    assert (await _plaintext_to(demo.ip("reviews-v1"))).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.skipif(not ISTIO_MTLS_DR.is_file(), reason=f"{ISTIO_MTLS_DR} (Istio's sample) is not available")
+async def test_istio_destination_rule_all_mtls_works_unchanged(demo: Demo) -> None:
+    demo.apply("virtual-service-all-v1.yaml")
+    await add_config(demo, "destination-rule-all-mtls.yaml", ISTIO_MTLS_DR)
+    try:
+        assert await page_kinds(demo.url, 3, 1) == {"none": 3}
+    finally:
+        await add_config(demo, "destination-rule-all-mtls.yaml", None)
+
+
 async def test_invalid_scenario_file_is_rejected_and_routing_is_kept(demo: Demo) -> None:
     demo.apply("virtual-service-reviews-v3.yaml")
     before = demo.config_versions()
