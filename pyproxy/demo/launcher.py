@@ -150,8 +150,7 @@ def service_account(app: str) -> str:
     return f"bookinfo-{app}"
 
 
-# The ingress gateway's identity (Istio: istio-ingressgateway-service-account
-# in istio-system; here in the demo's one namespace).
+# The ingress gateway's identity, as in Istio: istio-system/istio-ingressgateway-service-account.
 GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
 
 
@@ -162,9 +161,10 @@ def issue_certificates(directory: Path) -> dict[str, Path]:
 
     init_ca(directory / "ca")
     out = {}
-    for name, sa in [("ingress", GATEWAY_SERVICE_ACCOUNT), *((p.name, service_account(p.app)) for p in PODS)]:
+    pods = [(p.name, "default", service_account(p.app)) for p in PODS]
+    for name, namespace, sa in [("ingress", "istio-system", GATEWAY_SERVICE_ACCOUNT), *pods]:
         out[name] = directory / name
-        issue_to_dir(directory / "ca", out[name], "default", sa)
+        issue_to_dir(directory / "ca", out[name], namespace, sa)
     return out
 
 

@@ -254,6 +254,12 @@ class DownstreamConnection:
         peer = self.tls_peer
         return peer.uri if peer is not None else ""
 
+    @property
+    def sni(self) -> str:
+        """The server name an inbound mTLS client asked for ("" on plaintext)."""
+        peer = self.tls_peer
+        return peer.sni if peer is not None else ""
+
     # -- asyncio.Protocol --------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:

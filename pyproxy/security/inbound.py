@@ -48,12 +48,13 @@ _PEEK_RETRY_MAX = 0.05
 class TLSPeer:
     """The authenticated peer of one inbound mTLS connection."""
 
-    __slots__ = ("uri", "xfcc", "namespace")
+    __slots__ = ("uri", "xfcc", "namespace", "sni")
 
-    def __init__(self, uri: str, xfcc: bytes, namespace: str) -> None:
+    def __init__(self, uri: str, xfcc: bytes, namespace: str, sni: str = "") -> None:
         self.uri = uri
         self.xfcc = xfcc
         self.namespace = namespace
+        self.sni = sni  # the ClientHello's server name (AuthorizationPolicy connection.sni)
 
 
 def xfcc_value(local_uri: str, peer_der: bytes, peer_uris: list[str]) -> bytes:
@@ -64,7 +65,7 @@ def xfcc_value(local_uri: str, peer_der: bytes, peer_uris: list[str]) -> bytes:
     return ";".join(parts).encode()
 
 
-def verify_client(transport: Any, certs: CertStore) -> TLSPeer | None:
+def verify_client(transport: Any, certs: CertStore, sni: str = "") -> TLSPeer | None:
     """After the handshake (the chain was checked by OpenSSL): the client's
     URI SAN must be in our trust domain. None = refuse (counted)."""
     creds = certs.current
@@ -85,7 +86,7 @@ def verify_client(transport: Any, certs: CertStore) -> TLSPeer | None:
     der = sslobj.getpeercert(binary_form=True) or b""
     uri = next(u for u in uris if u.startswith(prefix))
     ident = parse_spiffe(uri)
-    return TLSPeer(uri, xfcc_value(creds.uri, der, uris), ident.namespace if ident else "")
+    return TLSPeer(uri, xfcc_value(creds.uri, der, uris), ident.namespace if ident else "", sni)
 
 
 class InboundAcceptor:
@@ -105,8 +106,6 @@ class InboundAcceptor:
         self.sock = sock
         self.task = self.listener.worker.loop.create_task(self._accept_loop())
 
-    def _verify(self, transport: Any) -> TLSPeer | None:
-        return verify_client(transport, self.certs)
 
     def close(self) -> None:
         if self.task is not None:
@@ -152,6 +151,7 @@ class InboundAcceptor:
         try:
             mode = self._mode(conn)
             use_tls = False
+            sni = ""
             if mode != "DISABLE":
                 hello = await self._peek(conn, timeout)
                 if hello is None:  # closed by the client before sending anything
@@ -176,6 +176,7 @@ class InboundAcceptor:
                         self._refuse(conn)
                         return
                     use_tls = True
+                    sni = hello.sni
             if not use_tls:
                 await loop.connect_accepted_socket(listener._new_connection, conn)
                 return
@@ -183,7 +184,8 @@ class InboundAcceptor:
             assert creds is not None
             try:
                 await loop.connect_accepted_socket(
-                    lambda: listener._new_tls_connection(self._verify), conn, ssl=creds.server_context,
+                    lambda: listener._new_tls_connection(lambda t: verify_client(t, self.certs, sni)),
+                    conn, ssl=creds.server_context,
                     ssl_handshake_timeout=timeout)
             except (ssl.SSLError, OSError, TimeoutError) as exc:
                 TLS_STATS["ssl.connection_error"] += 1

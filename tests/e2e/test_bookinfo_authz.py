@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from pyproxy.demo.apps import RATINGS_ERROR
 from pyproxy.demo.templates import DETAILS_UNAVAILABLE, REVIEWS_UNAVAILABLE
 from tests.e2e.test_bookinfo import POD_HOSTS, RELOAD_TIMEOUT, SCENARIOS, Demo, _start_demo
 
@@ -68,13 +69,23 @@ async def test_authz_http_task(demo: Demo) -> None:
     assert status == 200
     assert DETAILS_UNAVAILABLE in body and REVIEWS_UNAVAILABLE in body
 
-    # Step 3: details/reviews allow productpage's mTLS identity. This demo's
-    # sidecars talk plaintext, so the callers have no principal and the rules
-    # never match (Istio needs mTLS for them too): still unavailable.
+    # Step 3: details/reviews allow productpage's mTLS identity (the demo's
+    # sidecars talk mTLS): details and reviews are back; ratings is still
+    # denied, so reviews v2/v3 show ratings unavailable (v1 calls no ratings).
     await apply_authz(demo, "authz-details-reviews-viewer.yaml")
-    status, body = await page(demo)
-    assert status == 200
-    assert DETAILS_UNAVAILABLE in body and REVIEWS_UNAVAILABLE in body
+    for _ in range(6):
+        status, body = await page(demo)
+        assert status == 200
+        assert DETAILS_UNAVAILABLE not in body and REVIEWS_UNAVAILABLE not in body
+        assert "glyphicon-star" not in body  # no ratings reach any page
+    # Step 4: ratings allows reviews' identity: the whole page.
+    await apply_authz(demo, "authz-ratings-viewer.yaml")
+    stars = 0
+    for _ in range(6):
+        status, body = await page(demo)
+        assert status == 200 and RATINGS_ERROR not in body and DETAILS_UNAVAILABLE not in body
+        stars += "glyphicon-star" in body
+    assert stars > 0  # reviews v2/v3 got their ratings
 
     await apply_authz(demo, None)
     status, body = await page(demo)

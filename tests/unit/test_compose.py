@@ -73,9 +73,15 @@ def is_canary(svc: dict[str, Any]) -> bool:
     return is_pyproxy(svc) and svc.get("entrypoint", [None])[:3] == ["pyproxy", "canary", "run"]
 
 
+def is_ca(svc: dict[str, Any]) -> bool:
+    """The one-shot mesh CA step (pyproxy ca init/issue)."""
+    return is_pyproxy(svc) and "pyproxy ca init" in str(svc.get("command", ""))
+
+
 def proxies() -> dict[str, dict[str, Any]]:
     """Every service running `pyproxy run` (sidecars and ingresses)."""
-    return {n: s for n, s in services().items() if is_pyproxy(s) and not is_init(s) and not is_canary(s)}
+    return {n: s for n, s in services().items()
+            if is_pyproxy(s) and not is_init(s) and not is_canary(s) and not is_ca(s)}
 
 
 def apps() -> dict[str, dict[str, Any]]:
@@ -108,7 +114,19 @@ def mounts(svc: dict[str, Any]) -> dict[str, Path]:
     out = {}
     for spec in svc.get("volumes", ()):
         source, target, *_ = spec.split(":")
+        if not source.startswith((".", "/")):
+            continue  # a named volume (the mesh CA's certs), not a host path
         out[target] = (COMPOSE_DIR / source).resolve()
+    return out
+
+
+def named_mounts(svc: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Container path -> (named volume, read-only)."""
+    out = {}
+    for spec in svc.get("volumes", ()):
+        source, target, *mode = spec.split(":")
+        if not source.startswith((".", "/")):
+            out[target] = (source, mode == ["ro"])
     return out
 
 
@@ -517,3 +535,45 @@ def test_canary_controller_uses_the_prometheus_and_the_mesh(capsys: pytest.Captu
     job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "pyproxy-canary")
     assert job["static_configs"][0]["targets"] == [f"{name}:{args.metrics.rpartition(':')[2]}"]
     assert svc["profiles"] == ["canary"] and svc["healthcheck"] == {"disable": True}
+
+
+def test_every_proxy_gets_its_own_workload_certificate_from_the_mesh_ca_step() -> None:
+    """mTLS on Compose: a one-shot service makes the mesh CA (its key in a
+    volume no proxy mounts) and issues each workload's certificate into the
+    certs volume; every proxy mounts it read-only, points PYPROXY_CERTS at
+    its own service account's directory and starts after the step; the
+    registry's endpoints name the same service accounts."""
+    (ca_name,) = [n for n, svc in services().items() if is_ca(svc)]
+    ca = services()[ca_name]
+    script = ca["command"][0]
+    issued = dict(re.findall(r"--service-account (\S+) --out \$\$out/(\S+)", script))
+    loop = re.search(r"for sa in ([^;]+); do", script)
+    assert loop is not None
+    for sa in loop.group(1).split():
+        issued[sa] = sa
+    assert "ca=/var/lib/pyproxy/ca out=/etc/pyproxy/certs" in script and "pyproxy ca init $$ca" in script
+    assert named_mounts(ca) == {"/var/lib/pyproxy/ca": ("mesh-ca", False), "/etc/pyproxy/certs": ("certs", False)}
+    # Unprivileged: the image makes both mount points the proxy user's (new
+    # named volumes take the image directory's owner).
+    assert ca.get("user") is None
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "chown 1337:1337 /etc/pyproxy/certs /var/lib/pyproxy/ca" in dockerfile
+    sa_of_dir = {d: sa for sa, d in issued.items()}
+    for name, svc in proxies().items():
+        opts = run_options(svc)
+        directory = PurePosixPath(opts.certs)
+        assert directory.parent == PurePosixPath("/etc/pyproxy/certs"), name
+        assert named_mounts(svc).get("/etc/pyproxy/certs") == ("certs", True), name
+        assert "mesh-ca" not in {v for v, _ in named_mounts(svc).values()}, name
+        sa = sa_of_dir[directory.name]
+        if svc["environment"].get("PYPROXY_GATEWAY"):
+            assert sa == "istio-ingressgateway-service-account" and opts.namespace == "istio-system"
+        else:
+            app = dict(opts.labels)["app"]
+            assert sa == f"bookinfo-{app}", name
+            assert svc["depends_on"]["mesh-ca"] == {"condition": "service_completed_successfully"}, name
+    for registry in ("compose", "compose-transparent"):
+        cfg = load_paths([str(ROOT / "config" / "bookinfo" / registry / "services.yaml")])
+        for se in cfg.resources:
+            for ep in se.endpoints:  # type: ignore[union-attr]
+                assert ep.service_account == f"bookinfo-{dict(ep.labels)['app']}", (registry, ep)
