@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pyproxy.demo.launcher import _die_with_parent as die_with_parent
 from tests.harness import ROOT, http_get
+from tests.reference import reference, skip_unless_present
 
 pytestmark = pytest.mark.slow
 
@@ -413,7 +414,7 @@ async def test_trace_id_sent_to_productpage_reaches_ratings(demo: Demo) -> None:
 # --------------------------------------------------------------------------- bad input, shutdown
 
 
-ISTIO_MTLS_DR = Path("/work/shared/reference/istio/bookinfo/destination-rule-all-mtls.yaml")
+ISTIO_MTLS_DR = reference("istio/bookinfo/destination-rule-all-mtls.yaml")
 PP_PRINCIPAL = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
 
 
@@ -482,7 +483,7 @@ async def test_sidecars_use_mtls_and_istio_mtls_destination_rules_and_strict_wor
     assert (await _plaintext_to(demo.ip("reviews-v1"))).startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.skipif(not ISTIO_MTLS_DR.is_file(), reason=f"{ISTIO_MTLS_DR} (Istio's sample) is not available")
+@skip_unless_present(ISTIO_MTLS_DR)
 async def test_istio_destination_rule_all_mtls_works_unchanged(demo: Demo) -> None:
     demo.apply("virtual-service-all-v1.yaml")
     await add_config(demo, "destination-rule-all-mtls.yaml", ISTIO_MTLS_DR)

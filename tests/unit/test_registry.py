@@ -390,6 +390,7 @@ def test_cidr_addresses_warn_but_single_addresses_do_not() -> None:
 
 
 def test_unimplemented_endpoint_fields_warn() -> None:
+    # serviceAccount is implemented (auto mTLS and the expected SANs, docs/mtls.md): no warning.
     ws = warnings_of(doc("WorkloadEntry", "address: 10.0.0.1\nnetwork: n1\nlocality: eu/west\nserviceAccount: sa"))
     assert ws == [f"w.yaml#0: {f}: parsed, but not implemented by pyproxy: it has no effect"
-                  for f in ("spec.network", "spec.locality", "spec.serviceAccount")]
+                  for f in ("spec.network", "spec.locality")]
