@@ -159,6 +159,33 @@ async def test_a_config_warning_is_logged_once_across_hosts_workers_and_reloads(
         assert len(lines) == 1, lines
 
 
+async def test_the_most_recently_modified_file_wins_and_touching_it_reloads() -> None:
+    """Istio's tasks copied in order: the delay step, then the abort step,
+    both ``VirtualService svc``; the later copy wins although its name sorts
+    first, like ``kubectl apply`` in that order."""
+    async with Upstream("a") as a, Upstream("b") as b:
+        cfg = {"base.yaml": two_subsets(a.port, b.port)}
+        with running_proxy(cfg) as px:
+
+            def version_is(n: int) -> bool:
+                return px.admin_json("/config_dump")["version"] == n
+
+            async with aiohttp.ClientSession() as s:
+                delay = px.write_config("step-2-delay.yaml", route_to("a"))
+                os.utime(delay, (time.time() - 10, time.time() - 10))
+                await wait_for(lambda: version_is(2), timeout=10, what="the first step to load")
+                assert {await who(px, s) for _ in range(5)} == {"a"}
+                px.write_config("step-1-abort.yaml", route_to("b"))
+                await wait_for(lambda: version_is(3), timeout=10, what="the second step to load")
+                assert {await who(px, s) for _ in range(5)} == {"b"}  # although its name sorts first
+                dump = px.admin_json("/config_dump")
+                assert any("VirtualService default/svc is defined twice" in w and "step-1-abort.yaml wins" in w
+                           for w in dump["warnings"]), dump["warnings"]
+                os.utime(delay)  # touch: now the delay step is the latest
+                await wait_for(lambda: version_is(4), timeout=10, what="the touch to reload")
+                assert {await who(px, s) for _ in range(5)} == {"a"}
+
+
 async def test_reload_reparses_only_changed_files_and_drops_deleted_ones() -> None:
     """The parse cache and route reuse, seen through /config_dump's reload
     counters: an unchanged file is not parsed again, an edited one is, an
