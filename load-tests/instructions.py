@@ -4,6 +4,7 @@
     python load-tests/instructions.py                          # this tree, realistic config
     python load-tests/instructions.py --tree /tmp/before --tree .
     python load-tests/instructions.py -- --tracing off         # pyproxy flags after --
+    python load-tests/instructions.py --mtls                   # the TLS path: ISTIO_MUTUAL to mTLS upstreams
 
 Why: on a shared or virtualised 2-CPU machine, wrk rounds of the same
 build differ by ±15% (see load-tests/README.md), which hides most single
@@ -58,16 +59,22 @@ async def _client(port: int, conns: int, per_conn: int) -> None:
     await asyncio.gather(*(one() for _ in range(conns)))
 
 
-def count(tree: Path, requests: int, flags: list[str], wd: Path) -> int:
-    """Instructions the proxy process executed for start-up + ``requests``."""
+def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = False) -> int:
+    """Instructions the proxy process executed for start-up + ``requests``.
+    ``mtls``: the upstreams serve mutual TLS and the proxy reaches them by
+    ISTIO_MUTUAL (auto mTLS), as bench.py's pyproxy-mtls target."""
     ports = {"v1": [bench.free_port(), bench.free_port()], "v2": [bench.free_port(), bench.free_port()]}
     cfg = wd / "config"
     cfg.mkdir(exist_ok=True)
-    (cfg / "bench.yaml").write_text(bench.istio_bench_config(ports))
+    certs = bench.make_mesh_certs(wd) if mtls else None
+    (cfg / "bench.yaml").write_text(bench.istio_bench_config(ports, mtls=certs))
+    upstream_tls = ["--tls", str(certs.server)] if certs is not None else []
+    if certs is not None:
+        flags = [*flags, "--certs", str(certs.client)]
     procs: list[subprocess.Popen] = []
     try:
         for p in ports["v1"] + ports["v2"]:
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_upstream.py"), str(p)],
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_upstream.py"), *upstream_tls, str(p)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out = bench.free_port()
         log = wd / "proxy.log"
@@ -110,6 +117,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tree", action="append", type=Path,
                    help="a pyproxy source tree (repeatable; default: this checkout)")
     p.add_argument("--requests", type=int, default=1000, help="N: the runs send N and 5N requests")
+    p.add_argument("--mtls", action="store_true",
+                   help="the upstreams serve mutual TLS, the proxy originates ISTIO_MUTUAL (the TLS path)")
     p.add_argument("--trace-sampling", default="0",
                    help="percent (default 0: tracing on, nothing sampled, so runs are repeatable; "
                         "1%% adds the cost of exporting ~1%% of requests as spans, at random)")
@@ -124,10 +133,10 @@ def main(argv: list[str]) -> int:
         wd = Path(tempfile.mkdtemp(prefix="pyproxy-instr-"))
         try:
             t0 = time.monotonic()
-            small = count(tree.resolve(), args.requests, flags, wd)
-            large = count(tree.resolve(), args.requests * 5, flags, wd)
+            small = count(tree.resolve(), args.requests, flags, wd, args.mtls)
+            large = count(tree.resolve(), args.requests * 5, flags, wd, args.mtls)
             per = (large - small) / (args.requests * 4)
-            print(f"{tree}: {per:,.0f} instructions per request "
+            print(f"{tree}: {per:,.0f} instructions per request{' (mTLS upstreams)' if args.mtls else ''} "
                   f"(flags: {' '.join(flags) or '-'}; {time.monotonic() - t0:.0f} s)", flush=True)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
