@@ -572,4 +572,4 @@ async def test_large_bodies_and_websocket_over_mtls(creds: dict[str, Path]) -> N
                             assert msg.data == f"echo:m{i}"
                 stats = http_get(server.admin_url + "/stats")[1].decode()
     # Everything went over mTLS connections between the sidecars.
-    assert re.search(r"^ssl\.handshake: [1-9]", stats, re.M) and "no_filter_chain_match: 0" in stats
+    assert re.search(r"^ssl\.handshake: [1-9]", stats, re.MULTILINE) and "no_filter_chain_match: 0" in stats
