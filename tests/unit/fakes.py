@@ -331,3 +331,99 @@ spec:
   endpoints:
 {eps}
 """
+
+
+# -- stubs for routing and builder tests: record, never run -------------------
+
+
+class StubLoop:
+    """Enough of an event loop for building snapshots and routing single
+    requests: calls are recorded in ``scheduled`` as (delay, handle), nothing
+    is run (``FakeLoop`` above runs them on a manual clock)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.scheduled: list[tuple[float, StubHandle]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, cb: Any, *args: Any) -> Any:
+        handle = StubHandle(self.now + delay, cb, args)
+        self.scheduled.append((delay, handle))
+        return handle
+
+    def call_soon(self, cb: Any, *args: Any) -> Any:
+        return self.call_later(0, cb, *args)
+
+    def create_task(self, coro: Any) -> Any:
+        coro.close()  # connections are never opened in unit tests
+        return None
+
+
+class StubHandle:
+    def __init__(self, when: float, cb: Any, args: tuple) -> None:
+        self._when, self.cb, self.args, self.cancelled = when, cb, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def when(self) -> float:
+        return self._when
+
+
+class StubTransport:
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000), sock: tuple[str, int] = ("127.0.0.1", 15001)):
+        self.extra = {"peername": peer, "sockname": sock}
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class StubWorker:
+    def __init__(self, snapshot: Snapshot | None = None, seed: int = 1) -> None:
+        self.snapshot = snapshot
+        self.loop = StubLoop()
+        self.rng = random.Random(seed)
+        self.observer = None
+        self.limits = Limits()
+        self.certs = None  # no workload certificate: mTLS off
+
+
+class StubConn:
+    """The downstream connection as an Exchange uses it; responses written
+    to it are collected in ``written``."""
+
+    def __init__(self, worker: StubWorker | None = None, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+        self.worker = worker or StubWorker()
+        self.direction = OUTBOUND
+        self.listen_port = 15001
+        self.transport = StubTransport(peer)
+        self.peer_ip = peer[0]
+        self.peer_ip_bytes = peer[0].encode()
+        self.original_dst = None
+        self.draining = False
+        self.closed = False
+        self.tls_peer = None  # plaintext
+        self.written: list[bytes] = []
+        self.done: list[Any] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def exchange_done(self, ex: Any) -> None:
+        self.done.append(ex)
+
+    def pause_reading_for(self, ex: Any) -> None:
+        pass
+
+    def resume_reading_for(self, ex: Any) -> None:
+        pass
+
+    @property
+    def response(self) -> bytes:
+        return b"".join(self.written)

@@ -13,7 +13,8 @@ from pyproxy.config.loader import load_text
 from pyproxy.http.exchange import INBOUND
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot
 
-from .routing_util import FakeConn, FakeLoop, FakeWorker, head_of, request, service_entry
+from .fakes import StubConn, StubLoop, StubWorker
+from .routing_util import head_of, request, service_entry
 from .test_jwt import ISS, RSA_JWKS, sign
 
 APP = service_entry("reviews", [("10.0.0.1", 9080, {})])
@@ -23,7 +24,7 @@ def snap(text: str, *, gateway: str = "", labels: dict[str, str] | None = None) 
     loaded = load_text(APP + "\n---\n" + textwrap.dedent(text), "t.yaml")
     assert loaded.ok, [str(e) for e in loaded.errors]
     ident = ProxyIdentity(workload="reviews", labels=tuple((labels or {"app": "reviews"}).items()), gateway=gateway)
-    s = build_snapshot(loaded, ident, BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+    s = build_snapshot(loaded, ident, BuildContext(StubLoop(), random.Random(1)))  # type: ignore[arg-type]
     filters = s.security_filters[1]
     assert filters
     stats = SecurityStats()  # this test's own counters
@@ -38,12 +39,12 @@ def stats_of(s: Snapshot) -> SecurityStats:
 
 def go(s: Snapshot, path: str = "/", *, inbound: bool = True, method: str = "GET",
        headers: dict[str, str] | None = None, peer: str = "10.1.2.3",
-       host: str = "reviews:9080") -> tuple[int, bytes, FakeConn, object]:
-    worker = FakeWorker(s)
+       host: str = "reviews:9080") -> tuple[int, bytes, StubConn, object]:
+    worker = StubWorker(s)
     from pyproxy.filters.mirror import Mirror
 
     worker.mirror = Mirror(worker.loop, worker.rng)  # type: ignore[attr-defined,arg-type]
-    conn = FakeConn(worker, (peer, 40000))
+    conn = StubConn(worker, (peer, 40000))
     if inbound:
         conn.direction = INBOUND
     ex = request(path, headers, method=method, host=host, conn=conn)
@@ -96,7 +97,7 @@ def test_policy_for_other_workloads_or_namespaces_builds_no_filters() -> None:
     loaded = load_text(APP + "\n---\n" + POLICY.replace("app: reviews}", "app: ratings}") + "\n---\n"
                        + POLICY.replace("namespace: default", "namespace: other"), "t.yaml")
     s = build_snapshot(loaded, ProxyIdentity(labels=(("app", "reviews"),)),
-                       BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+                       BuildContext(StubLoop(), random.Random(1)))  # type: ignore[arg-type]
     assert s.security_filters == ((), ())  # nothing runs per request
 
 
@@ -226,14 +227,14 @@ def test_claim_based_routing_at_the_gateway() -> None:
 def test_claim_matches_on_a_sidecar_never_match_with_a_warning() -> None:
     loaded = load_text(APP + "\n---\n" + RA + CLAIM_ROUTES, "t.yaml")
     s = build_snapshot(loaded, ProxyIdentity(labels=(("app", "client"),)),
-                       BuildContext(FakeLoop(), random.Random(1)))  # type: ignore[arg-type]
+                       BuildContext(StubLoop(), random.Random(1)))  # type: ignore[arg-type]
     assert [w for w in s.warnings if "JWT claim matches" in w]
-    worker = FakeWorker(s)
+    worker = StubWorker(s)
     from pyproxy.filters.mirror import Mirror
 
     worker.mirror = Mirror(worker.loop, worker.rng)  # type: ignore[attr-defined,arg-type]
     ex = request("/", {"authorization": "Bearer " + sign({"groups": ["group1"]})}, host="v1",
-                 conn=FakeConn(worker))
+                 conn=StubConn(worker))
     ex.request_complete = True
     ex.start()
     assert _cluster(ex) == "v1"

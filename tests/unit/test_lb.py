@@ -23,11 +23,12 @@ from pyproxy.upstream.cluster import Cluster, ClusterEndpoint
 from pyproxy.upstream.lb import LeastRequest, Random, RingHash, RoundRobin, make_balancer
 from pyproxy.upstream.settings import ClusterSettings, cluster_settings, merge_policy
 
-from .routing_util import FakeLoop, build, request, send, service_entry
+from .fakes import StubLoop
+from .routing_util import build, request, send, service_entry
 
 
 def endpoints(n: int, weights: list[int] | None = None) -> list[ClusterEndpoint]:
-    cluster = Cluster("c", ClusterSettings(), None, FakeLoop(), random.Random(0))  # type: ignore[arg-type]
+    cluster = Cluster("c", ClusterSettings(), None, StubLoop(), random.Random(0))  # type: ignore[arg-type]
     return [ClusterEndpoint(cluster, f"10.0.0.{i + 1}", 8080, weight=(weights[i] if weights else 1))
             for i in range(n)]
 

@@ -10,7 +10,8 @@ from typing import Any
 from pyproxy.filters.mirror import Mirror, ShadowRequest, shadow_head
 from pyproxy.http.exchange import Exchange
 
-from .routing_util import FakeWorker, build, send, service_entry
+from .fakes import StubWorker
+from .routing_util import build, send, service_entry
 
 CONFIG = service_entry("reviews", [("10.0.0.1", 9080, {"version": "v1"}), ("10.0.0.2", 9080, {"version": "v2"}),
                                    ("10.0.0.3", 9080, {"version": "v3"})]) + """
@@ -82,8 +83,8 @@ class FakeUpConn:
         return b"".join(self.data)
 
 
-def worker(**kw: Any) -> FakeWorker:
-    w = FakeWorker()
+def worker(**kw: Any) -> StubWorker:
+    w = StubWorker()
     w.mirror = Mirror(w.loop, w.rng, **kw)  # type: ignore[attr-defined,arg-type]
     return w
 
@@ -133,7 +134,7 @@ def test_mirror_copies_the_upstream_request_to_the_mirror_cluster() -> None:
     assert ex.conn.response == b""  # type: ignore[attr-defined]  # nothing reached the client
 
 
-def post(w: FakeWorker, headers: dict[str, str]) -> Exchange:
+def post(w: StubWorker, headers: dict[str, str]) -> Exchange:
     return send(build(CONFIG), "/api/upload", headers, method="POST", worker=w, complete=False)
 
 

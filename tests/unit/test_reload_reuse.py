@@ -16,7 +16,8 @@ import pytest
 from pyproxy.config.loader import ParseCache, load_paths
 from pyproxy.heap import HeapPolicy
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot, build_snapshot_async
-from tests.unit.test_snapshot import REVIEWS, REVIEWS_DR, StubLoop, doc, se
+from tests.unit.fakes import StubLoop
+from tests.unit.test_snapshot import REVIEWS, REVIEWS_DR, doc, se
 
 RATINGS = se("ratings", endpoints="- {address: 10.0.1.1, labels: {version: v1}}")
 
@@ -39,7 +40,7 @@ def write(d: Path, files: dict[str, str]) -> None:
 
 
 def ctx(loop: object | None = None) -> BuildContext:
-    return BuildContext(loop or StubLoop(), random.Random(0), None, None, None)  # type: ignore[arg-type]
+    return BuildContext(loop or StubLoop(now=100.0), random.Random(0), None, None, None)  # type: ignore[arg-type]
 
 
 def by_file(cfg: object, file: str) -> list[object]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import textwrap
-from typing import Any
 
 import pytest
 
@@ -19,31 +18,9 @@ from pyproxy.http.exchange import OUTBOUND, Exchange
 from pyproxy.routing.table import VirtualHost
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot, retire
 from pyproxy.upstream.cluster import Cluster, PassthroughCluster
+from tests.unit.fakes import StubLoop
 
 # -- helpers ------------------------------------------------------------------
-
-
-class StubLoop:
-    """What the builder and clusters use of an event loop, without sockets."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.scheduled: list[tuple[float, Any]] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def call_soon(self, fn: Any, *args: Any) -> Any:
-        return self.call_later(0.0, fn, *args)
-
-    def call_later(self, delay: float, fn: Any, *args: Any) -> Any:
-        self.scheduled.append((delay, fn))
-        return _Handle()
-
-
-class _Handle:
-    def cancel(self) -> None:
-        pass
 
 
 def doc(kind: str, spec: str, *, name: str = "x", namespace: str | None = None) -> str:
@@ -84,7 +61,7 @@ def loaded(*docs: str):
 
 def build(*docs: str, identity: ProxyIdentity | None = None, previous: Snapshot | None = None,
           created: list[Cluster] | None = None, loop: StubLoop | None = None) -> Snapshot:
-    ctx = BuildContext(loop or StubLoop(), random.Random(0), None, None,  # type: ignore[arg-type]
+    ctx = BuildContext(loop or StubLoop(now=100.0), random.Random(0), None, None,  # type: ignore[arg-type]
                        created.append if created is not None else None)
     return build_snapshot(loaded(*docs), identity or ProxyIdentity(), ctx, previous,
                           version=1 if previous is None else previous.version + 1)
@@ -93,7 +70,7 @@ def build(*docs: str, identity: ProxyIdentity | None = None, previous: Snapshot 
 class _Worker:
     def __init__(self, snap: Snapshot) -> None:
         self.snapshot = snap
-        self.loop = StubLoop()
+        self.loop = StubLoop(now=100.0)
 
 
 class _Conn:
@@ -460,7 +437,7 @@ def test_dns_names_are_collected_for_the_resolver_but_ips_are_not() -> None:
 
 
 def test_outlier_detection_uses_the_loop_clock_and_timers() -> None:
-    loop = StubLoop()
+    loop = StubLoop(now=100.0)
     snap = build(REVIEWS, doc("DestinationRule", """
         host: reviews
         trafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, interval: 3s}}

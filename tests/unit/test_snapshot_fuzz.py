@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from pyproxy.config.loader import load_text
 from pyproxy.snapshot import BuildContext, ProxyIdentity, build_snapshot
+from tests.unit.fakes import StubLoop
 from tests.unit.test_config_fuzz import VALID_OBJECTS, deleted, leaf_paths, replaced
-from tests.unit.test_snapshot import StubLoop
 
 # Hypothesis over the snapshot builder: the full run only.
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def build(text: str) -> int:
     loaded = load_text(text, "mesh.yaml")
     if not loaded.ok:
         return 0
-    ctx = BuildContext(StubLoop(), random.Random(0), None, None)  # type: ignore[arg-type]
+    ctx = BuildContext(StubLoop(now=100.0), random.Random(0), None, None)  # type: ignore[arg-type]
     first = build_snapshot(loaded, ProxyIdentity(labels=(("app", "productpage"),)), ctx)
     # A reload over the previous snapshot (clusters carried over or retired).
     build_snapshot(loaded, ProxyIdentity(labels=(("app", "productpage"),)), ctx, first, 2)

@@ -12,7 +12,7 @@ import pytest
 from pyproxy.config import validate
 from pyproxy.config.loader import load_text
 from pyproxy.snapshot import BuildContext, ProxyIdentity, build_snapshot
-from tests.unit.test_snapshot import StubLoop
+from tests.unit.fakes import StubLoop
 
 
 def doc(kind: str, spec: str, *, name: str) -> str:
@@ -96,7 +96,7 @@ def test_the_gateway_proxy_logs_a_finding_once_not_once_per_host() -> None:
     vs = doc("VirtualService", "hosts: ['*']\ngateways: [gw]\nhttp:\n- route: [{destination: {host: ratings, subset: v2}}]",
              name="ingress")
     cfg = load_text(f"{SERVICES}---\n{gw}---\n{vs}", "m.yaml")
-    ctx = BuildContext(StubLoop(), random.Random(0))  # type: ignore[arg-type]
+    ctx = BuildContext(StubLoop(now=100.0), random.Random(0))  # type: ignore[arg-type]
     snap = build_snapshot(cfg, ProxyIdentity(gateway="default/gw"), ctx)
     assert [w for w in snap.warnings if "subset 'v2'" in w] == [
         ("m.yaml#4 spec.http[0]: subset 'v2' of ratings.default.svc.cluster.local is not defined by any "
