@@ -349,14 +349,16 @@ class Exchange:
             self.headers.append((b"x-request-id", self.request_id))
         if self.expect_continue and self.has_body:
             self.conn.write(CONTINUE_100)
-        snap = self.snapshot
         # jwt_authn and RBAC (authz/guard.py): before the route lookup;
         # inbound, or every request at a gateway; never a sidecar's outbound.
-        security = snap.security_filters[self.direction]
-        if security:
-            for f in security:
-                if f.on_request(self):
-                    return
+        security = self.snapshot.security_filters[self.direction]
+        if security and self._run_filters(security, 0):
+            return
+        self._route_and_filter()
+
+    def _route_and_filter(self) -> None:
+        """Route lookup, the route's filter chain, then the router."""
+        snap = self.snapshot
         if self.direction == INBOUND:
             route = snap.inbound_route
             self.match_index = 0
@@ -394,8 +396,11 @@ class Exchange:
         if self.finished:
             return
         route = self.route
-        assert route is not None
-        if not self._run_filters(route.filters, self.filter_pos + 1):
+        if route is None:
+            # Paused before the route lookup (a security filter).
+            if not self._run_filters(self.snapshot.security_filters[self.direction], self.filter_pos + 1):
+                self._route_and_filter()
+        elif not self._run_filters(route.filters, self.filter_pos + 1):
             self._route_action()
 
     def pause_chain(self, delay: float, callback: Callable[[], None]) -> None:

@@ -140,3 +140,26 @@ def test_an_encoder_sees_the_response_head() -> None:
     _ex, down = m.request("svc")
     m.loop.connect().respond(200)
     assert down.status == 200 and down.response_header("x-filter") == "seen"
+
+
+def test_a_filter_before_the_route_lookup_can_pause_and_resume_too() -> None:
+    m = mesh()
+    log: list[str] = []
+    waiting = Recorder(chain.AUTHN, log, "authn", "pause")
+    # Security filters run before the route lookup (snapshot.security_filters, by direction).
+    m.snapshot.security_filters = ((waiting, Recorder(chain.AUTHZ, log, "authz")), ())
+    route_of(m).filters = (Recorder(chain.CORS, log, "cors"),)
+    ex, down = m.request("svc")
+    assert log == ["authn"] and ex.route is None and not m.loop.connects
+    ex.resume_chain()  # e.g. a key fetch finished
+    assert log == ["authn", "authz", "cors"] and ex.route is route_of(m)
+    m.loop.connect().respond(200)
+    assert down.status == 200
+
+
+def test_a_filter_before_the_route_lookup_answers_before_the_router_would_say_no_route() -> None:
+    m = mesh()
+    log: list[str] = []
+    m.snapshot.security_filters = ((Recorder(chain.AUTHZ, log, "authz", "reply"),), ())
+    _ex, down = m.request("unknown-host")
+    assert log == ["authz"] and down.status == 429  # not a 404 NR / passthrough
