@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 from .admin.server import AdminServer, clusters_view, set_log_level
@@ -157,24 +158,24 @@ async def _start_control(worker: Worker) -> ControlServer | None:
     if not control_dir:
         return None
 
-    async def state(req: dict) -> object:
+    async def state(req: dict[str, Any]) -> object:
         return worker_metric_state(worker)
 
-    async def clusters(req: dict) -> object:
+    async def clusters(req: dict[str, Any]) -> object:
         return clusters_view(worker)
 
-    async def ready(req: dict) -> object:
+    async def ready(req: dict[str, Any]) -> object:
         return {"ready": worker.ready and not worker.draining}
 
-    async def reload(req: dict) -> object:
+    async def reload(req: dict[str, Any]) -> object:
         ok = await worker.reload("admin /reload")
         return {"ok": ok, "version": worker.version, "errors": worker.reload_status.errors}
 
-    async def logging_(req: dict) -> object:
+    async def logging_(req: dict[str, Any]) -> object:
         set_log_level(str(req.get("level", "info")))
         return {"ok": True}
 
-    async def drain(req: dict) -> object:
+    async def drain(req: dict[str, Any]) -> object:
         worker.loop.create_task(worker.drain(worker.options.drain_timeout))
         return {"ok": True}
 

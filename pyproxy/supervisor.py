@@ -67,7 +67,7 @@ def set_parent_death_signal() -> None:
 class ControlServer:
     """A secondary worker's command socket."""
 
-    def __init__(self, path: str, handlers: dict[str, Callable[[dict], Awaitable[Any]]]) -> None:
+    def __init__(self, path: str, handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]) -> None:
         self.path = path
         self.handlers = handlers
         self.server: asyncio.base_events.Server | None = None
@@ -124,10 +124,10 @@ class WorkerPool:
         self.count = count  # including the primary
         self.argv = argv if argv is not None else [sys.executable, "-m", "pyproxy", *sys.argv[1:]]
         self.control_dir = tempfile.mkdtemp(prefix="pyproxy-ctl-")
-        self.children: dict[int, subprocess.Popen] = {}
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts: list[float] = []
         self.stopping = False
-        self.monitor: asyncio.Task | None = None
+        self.monitor: asyncio.Task[None] | None = None
 
     def spawn_all(self) -> None:
         for i in range(1, self.count):

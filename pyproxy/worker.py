@@ -245,14 +245,14 @@ class Worker:
         self.ready = False
         self.started_at = time.time()
         self.listeners: list[Listener] = []
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self.observer: Any = None
         self._observer_factory = observer_factory
         self.cluster_listeners: list[Callable[[Cluster], None]] = []
         self.on_reload: list[Callable[[Worker], None]] = []
         self.stopped = asyncio.Event()
         # Stat signature of the config files last loaded (config/watch.py).
-        self.config_signature: tuple | None = None
+        self.config_signature: tuple[Any, ...] | None = None
         self._reload_lock = asyncio.Lock()
         # Per-file parse results kept between reloads: unchanged files are
         # not parsed or validated again.
@@ -273,7 +273,7 @@ class Worker:
 
         return load_paths(list(self.options.config), self.parse_cache)
 
-    def _load_with_signature(self) -> tuple[tuple, LoadedConfig]:
+    def _load_with_signature(self) -> tuple[tuple[Any, ...], LoadedConfig]:
         from .config.watch import config_signature
 
         # Signature first: a change made while the files are read is seen

@@ -267,7 +267,7 @@ class ShadowRequest:
         ep.cluster.outlier.on_local_failure(ep)
         self._end("mirror_rq_failed")
 
-    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list, keep_alive: bool) -> None:
+    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         ep = self.endpoint
         if ep is not None:
             self.cluster.outlier.on_response(ep, status)

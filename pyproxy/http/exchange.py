@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..filters.chain import HttpFilter, ResponseFilter
-    from ..routing.table import CompiledRoute, HeaderOps, RouteTarget
+    from ..routing.table import CompiledRoute, HeaderOps, RouteTarget, VirtualHost
     from ..upstream.cluster import Cluster, ClusterEndpoint
     from ..upstream.connection import UpstreamConnection
     from .downstream import DownstreamConnection
@@ -192,7 +192,7 @@ class Exchange:
         self.upstream_latency = -1.0
         self.downstream_paused_by_us = False
         self.obs: Any = None
-        self.hash_cookie: Any = None
+        self.hash_cookie: tuple[str, str] | None = None
         self.filter_pos = 0
         self.encoders: tuple[ResponseFilter, ...] = ()
         self.cors_origin: bytes | None = None
@@ -427,7 +427,7 @@ class Exchange:
             self.send_local_reply(route.redirect.code, b"", extra=((b"location", loc),))
         elif kind == DIRECT_RESPONSE:
             status = route.direct.status
-            extra: tuple = ()
+            extra: tuple[tuple[bytes, bytes], ...] = ()
             if status == 201 or 300 <= status < 400:
                 # Envoy's router adds Location (the request's own URL) to a
                 # 201 or 3xx direct response (RFC 9110 10.2.2).
@@ -437,7 +437,7 @@ class Exchange:
         else:
             self._forward()
 
-    def service_port(self, vh: Any) -> int:
+    def service_port(self, vh: VirtualHost) -> int:
         """The service port this outbound request addresses on ``vh``."""
         orig = self.conn.original_dst
         if orig is not None and (orig[1] in vh.ports or not vh.ports):
@@ -952,7 +952,7 @@ class Exchange:
     # ------------------------------------------------------------------
     # upstream callbacks (UpstreamStream)
 
-    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list, keep_alive: bool) -> None:
+    def on_upstream_headers(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
@@ -986,7 +986,7 @@ class Exchange:
             return
         self._commit_response(status, headers, keep_alive)
 
-    def _commit_response(self, status: int, headers: list, keep_alive: bool, upgraded: bool = False) -> None:
+    def _commit_response(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, upgraded: bool = False) -> None:
         self.response_started = True
         if self.upgrade and not upgraded:
             self.close_after = True  # the parser is in upgrade mode: no further requests
@@ -1063,6 +1063,7 @@ class Exchange:
     def _hash_cookie_header(self) -> bytes:
         """Envoy's makeSetCookieValue: name="value"; Max-Age=N (omitted for a
         zero ttl: a session cookie); Path=P; attributes; HttpOnly."""
+        assert self.hash_cookie is not None  # only called with a generated cookie
         name, value = self.hash_cookie
         cfg = None
         cluster = self.cluster
@@ -1271,7 +1272,7 @@ class Exchange:
             return _SERVER_ISTIO_ENVOY
         return _SERVER_ENVOY
 
-    def send_local_reply(self, status: int, body: bytes, extra: tuple = (), flag: str | None = None,
+    def send_local_reply(self, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = (), flag: str | None = None,
                          content_type: bytes = _TEXT_PLAIN, route_ops: bool = True) -> None:
         if flag:
             self.flags.append(flag)

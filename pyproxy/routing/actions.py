@@ -76,7 +76,8 @@ class Rewrite:
         """The rewritten path (without query), or None without a path rewrite."""
         if self.regex is not None:
             # RE2 GlobalReplace over the path without the query, as Envoy.
-            return self.regex.sub(self.substitution, path)
+            rewritten: bytes = self.regex.sub(self.substitution, path)
+            return rewritten
         if self.uri is None:
             return None
         n = self.prefix_lengths[match_index] if match_index < len(self.prefix_lengths) else None

@@ -426,7 +426,7 @@ class Cluster:
         self.outlier: OutlierDetector = None  # type: ignore[assignment]
         # Filled by the metrics module: label values and bound children.
         self.metric_labels: Any = None
-        self.metric_cache: dict = {}
+        self.metric_cache: dict[Any, Any] = {}
         self.dest_info: Any = None
         # Retries in progress (scheduled or running), bounded by maxRetries.
         self.retries_active = 0

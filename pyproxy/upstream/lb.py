@@ -217,7 +217,8 @@ def _header_key(name: str) -> Any:
     key = name.lower().encode("latin-1")
 
     def key_fn(ex: Any) -> bytes | None:
-        return ex.hdict.get(key)
+        value: bytes | None = ex.hdict.get(key)
+        return value
 
     return key_fn
 
@@ -231,7 +232,8 @@ def _query_key(name: str) -> Any:
 
 
 def _source_ip_key(ex: Any) -> bytes | None:
-    return ex.conn.peer_ip.encode()
+    ip: str = ex.conn.peer_ip
+    return ip.encode()
 
 
 def _cookie_key(name: str, generate: bool) -> Any:

@@ -11,6 +11,7 @@ outlierDetection), never field by field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..config.model import (
     ConnectionPoolSettings,
@@ -112,7 +113,7 @@ def merge_policy(
 
 def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> ClusterSettings:
     lb, pool, od = merge_policy(top, subset, port)
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     if lb is not None:
         if lb.consistent_hash is not None:
             kwargs["lb_policy"] = "CONSISTENT_HASH"
