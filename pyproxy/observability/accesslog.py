@@ -216,6 +216,9 @@ class AccessLog:
             # AuthorizationPolicy that decided ("none": no ALLOW policy matched), and the JWT identity.
             "rbac_policy": ex.authz_policy or None,
             "request_auth_principal": ex.auth.principal if ex.auth is not None else None,
+            # Envoy's %DOWNSTREAM_PEER_URI_SAN% / %UPSTREAM_PEER_URI_SAN%: the mTLS peers' SPIFFE IDs.
+            "downstream_peer_uri_san": _downstream_peer(ex),
+            "upstream_peer_uri_san": up.tls_principal or None if up is not None and up.tls is not None else None,
         }
         return json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n"
 
@@ -303,3 +306,8 @@ def open_access_log(target: str, fmt: str, loop: asyncio.AbstractEventLoop) -> A
         if not os.path.isdir(parent):
             raise OSError(f"access log directory {parent} does not exist")
     return AccessLog(target, fmt, loop)
+
+
+def _downstream_peer(ex: Exchange) -> str | None:
+    peer = getattr(ex.conn, "tls_peer", None)  # inbound mTLS (security/inbound.py TLSPeer)
+    return peer.uri if peer is not None else None

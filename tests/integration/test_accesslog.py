@@ -140,6 +140,8 @@ async def test_json_format_and_stdout(tmp_path: Path) -> None:
         "upstream_cluster",
         "rbac_policy",
         "request_auth_principal",
+        "downstream_peer_uri_san",
+        "upstream_peer_uri_san",
     }
 
 

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import hashlib
 import io
+import json
 import re
 import shutil
 import ssl
@@ -164,14 +165,15 @@ def creds(ca: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return out
 
 
-async def test_istio_mutual_between_two_sidecars(creds: dict[str, Path]) -> None:
+async def test_istio_mutual_between_two_sidecars(creds: dict[str, Path], tmp_path: Path) -> None:
+    json_log = ["--access-log-format", "json", "--access-log"]
     async with Upstream("reviews") as app:
         with running_proxy(MESH + strict(), app_port=app.port,
-                           args=["--certs", str(creds["bookinfo-reviews"]), "--labels", "app=reviews,version=v1"]
-                           ) as server:
+                           args=["--certs", str(creds["bookinfo-reviews"]), "--labels", "app=reviews,version=v1",
+                                 *json_log, str(tmp_path / "server.log")]) as server:
             with running_proxy(reviews_entry(server.inbound), args=[
-                    "--certs", str(creds["bookinfo-productpage"]), "--labels", "app=productpage,version=v1"]
-                               ) as client:
+                    "--certs", str(creds["bookinfo-productpage"]), "--labels", "app=productpage,version=v1",
+                    *json_log, str(tmp_path / "client.log")]) as client:
                 for i in range(3):
                     data = await raw_request(client.outbound, _get(REVIEWS, f"/r{i}", {
                         "x-forwarded-client-cert": "By=forged;URI=spiffe://cluster.local/ns/x/sa/admin"}))
@@ -200,6 +202,15 @@ async def test_istio_mutual_between_two_sidecars(creds: dict[str, Path]) -> None
     assert "ssl.handshake: 1" in client_stats  # one pooled connection for three requests
     assert "ssl.handshake: 1" in server_stats
     assert "no_filter_chain_match: 1" in server_stats
+    # Envoy's %DOWNSTREAM_PEER_URI_SAN% / %UPSTREAM_PEER_URI_SAN% in the access logs.
+    for side, key, uri in (("server", "downstream_peer_uri_san", PP_URI), ("client", "upstream_peer_uri_san", REVIEWS_URI)):
+        path = tmp_path / f"{side}.log"
+        deadline = time.monotonic() + 10
+        while len(path.read_text().splitlines() if path.exists() else []) < 3:
+            assert time.monotonic() < deadline, side
+            await asyncio.sleep(0.1)
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [line[key] for line in lines] == [uri] * 3, lines
 
 
 async def test_permissive_serves_mtls_and_plaintext_on_one_port(creds: dict[str, Path]) -> None:

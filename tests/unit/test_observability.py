@@ -271,10 +271,11 @@ def _fake_exchange(**kw: object) -> SimpleNamespace:
         "hdict": {b"user-agent": b"curl/8.5.0"},
         "request_id": b"5b4c-id",
         "authority": b"reviews:9080",
-        "upstream_host": SimpleNamespace(address="127.0.0.1:9081"),
+        "upstream_host": SimpleNamespace(address="127.0.0.1:9081", tls=None, tls_principal=""),
         "cluster": SimpleNamespace(name="outbound|9080||r"),
         "authz_policy": "",
         "auth": None,
+        "conn": SimpleNamespace(tls_peer=None),  # plaintext
     }
     base.update(kw)
     return SimpleNamespace(**base)
