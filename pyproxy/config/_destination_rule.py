@@ -400,28 +400,21 @@ def _outlier_detection(parent: Node) -> OutlierDetection | None:
 def _consecutive_errors(node: Node) -> tuple[int | None, int | None]:
     """(consecutive_5xx_errors, consecutive_gateway_errors).
 
-    The deprecated ``consecutiveErrors: N`` counted only gateway errors
-    (502/503/504): Istio translated it to Envoy's consecutive_gateway_failure
-    = N with 5xx-based ejection switched off (istio/api#617). The explicit
-    fields, when also present, win over it field by field, as in Istio's
-    translation where they were applied afterwards.
+    The deprecated ``consecutiveErrors`` is read and ignored, with a
+    warning: istiod stopped translating it in Istio 1.7 (before, it became
+    Envoy's consecutive_gateway_failure with 5xx ejection off, istio/api#617;
+    pilot/pkg/networking/core/cluster_traffic_policy.go applyOutlierDetection
+    now reads only consecutive5xxErrors and consecutiveGatewayErrors). An
+    outlierDetection block without consecutive5xxErrors therefore gets
+    Envoy's default: ejection after 5 consecutive 5xx.
     """
     five = node.integer("consecutive5xxErrors", lo=0, hi=UINT32_MAX)
     gateway = node.integer("consecutiveGatewayErrors", lo=0, hi=UINT32_MAX)
-    if not node.has("consecutiveErrors"):
-        return five, gateway
-    legacy = node.integer("consecutiveErrors", lo=0)  # int32 in the proto
-    if node.has("consecutive5xxErrors") and node.has("consecutiveGatewayErrors"):
+    if node.has("consecutiveErrors"):
+        node.integer("consecutiveErrors", lo=0)  # int32 in the proto: still type-checked
         node.warn(
             "consecutiveErrors",
-            "deprecated, and ignored because consecutive5xxErrors and consecutiveGatewayErrors are set",
+            "deprecated and ignored (istiod ignores it since Istio 1.7): use consecutive5xxErrors or "
+            "consecutiveGatewayErrors; without them Envoy's default applies (eject after 5 consecutive 5xx)",
         )
-        return five, gateway
-    node.warn(
-        "consecutiveErrors",
-        "deprecated: use consecutiveGatewayErrors (treated as consecutiveGatewayErrors with "
-        "5xx-based ejection off, as Istio translated it: only 502, 503 and 504 count)",
-    )
-    if not legacy:
-        return five, gateway  # 0 (or invalid) was "unset" for this int32 field
-    return (0 if five is None else five), (legacy if gateway is None else gateway)
+    return five, gateway

@@ -181,7 +181,7 @@ class ShadowRequest:
         cluster = self.cluster
         stats = cluster.stats
         if stats.upstream_rq_active >= cluster.settings.max_requests:
-            stats.upstream_rq_pending_overflow += 1
+            stats.upstream_rq_active_overflow += 1
             mstats.mirror_rq_dropped += 1
             return False
         size = sum(len(c) for c in body)

@@ -750,8 +750,8 @@ class Exchange:
         stats = cluster.stats
         if stats.upstream_rq_active >= cluster.settings.max_requests:
             # http2MaxRequests (Envoy's max_requests): Envoy applies it to
-            # HTTP/1.1 pools too, counted as a pending overflow.
-            stats.upstream_rq_pending_overflow += 1
+            # HTTP/1.1 pools too; Envoy 1.40 counts it upstream_rq_active_overflow.
+            stats.upstream_rq_active_overflow += 1
             self._give_up(errors.UO_503)
             return
         self.attempt += 1
@@ -964,8 +964,8 @@ class Exchange:
             # (a success below 500 only resets these counters: no call when they are 0)
             cluster.outlier.on_response(ep, status)
         route = self.route
-        if route is not None and route.retry.any_response and route.retry.retries_response(status, headers) \
-                and self._retry_allowed():
+        retriable = route is not None and route.retry.any_response and route.retry.retries_response(status, headers)
+        if retriable and self._retry_allowed():
             # Discard this response: the connection cannot be reused with an
             # unread body, exactly as Envoy resets the upstream stream.
             self.upconn = None
@@ -975,9 +975,11 @@ class Exchange:
             self._schedule_retry()
             return
         if self.retry_active:
-            # The retried attempt got its answer: the retry is over (Envoy
-            # counts it a success whenever no further retry is wanted).
-            cluster.stats.upstream_rq_retry_success += 1
+            # The retry is over. Envoy (RetryStateImpl::shouldRetry) counts
+            # upstream_rq_retry_success only when this response would not be
+            # retried at all, not when the retries ran out on it.
+            if not retriable:
+                cluster.stats.upstream_rq_retry_success += 1
             self._release_retry_slot()
         self.upstream_latency = monotonic() - self.attempt_started
         self.status = status
@@ -1092,12 +1094,9 @@ class Exchange:
         if self.upconn is not conn:
             return
         self.upconn = None
-        cluster = self.cluster
         ep = conn.endpoint
         # A connection is reusable only if the whole request went out too.
         ep.release(conn, self.request_complete and self.head_sent)
-        if cluster is not None:
-            cluster.stats.upstream_rq_completed += 1
         self._end_attempt_counters()
         self.response_complete = True
         if self.response_chunked:
@@ -1111,19 +1110,24 @@ class Exchange:
         cluster = self.cluster
         ep = conn.endpoint
         ep.release(conn, False)
-        if cluster is not None:
-            cluster.stats.upstream_rq_rx_reset += 1
         if self.response_started:
             self._end_attempt_counters()
-            self.flags.append(errors.UPSTREAM_PROTOCOL_ERROR if reason == "protocol_error"
-                              else errors.UPSTREAM_CONNECTION_TERMINATION)
             if self.response_close_delimited and reason != "protocol_error":
                 # The body legitimately ends at close.
                 self.response_complete = True
                 self._finish()
-            else:
-                self._fail_downstream()
+                return
+            # A response cut short (closed before its length or last chunk,
+            # or malformed) is a codec protocol error to Envoy: flag UPE,
+            # upstream_cx_protocol_error, and no upstream_rq_rx_reset
+            # (checked against Envoy 1.40).
+            self.flags.append(errors.UPSTREAM_PROTOCOL_ERROR)
+            if cluster is not None:
+                cluster.stats.upstream_cx_protocol_error += 1
+            self._fail_downstream()
             return
+        if cluster is not None:
+            cluster.stats.upstream_rq_rx_reset += 1
         if cluster is not None:
             cluster.outlier.on_local_failure(ep)
         self._end_attempt_counters()
@@ -1167,7 +1171,6 @@ class Exchange:
             return
         self.upconn = None
         self._end_attempt_counters()
-        self.cluster.stats.upstream_rq_completed += 1  # type: ignore[union-attr]
         self.conn.become_tunnel(upconn, self)
 
     # ------------------------------------------------------------------
@@ -1336,6 +1339,12 @@ class Exchange:
             self.close_after = True
         self.finished = True
         self.end_time = monotonic()
+        cluster = self.cluster
+        if cluster is not None and self.response_started:
+            # Envoy's upstream_rq_completed: once per request whose status the
+            # router charged to the cluster (upstream responses and its own
+            # UF/UC/UO/UH/UT replies), not per attempt.
+            cluster.stats.upstream_rq_completed += 1
         shadows = self.shadows
         if shadows is not None:
             self.shadows = None

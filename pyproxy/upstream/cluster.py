@@ -65,6 +65,7 @@ class ClusterStats:
     upstream_rq_pending_total: int
     upstream_rq_pending_active: int
     upstream_rq_pending_overflow: int
+    upstream_rq_active_overflow: int
     upstream_rq_cancelled: int
     upstream_rq_retry: int
     upstream_rq_retry_success: int
@@ -76,6 +77,7 @@ class ClusterStats:
     upstream_rq_rx_reset: int
     upstream_rq_tx_reset: int
     upstream_rq_completed: int
+    upstream_cx_protocol_error: int
     outlier_detection_ejections_active: int
     outlier_detection_ejections_total: int
     outlier_detection_ejections_overflow: int
@@ -83,6 +85,9 @@ class ClusterStats:
     outlier_detection_ejections_enforced_consecutive_5xx: int
     outlier_detection_ejections_enforced_consecutive_gateway_failure: int
     outlier_detection_ejections_enforced_consecutive_local_origin_failure: int
+    outlier_detection_ejections_detected_consecutive_5xx: int
+    outlier_detection_ejections_detected_consecutive_gateway_failure: int
+    outlier_detection_ejections_detected_consecutive_local_origin_failure: int
 
     __slots__ = tuple(__annotations__)
 
@@ -125,6 +130,7 @@ class ClusterEndpoint:
         "healthy_since",
         "total_requests",
         "total_errors",
+        "idle_timer",
         "label_dict",
         # security/upstream.py UpstreamTLS, or None: plaintext.
         "tls",
@@ -168,6 +174,9 @@ class ClusterEndpoint:
         self.healthy_since = 0.0
         self.total_requests = 0
         self.total_errors = 0
+        # Fires when the oldest idle connection reaches idleTimeout, so it
+        # closes on time (the worker's 1 s sweep alone would be up to 1 s late).
+        self.idle_timer: Any = None
 
     @property
     def address(self) -> str:
@@ -244,6 +253,10 @@ class ClusterEndpoint:
         conn = UpstreamConnection(self)
         conn.created = cluster.loop.time()
         reason = "connection failure"
+        if self.tls is None:
+            # Plaintext: connection_made hands the connection over at once
+            # (a TLS connection is handed over once verified, below).
+            conn.on_made = self._connect_done
         try:
             host = cluster.resolve(self.host)
             if host.startswith("unix://"):
@@ -253,18 +266,29 @@ class ClusterEndpoint:
                                    cluster.settings.connect_timeout)
             else:
                 coro = cluster.loop.create_connection(lambda: conn, host, self.port)
-            await asyncio.wait_for(coro, cluster.settings.connect_timeout)
+            # (asyncio.timeout, not wait_for: wait_for runs the connect in a
+            # task of its own, a loop iteration or two more before the
+            # queued request is written; see load-tests/circuit_breaking.py)
+            async with asyncio.timeout(cluster.settings.connect_timeout):
+                await coro
         except asyncio.CancelledError:
+            if self.tls is None and conn.on_made is None:
+                raise  # already handed over by connection_made: its stream owns it now
+            conn.on_made = None
             conn.abort()
             self._connect_done(None if conn.transport is None else conn)
             raise
         except TimeoutError:
+            if self.tls is None and conn.on_made is None:
+                return  # connected just as the timeout fired: already handed over
+            conn.on_made = None
             cluster.stats.upstream_cx_connect_timeout += 1
             reason = "connection timeout"
             conn.abort()
             self._connect_done(None if conn.transport is None else conn, reason)
             return
         except (OSError, socket.gaierror, ValueError) as exc:
+            conn.on_made = None
             if self.tls is not None:
                 tls_failed(exc)
             if log.isEnabledFor(logging.DEBUG):
@@ -275,7 +299,8 @@ class ClusterEndpoint:
             conn.abort()
             self._connect_done(conn, reason)
             return
-        self._connect_done(conn)
+        if self.tls is not None:
+            self._connect_done(conn)
 
     def _connect_done(self, conn: UpstreamConnection | None, reason: str = "connection failure") -> None:
         self.connecting -= 1
@@ -318,6 +343,8 @@ class ClusterEndpoint:
         else:
             conn.idle_since = self.cluster.loop.time()
             self.idle.append(conn)
+            if self.idle_timer is None:
+                self._arm_idle_timer()
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """The stream is done with ``conn``. Reuse it only when the exchange
@@ -343,6 +370,8 @@ class ClusterEndpoint:
         else:  # hand_over's idle branch, inlined: the common case
             conn.idle_since = cluster.loop.time()
             self.idle.append(conn)
+            if self.idle_timer is None:
+                self._arm_idle_timer()
 
     def on_connection_closed(self, conn: UpstreamConnection) -> None:
         if conn.counted:
@@ -356,6 +385,24 @@ class ClusterEndpoint:
                 pass
             if self.pending:  # queued requests are served even while draining
                 self._maybe_connect()
+
+    def _arm_idle_timer(self) -> None:
+        """Envoy's idle timeout per connection, with one timer per endpoint:
+        it fires when the oldest idle connection (``idle[0]``: connections are
+        reused newest first) expires, closes what expired, and re-arms."""
+        idle = self.idle
+        if not idle:
+            return
+        cluster = self.cluster
+        loop = cluster.loop
+        delay = idle[0].idle_since + cluster.settings.idle_timeout - loop.time()
+        self.idle_timer = loop.call_later(max(delay, 0.0), self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self.idle_timer = None
+        # (a timer fires within the loop's clock resolution of its deadline)
+        self.close_idle(self.cluster.settings.idle_timeout - 0.002)
+        self._arm_idle_timer()
 
     def close_idle(self, older_than: float | None = None) -> None:
         now = self.cluster.loop.time()

@@ -70,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         "chunk_open",
         "chunk_data",
         "sink",
+        "on_made",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -101,6 +102,11 @@ class UpstreamConnection(asyncio.Protocol):
         # The downstream connection the attached stream answers on (None for
         # mirror requests): corked while a read is handled (see data_received).
         self.sink: Any = None
+        # Called once from connection_made (the endpoint's hand-over of a new
+        # plaintext connection): a queued request goes out in the loop
+        # iteration the connect completed in, not after the connecting task
+        # has been resumed.
+        self.on_made: Any = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -112,6 +118,10 @@ class UpstreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        on_made = self.on_made
+        if on_made is not None:
+            self.on_made = None
+            on_made(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:

@@ -159,6 +159,16 @@ class OutlierDetector:
             ep.consecutive_gateway = 0
         else:
             ep.consecutive_local = 0
+        # Envoy counts the detection before deciding (ejections_detected_*,
+        # even when max ejection percent then refuses it); ejections_total
+        # and ejections_enforced_* only for an ejection that happens (Istio
+        # sets enforcing to 100%, so every allowed ejection is enforced).
+        if reason == REASON_5XX:
+            stats.outlier_detection_ejections_detected_consecutive_5xx += 1
+        elif reason == REASON_GATEWAY:
+            stats.outlier_detection_ejections_detected_consecutive_gateway_failure += 1
+        else:
+            stats.outlier_detection_ejections_detected_consecutive_local_origin_failure += 1
         total = len(cluster.endpoints)
         ejected_now = stats.outlier_detection_ejections_active
         if total == 0 or (ejected_now + 1) * 100 > self.settings.max_ejection_percent * total:

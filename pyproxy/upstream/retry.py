@@ -25,7 +25,12 @@ Semantics follow Envoy's router as Istio (>= 1.24) programs it:
   ``refused-stream``        HTTP/2 REFUSED_STREAM: never on HTTP/1.1
   ``retriable-headers``     response headers named by retriable_headers;
                             Istio has no field for them, so nothing
-  gRPC conditions           need gRPC status codes: never on HTTP/1.1
+  gRPC conditions           a ``grpc-status`` response header with the
+                            code: cancelled 1, deadline-exceeded 4,
+                            resource-exhausted 8, internal 13,
+                            unavailable 14 (Envoy reads it from the
+                            headers, HTTP/1.1 included: checked
+                            against Envoy 1.40)
   ========================  =============================================
 
   A response carrying ``x-envoy-ratelimited`` (from another Envoy) is
@@ -56,7 +61,7 @@ RETRY_RETRIABLE_4XX = 1 << 4
 RETRY_REFUSED_STREAM = 1 << 5
 RETRY_RETRIABLE_STATUS_CODES = 1 << 6
 RETRY_RETRIABLE_HEADERS = 1 << 7
-RETRY_GRPC = 1 << 8  # cancelled, unavailable, ...: gRPC statuses, never seen on HTTP/1.1 here
+RETRY_GRPC = 1 << 8  # cancelled, unavailable, ...: a grpc-status header with one of the codes
 RETRY_RESET_BEFORE_REQUEST = 1 << 9
 RETRY_ENVOY_RATELIMITED = 1 << 10
 
@@ -78,6 +83,8 @@ _NAMES = {
     "resource-exhausted": RETRY_GRPC,
     "http3-post-connect-failure": 0,
 }
+# gRPC retry conditions and the grpc-status code each one retries.
+_GRPC_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
 
 MESH_DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 MESH_DEFAULT_ATTEMPTS = 2
@@ -115,6 +122,11 @@ def parse_retry_on(value: str) -> tuple[int, frozenset[int], list[str]]:
     return flags, frozenset(codes), unknown
 
 
+def grpc_codes(value: str) -> frozenset[bytes]:
+    """The grpc-status values (as sent) the gRPC conditions in ``value`` retry."""
+    return frozenset(str(_GRPC_CODES[t.strip()]).encode() for t in value.split(",") if t.strip() in _GRPC_CODES)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     num_retries: int
@@ -125,9 +137,11 @@ class RetryPolicy:
     max_interval: float = BASE_INTERVAL * MAX_INTERVAL_FACTOR
     # Prefer endpoints not tried yet (Envoy's previous_hosts retry predicate).
     avoid_previous_hosts: bool = True
-    # Can any response be retried at all? (False for the mesh default, whose
-    # retriable-status-codes has no code: the request path skips the check.)
+    # Can any response be retried at all? (False only when no condition
+    # looks at responses: the request path then skips the check.)
     any_response: bool = False
+    # grpc-status values retried by the gRPC conditions (as bytes).
+    grpc_statuses: frozenset[bytes] = frozenset()
 
     def retries_status(self, status: int) -> bool:
         f = self.flags
@@ -141,15 +155,19 @@ class RetryPolicy:
 
     def retries_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         """Would this response be retried (limits aside)? The header scan
-        runs only when the status alone would retry, or under envoy-ratelimited."""
+        runs only when the status alone would retry, under envoy-ratelimited,
+        or to find grpc-status for the gRPC conditions."""
         f = self.flags
         if not f:
             return False
         by_status = self.retries_status(status)
-        if by_status or f & RETRY_ENVOY_RATELIMITED:
-            for name, _ in headers:
+        grpc = self.grpc_statuses
+        if by_status or f & RETRY_ENVOY_RATELIMITED or grpc:
+            for name, value in headers:
                 if name == b"x-envoy-ratelimited":
                     return bool(f & RETRY_ENVOY_RATELIMITED)
+                if name == b"grpc-status" and value.strip() in grpc:
+                    by_status = True
         return by_status
 
     def retries_failure(self, kind: str) -> bool:
@@ -175,12 +193,13 @@ def _policy(attempts: int, per_try: float | None, retry_on: str, backoff: float 
             avoid_previous_hosts: bool) -> RetryPolicy:
     flags, codes, _ = parse_retry_on(retry_on)
     base = backoff if backoff else BASE_INTERVAL
+    grpc = grpc_codes(retry_on)
     any_response = bool(
         flags & (RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RETRIABLE_4XX | RETRY_ENVOY_RATELIMITED)
-        or (flags & RETRY_RETRIABLE_STATUS_CODES and codes)
+        or (flags & RETRY_RETRIABLE_STATUS_CODES and codes) or grpc
     )
     return RetryPolicy(attempts, per_try, flags, codes, base, base * MAX_INTERVAL_FACTOR, avoid_previous_hosts,
-                       any_response)
+                       any_response, grpc)
 
 
 MESH_DEFAULT = _policy(MESH_DEFAULT_ATTEMPTS, None, MESH_DEFAULT_RETRY_ON, None, True)

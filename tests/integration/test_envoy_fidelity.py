@@ -5,6 +5,7 @@ pins; docs/differences.md lists what still differs."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -278,3 +279,54 @@ spec:
                            timeout=5, what="five access log lines")
     lines = log.read_text().splitlines()
     assert '" 502 - ' in lines[2] and '" 404 - ' in lines[3], lines
+
+
+async def test_grpc_status_header_is_retried_under_the_mesh_default(tmp_path: Path) -> None:
+    """Istio's default retryOn has unavailable and cancelled: Envoy retries
+    a response whose grpc-status header says 14 or 1, even on HTTP/1.1
+    (checked against Envoy 1.40: 3 attempts, the last response, URX)."""
+    log = tmp_path / "access.log"
+
+    async def grpc(request: web.Request) -> web.StreamResponse:
+        code = "14" if request.path == "/unavailable" else "13"
+        return web.Response(status=200, headers={"grpc-status": code, "content-type": "application/grpc"})
+
+    async with Upstream("v1", handler=grpc) as up:
+        with running_proxy(service_entry("reviews", [(up.port, {})]), args=["--access-log", str(log)]) as px:
+            status, fields, _ = head_fields(await raw_request(
+                px.outbound, b"POST /unavailable HTTP/1.1\r\nHost: reviews\r\ncontent-length: 0\r\n\r\n"))
+            assert (status, values(fields, "grpc-status")) == (200, ["14"])
+            assert len(up.seen) == 3  # the first attempt and Istio's 2 retries
+            status, _, _ = head_fields(await raw_request(
+                px.outbound, b"POST /internal HTTP/1.1\r\nHost: reviews\r\ncontent-length: 0\r\n\r\n"))
+            assert status == 200 and len(up.seen) == 4  # internal (13) is not in the default policy
+            await wait_for(lambda: len(log.read_text().splitlines()) == 2 if log.exists() else False,
+                           timeout=5, what="two access log lines")
+    first, second = log.read_text().splitlines()
+    assert '" 200 URX ' in first and '" 200 - ' in second, (first, second)
+
+
+async def test_response_cut_after_its_head_is_upe_and_counted_as_envoy_does(tmp_path: Path) -> None:
+    from tests.harness import RawUpstream, read_request_head
+    from tests.integration.test_resilience import cluster_stat
+
+    log = tmp_path / "access.log"
+
+    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async with RawUpstream(truncated) as up:
+        with running_proxy(service_entry("reviews", [(up.port, {})]), args=["--access-log", str(log)]) as px:
+            data = await raw_request(px.outbound, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n", until_close=True)
+            assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"0123456789")  # then closed
+            await wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 1,
+                           timeout=5, what="an access log line")
+            # Envoy 1.40: flag UPE (a codec protocol error), counted in
+            # upstream_cx_protocol_error, not upstream_rq_rx_reset; the
+            # request is completed once.
+            assert cluster_stat(px, "reviews", "upstream_cx_protocol_error_total") == 1
+            assert cluster_stat(px, "reviews", "upstream_rq_rx_reset_total") == 0
+            assert cluster_stat(px, "reviews", "upstream_rq_completed_total") == 1
+    assert '" 200 UPE ' in log.read_text(), log.read_text()

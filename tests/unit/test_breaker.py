@@ -79,8 +79,10 @@ def test_pending_queue_overflow_fails_at_once_with_uo_and_counters() -> None:
     up.respond(200)
     assert down3.status == 200
     assert (s.upstream_cx_total, s.upstream_cx_active) == (1, 1)
-    # Envoy counts a request in upstream_rq_total once a connection takes it.
-    assert (s.upstream_rq_total, s.upstream_rq_pending_total, s.upstream_rq_completed) == (2, 2, 2)
+    # Envoy counts a request in upstream_rq_total once a connection takes it;
+    # upstream_rq_completed counts every request the router answered for the
+    # cluster, its two UO replies included (as Envoy 1.40 does).
+    assert (s.upstream_rq_total, s.upstream_rq_pending_total, s.upstream_rq_completed) == (2, 2, 4)
     gauges_idle(cluster)
 
 
@@ -123,7 +125,8 @@ def test_http2_max_requests_bounds_concurrent_requests_for_http1_too() -> None:
     ex2, down2 = m.request("svc")
     assert down2.status == 503 and ex2.flags == ["UO"]
     assert down2.response_header("x-envoy-overloaded") == "true"
-    assert s.upstream_rq_pending_overflow == 1
+    # Envoy 1.40 counts a max_requests overflow as upstream_rq_active_overflow.
+    assert (s.upstream_rq_active_overflow, s.upstream_rq_pending_overflow) == (1, 0)
     up.respond(200)
     ex3, down3 = m.request("svc")
     m.loop.upstream_of(ex3).respond(200)
@@ -208,6 +211,26 @@ def test_idle_connection_past_idle_timeout_is_not_reused() -> None:
     ex2, _ = m.request("svc")
     assert up.transport.closing and s.upstream_cx_idle_timeout == 1
     assert ex2.waiting_pending and m.loop.connects
+
+
+def test_idle_connection_closes_when_idle_timeout_expires() -> None:
+    """Envoy closes an idle connection at its idle timeout, not at the next
+    housekeeping sweep: the endpoint's idle timer fires on time."""
+    m = mesh("{http: {idleTimeout: 2s}}")
+    s = m.cluster("svc").stats
+    _ex, _down = m.request("svc")
+    up = m.loop.connect()
+    up.respond(200)
+    m.loop.advance(1.9)
+    assert not up.transport.closing and s.upstream_cx_idle_timeout == 0
+    # Reused at 1.9 s: its idle time starts again when it is parked again.
+    ex2, _ = m.request("svc")
+    assert ex2.upconn is up.conn
+    up.respond(200)
+    m.loop.advance(1.9)
+    assert not up.transport.closing
+    m.loop.advance(0.2)
+    assert up.transport.closing and s.upstream_cx_idle_timeout == 1
 
 
 def test_connection_older_than_max_connection_duration_is_not_reused() -> None:

@@ -693,9 +693,9 @@ def test_destination_rule_deprecated_names() -> None:
     )
     od = rule.traffic_policy.outlier_detection
     assert od is not None
-    # Istio's translation: gateway errors (502/503/504) only, 5xx-based ejection off.
-    assert od.consecutive_gateway_errors == 5
-    assert od.consecutive_5xx_errors == 0
+    # Ignored, as istiod has since 1.7: Envoy's defaults apply (5 consecutive 5xx).
+    assert od.consecutive_gateway_errors is None
+    assert od.consecutive_5xx_errors is None
     sub = rule.subsets[0].traffic_policy
     assert sub is not None and sub.load_balancer is not None and sub.load_balancer.simple == "LEAST_REQUEST"
     for path in (
@@ -709,8 +709,9 @@ def test_destination_rule_deprecated_names() -> None:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ("consecutiveErrors: 3, consecutive5xxErrors: 7", (7, 3)),
-        ("consecutiveErrors: 3, consecutiveGatewayErrors: 2", (0, 2)),
+        # consecutiveErrors is ignored (istiod since 1.7): only the explicit fields count.
+        ("consecutiveErrors: 3, consecutive5xxErrors: 7", (7, None)),
+        ("consecutiveErrors: 3, consecutiveGatewayErrors: 2", (None, 2)),
         ("consecutiveErrors: 3, consecutive5xxErrors: 7, consecutiveGatewayErrors: 2", (7, 2)),
         ("consecutiveErrors: 0", (None, None)),
     ],

@@ -52,7 +52,13 @@ def test_no_retries_block_gets_istio_mesh_default_without_503() -> None:
     assert not p.retries_failure(RESET)
     assert not p.retries_failure(PER_TRY_TIMEOUT)
     assert not any(p.retries_status(s) for s in (500, 502, 503, 504, 409))
-    assert not p.any_response, "the request path can skip response checks for the default policy"
+    # unavailable/cancelled retry a grpc-status 14/1 response header, as Envoy
+    # does even on HTTP/1.1; nothing else in a response is retried.
+    assert p.any_response
+    assert p.retries_response(200, [(b"content-type", b"application/grpc"), (b"grpc-status", b"14")])
+    assert p.retries_response(200, [(b"grpc-status", b"1")])
+    assert not p.retries_response(200, [(b"grpc-status", b"13")])
+    assert not p.retries_response(503, [(b"content-type", b"text/plain")])
     assert p.avoid_previous_hosts
 
 
