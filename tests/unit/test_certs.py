@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 import shutil
+import ssl
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,10 @@ def test_load_credentials(ca: Path, tmp_path: Path) -> None:
     assert 0.99 < creds.life_left() <= 1.0
     assert creds.client_context.check_hostname is False
     assert len(creds.leaf_sha256) == 64
+    for ctx in (creds.server_context, creds.client_context):
+        assert ctx.options & ssl.OP_NO_RENEGOTIATION  # no TLS 1.2 renegotiation either way
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+    assert creds.server_context.verify_mode == ssl.CERT_REQUIRED
 
 
 def test_identity_must_agree(ca: Path, tmp_path: Path) -> None:
