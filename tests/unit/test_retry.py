@@ -399,3 +399,15 @@ def test_response_already_streaming_is_never_retried() -> None:
     assert down.status == 200
     assert down.done == [ex] and ex.close_after, "a truncated body can only be signalled by closing"
     assert m.cluster("svc").stats.upstream_rq_retry == 0
+
+
+def test_connect_timeout_reply_names_the_timeout_as_envoy() -> None:
+    """Envoy's body distinguishes a connect timeout ("connection timeout")
+    from a refused connection ("remote connection failure")."""
+    m = mesh(vs("{attempts: 0}"), ports=(1001,))
+    ex, down = m.request("svc")
+    endpoint = m.loop._next_connect(None)
+    endpoint._connect_done(None, "connection timeout")
+    m.loop.run_ready()
+    assert down.status == 503 and ex.flag_string == "UF"
+    assert down.body == b"upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
