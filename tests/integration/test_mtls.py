@@ -584,3 +584,32 @@ async def test_large_bodies_and_websocket_over_mtls(creds: dict[str, Path]) -> N
                 stats = http_get(server.admin_url + "/stats")[1].decode()
     # Everything went over mTLS connections between the sidecars.
     assert re.search(r"^ssl\.handshake: [1-9]", stats, re.MULTILINE) and "no_filter_chain_match: 0" in stats
+
+
+async def test_authorization_policy_principals_match_the_mtls_identity(creds: dict[str, Path]) -> None:
+    """AuthorizationPolicy `principals` see the client certificate's identity
+    (Istio's source.principal): productpage is allowed, another workload's
+    sidecar and a plaintext caller are denied."""
+    policy = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewer, namespace: default}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]}}]
+"""
+    async with Upstream("reviews") as app:
+        with running_proxy(MESH + policy, app_port=app.port,
+                           args=["--certs", str(creds["bookinfo-reviews"])]) as server:
+            with running_proxy(reviews_entry(server.inbound),
+                               args=["--certs", str(creds["bookinfo-productpage"])]) as allowed, \
+                    running_proxy(reviews_entry(server.inbound),
+                                  args=["--certs", str(creds["bookinfo-reviews"])]) as other:
+                ok = await raw_request(allowed.outbound, _get(REVIEWS, "/allowed"))
+                denied = await raw_request(other.outbound, _get(REVIEWS, "/other-identity"))
+                plain = await raw_request(server.inbound, _get(REVIEWS, "/plaintext"))
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:200]
+    assert denied.startswith(b"HTTP/1.1 403") and denied.endswith(b"RBAC: access denied"), denied[-200:]
+    assert plain.startswith(b"HTTP/1.1 403"), plain[:200]
+    assert [s.path for s in app.seen] == ["/allowed"]
