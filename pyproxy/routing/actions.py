@@ -8,12 +8,15 @@ exchange records the index of the matching entry and these actions take it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import re2
 
 from ..config.model import HTTPDirectResponse, HTTPMatchRequest, HTTPRedirect, HTTPRewrite
 from .matchers import _re2_options
+
+if TYPE_CHECKING:
+    from ..http.request import RequestView
 
 
 def _matched_prefix_lengths(matches: tuple[HTTPMatchRequest, ...]) -> tuple[int | None, ...]:
@@ -139,7 +142,7 @@ class Redirect:
     def _default_port(self, port: int) -> bool:
         return (port == 80 and self.scheme_for_port == b"http") or (port == 443 and self.scheme_for_port == b"https")
 
-    def location(self, ex: Any, match_index: int) -> bytes:
+    def location(self, ex: RequestView, match_index: int) -> bytes:
         scheme = self.scheme or ex.scheme
         port = self.port
         if self.port_from_request:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import re2
 
 from ..config.model import HTTPMatchRequest, StringMatch
 
-Check = Callable[[Any], bool]
+if TYPE_CHECKING:
+    from ..http.request import RequestView
+
+Check = Callable[["RequestView"], bool]
 ValueMatch = Callable[[bytes], bool]
 
 # Constructs whose meaning is the same in RE2 and Python's re for ASCII input.
@@ -119,7 +122,7 @@ def _header_check(name: str, sm: StringMatch) -> Check:
     key = name.lower().encode("latin-1")
     match = compile_string_match(sm)
 
-    def check(ex: Any) -> bool:
+    def check(ex: RequestView) -> bool:
         repeated = ex.repeated
         if repeated is not None:
             values = repeated.get(key)
@@ -145,7 +148,7 @@ def _without_header_check(name: str, sm: StringMatch) -> Check:
         return lambda ex: key not in ex.hdict
     match = compile_string_match(sm)
 
-    def check(ex: Any) -> bool:
+    def check(ex: RequestView) -> bool:
         repeated = ex.repeated
         if repeated is not None:
             values = repeated.get(key)
@@ -167,7 +170,7 @@ def _query_check(name: str, sm: StringMatch) -> Check:
     are compared undecoded."""
     match = compile_string_match(sm)
 
-    def check(ex: Any) -> bool:
+    def check(ex: RequestView) -> bool:
         value = ex.query_params().get(name)
         return value is not None and match(value.encode("latin-1"))
 
@@ -200,7 +203,7 @@ def _port_check(port: int) -> Check:
     return lambda ex: ex.port == port
 
 
-def _claim_values(ex: Any, path: tuple[str, ...]) -> list[bytes]:
+def _claim_values(ex: RequestView, path: tuple[str, ...]) -> list[bytes]:
     """The verified JWT's claim as Envoy's metadata matcher sees it: a string,
     or the strings of a list (any may match); nothing without a token."""
     auth = ex.auth
@@ -229,7 +232,7 @@ def _without_claim_check(path: tuple[str, ...], sm: StringMatch) -> Check:
     return lambda ex: not any(match(v) for v in _claim_values(ex, path))
 
 
-def _never(ex: Any) -> bool:
+def _never(ex: RequestView) -> bool:
     return False
 
 

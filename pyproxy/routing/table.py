@@ -19,6 +19,7 @@ from .matchers import Check
 if TYPE_CHECKING:
     from ..filters.chain import HttpFilter
     from ..filters.fault import FaultPolicy
+    from ..http.request import RequestView
     from ..upstream.cluster import Cluster
     from ..upstream.retry import RetryPolicy
 
@@ -284,7 +285,7 @@ class VirtualHost:
         self.ports: frozenset[int] = frozenset(p.number for p in service.ports) if service else frozenset()
         self.default_port = service.ports[0].number if service and service.ports else 80
 
-    def match(self, ex: Any) -> CompiledRoute | None:
+    def match(self, ex: RequestView) -> CompiledRoute | None:
         """First matching route; records the index of its first matching
         ``match[]`` entry on ``ex`` (0 for a rule without match entries).
         The one implementation of the rule: the request path and the tests

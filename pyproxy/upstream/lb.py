@@ -12,12 +12,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..http.request import HashContext
     from .cluster import ClusterEndpoint
 
 # Envoy's host_selection_retry_max_attempts as Istio sets it.
+# A consistent-hash key: the request's bytes to hash, or None (no key: any host).
+KeyFn = Callable[["HashContext"], "bytes | None"]
+
 HOST_SELECTION_ATTEMPTS = 5
 
 
@@ -32,10 +37,10 @@ class LoadBalancer:
     def on_hosts_changed(self, hosts: list[ClusterEndpoint]) -> None:
         self.hosts = hosts
 
-    def choose(self, ex: Any) -> ClusterEndpoint | None:
+    def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         raise NotImplementedError
 
-    def pick(self, ex: Any, exclude: Any = None) -> ClusterEndpoint | None:
+    def pick(self, ex: HashContext | None, exclude: Any = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None
         ep = self.choose(ex)
@@ -73,7 +78,7 @@ class RoundRobin(LoadBalancer):
         # Start at a random offset so a fleet of proxies doesn't move in lockstep.
         self.index = self.rng.randrange(len(table)) if table else 0
 
-    def choose(self, ex: Any) -> ClusterEndpoint | None:
+    def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         table = self.table
         self.index = i = (self.index + 1) % len(table)
         return table[i]
@@ -92,7 +97,7 @@ class Random(LoadBalancer):
         self.cumulative = cumulative
         self.total = acc
 
-    def choose(self, ex: Any) -> ClusterEndpoint | None:
+    def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         hosts = self.hosts
         if len(hosts) == 1:
             return hosts[0]
@@ -112,7 +117,7 @@ class LeastRequest(LoadBalancer):
         self.hosts = hosts
         self.weighted = len({h.weight for h in hosts}) > 1
 
-    def choose(self, ex: Any) -> ClusterEndpoint | None:
+    def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         hosts = self.hosts
         n = len(hosts)
         if n == 1:
@@ -159,7 +164,7 @@ class RingHash(LoadBalancer):
 
     __slots__ = ("key_fn", "min_ring_size", "points", "ring")
 
-    def __init__(self, hosts: list[ClusterEndpoint], rng: random.Random, key_fn: Any,
+    def __init__(self, hosts: list[ClusterEndpoint], rng: random.Random, key_fn: KeyFn,
                  min_ring_size: int = DEFAULT_RING_SIZE) -> None:
         self.key_fn = key_fn
         self.min_ring_size = min(max(1, min_ring_size), MAX_RING_SIZE)
@@ -183,7 +188,7 @@ class RingHash(LoadBalancer):
         self.ring = [e[0] for e in entries]
         self.points = [e[1] for e in entries]
 
-    def choose(self, ex: Any) -> ClusterEndpoint | None:
+    def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         key = self.key_fn(ex) if ex is not None else None
         if key is None:
             return self.hosts[int(self.rng.random() * len(self.hosts))]
@@ -193,7 +198,7 @@ class RingHash(LoadBalancer):
         i = bisect.bisect_left(self.ring, h)
         return 0 if i == len(self.ring) else i
 
-    def pick(self, ex: Any, exclude: Any = None) -> ClusterEndpoint | None:
+    def pick(self, ex: HashContext | None, exclude: Any = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None
         key = self.key_fn(ex) if ex is not None else None
@@ -213,31 +218,29 @@ class RingHash(LoadBalancer):
         return ep
 
 
-def _header_key(name: str) -> Any:
+def _header_key(name: str) -> KeyFn:
     key = name.lower().encode("latin-1")
 
-    def key_fn(ex: Any) -> bytes | None:
-        value: bytes | None = ex.hdict.get(key)
-        return value
+    def key_fn(ex: HashContext) -> bytes | None:
+        return ex.hdict.get(key)
 
     return key_fn
 
 
-def _query_key(name: str) -> Any:
-    def key_fn(ex: Any) -> bytes | None:
+def _query_key(name: str) -> KeyFn:
+    def key_fn(ex: HashContext) -> bytes | None:
         value = ex.query_params().get(name)
         return None if value is None else value.encode()
 
     return key_fn
 
 
-def _source_ip_key(ex: Any) -> bytes | None:
-    ip: str = ex.conn.peer_ip
-    return ip.encode()
+def _source_ip_key(ex: HashContext) -> bytes | None:
+    return ex.conn.peer_ip.encode()
 
 
-def _cookie_key(name: str, generate: bool) -> Any:
-    def key_fn(ex: Any) -> bytes | None:
+def _cookie_key(name: str, generate: bool) -> KeyFn:
+    def key_fn(ex: HashContext) -> bytes | None:
         value = ex.cookie(name)
         if not value and generate:
             # Envoy generates the cookie only when the policy has a ttl; the
