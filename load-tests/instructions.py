@@ -59,10 +59,13 @@ async def _client(port: int, conns: int, per_conn: int) -> None:
     await asyncio.gather(*(one() for _ in range(conns)))
 
 
-def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = False) -> int:
+def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = False,
+          ratelimit: str = "none") -> int:
     """Instructions the proxy process executed for start-up + ``requests``.
     ``mtls``: the upstreams serve mutual TLS and the proxy reaches them by
-    ISTIO_MUTUAL (auto mTLS), as bench.py's pyproxy-mtls target."""
+    ISTIO_MUTUAL (auto mTLS), as bench.py's pyproxy-mtls target.
+    ``ratelimit`` local/global adds bench.py's never-triggering rate limit
+    (global: against a redis-server started here, not counted)."""
     ports = {"v1": [bench.free_port(), bench.free_port()], "v2": [bench.free_port(), bench.free_port()]}
     cfg = wd / "config"
     cfg.mkdir(exist_ok=True)
@@ -72,7 +75,20 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
     if certs is not None:
         flags = [*flags, "--certs", str(certs.client)]
     procs: list[subprocess.Popen] = []
+    flags = list(flags)
     try:
+        if ratelimit != "none":
+            files = bench.ratelimit_files(ratelimit)
+            (cfg / "ratelimit.yaml").write_text(files["ratelimit.yaml"])
+        if ratelimit == "global":
+            rls = wd / "rls"
+            rls.mkdir(exist_ok=True)
+            (rls / "config.yaml").write_text(files["rls/config.yaml"])
+            redis_port = bench.free_port()
+            procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", ADDR, "--save", "",
+                                           "--appendonly", "no", "--dir", str(wd)], stdout=subprocess.DEVNULL))
+            bench.wait_until(lambda: bench._answers_redis(redis_port), 10, "redis-server")
+            flags += ["--ratelimit-config", str(rls), "--ratelimit-redis", f"redis://{ADDR}:{redis_port}"]
         for p in ports["v1"] + ports["v2"]:
             procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_upstream.py"), *upstream_tls, str(p)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -119,6 +135,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=1000, help="N: the runs send N and 5N requests")
     p.add_argument("--mtls", action="store_true",
                    help="the upstreams serve mutual TLS, the proxy originates ISTIO_MUTUAL (the TLS path)")
+    p.add_argument("--ratelimit", choices=("none", "local", "global"), default="none",
+                   help="add a rate limit that never triggers (bench.py's pyproxy-localrl/-globalrl config)")
     p.add_argument("--trace-sampling", default="0",
                    help="percent (default 0: tracing on, nothing sampled, so runs are repeatable; "
                         "1%% adds the cost of exporting ~1%% of requests as spans, at random)")
@@ -133,11 +151,12 @@ def main(argv: list[str]) -> int:
         wd = Path(tempfile.mkdtemp(prefix="pyproxy-instr-"))
         try:
             t0 = time.monotonic()
-            small = count(tree.resolve(), args.requests, flags, wd, args.mtls)
-            large = count(tree.resolve(), args.requests * 5, flags, wd, args.mtls)
+            small = count(tree.resolve(), args.requests, flags, wd, args.mtls, args.ratelimit)
+            large = count(tree.resolve(), args.requests * 5, flags, wd, args.mtls, args.ratelimit)
             per = (large - small) / (args.requests * 4)
+            limit = f"; rate limit: {args.ratelimit}" if args.ratelimit != "none" else ""
             print(f"{tree}: {per:,.0f} instructions per request{' (mTLS upstreams)' if args.mtls else ''} "
-                  f"(flags: {' '.join(flags) or '-'}; {time.monotonic() - t0:.0f} s)", flush=True)
+                  f"(flags: {' '.join(flags) or '-'}{limit}; {time.monotonic() - t0:.0f} s)", flush=True)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
     return 0

@@ -99,6 +99,19 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--trust-domain", metavar="TD",
                    help="the mesh trust domain (default: from the certificate's URI SAN; a different one "
                         "refuses to start)")
+    p.add_argument("--ratelimit-config", metavar="FILE|DIR", action="append",
+                   help="the envoyproxy/ratelimit service's configuration (domain, descriptors: its "
+                        "ratelimit-config ConfigMap), for global rate limits decided against Redis; "
+                        "watched like --config; repeatable")
+    p.add_argument("--ratelimit-redis", metavar="redis://HOST:PORT[/DB]",
+                   help="the Redis global rate limits count in, with the ratelimit service's key scheme "
+                        "(rediss:// for TLS; password in the URL or PYPROXY_RATELIMIT_REDIS_PASSWORD)")
+    p.add_argument("--ratelimit-service", metavar="http://HOST:PORT",
+                   help="instead of Redis: ask a running envoyproxy/ratelimit service (its HTTP port, "
+                        "POST /json)")
+    p.add_argument("--ratelimit-jitter", metavar="SECONDS",
+                   help="random extra expiry for Redis counters, as the service's "
+                        "EXPIRATION_JITTER_MAX_SECONDS (default: 300)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -178,6 +191,25 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         certs = ""
     elif not certs and os.path.isdir(DEFAULT_CERTS_DIR):
         certs = DEFAULT_CERTS_DIR
+    rl_configs = [c.strip() for c in args.ratelimit_config or () if c.strip()]
+    if not rl_configs:
+        rl_configs = [c.strip() for c in env.get(env_name("ratelimit-config"), "").split(",") if c.strip()]
+    rl_redis = f.text("ratelimit-redis", "")
+    rl_service = f.text("ratelimit-service", "")
+    if rl_redis:
+        from .ratelimit.redis import parse_redis_url
+
+        f.parsed("ratelimit-redis", "", parse_redis_url)
+        if not rl_configs:
+            raise ValueError("--ratelimit-redis needs --ratelimit-config (the ratelimit service's configuration)")
+    if rl_service:
+        if rl_redis:
+            raise ValueError("--ratelimit-redis and --ratelimit-service are alternatives: give one")
+        if not rl_service.startswith(("http://", "https://")):
+            raise ValueError(f"--ratelimit-service: expected http://HOST:PORT, got {rl_service!r}")
+    if rl_configs and not rl_redis:
+        raise ValueError("--ratelimit-config is used with --ratelimit-redis (a ratelimit service reads "
+                         "its own configuration)")
     log_level = f.choice("log-level", "info", LOG_LEVELS)
     log_level = {"warn": "warning", "trace": "debug", "off": "critical"}.get(log_level, log_level)
     return RunOptions(
@@ -215,6 +247,10 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
         service_account=f.text("service-account", ""),
         trust_domain=f.text("trust-domain", ""),
         namespace_set=namespace_set,
+        ratelimit_config=tuple(rl_configs),
+        ratelimit_redis=rl_redis,
+        ratelimit_service=rl_service,
+        ratelimit_jitter=f.integer("ratelimit-jitter", "300", lo=0),
     )
 
 

@@ -28,6 +28,8 @@ FAULT_INJECTED = "FI"
 DELAY_INJECTED = "DI"
 STREAM_IDLE_TIMEOUT = "SI"
 OVERLOAD_MANAGER = "OM"
+RATE_LIMITED = "RL"
+RATE_LIMIT_SERVICE_ERROR = "RLSE"
 
 # Envoy's router writes "upstream connect error or disconnect/reset before
 # headers. [retried and the latest ]reset reason: R" with R from

@@ -125,6 +125,13 @@ class RunOptions:
     trust_domain: str = ""
     # --namespace was given (else the certificate's namespace is used).
     namespace_set: bool = False
+    # Global rate limits (ratelimit/): the ratelimit service's own config
+    # files, and where decisions come from: Redis (with that config) or a
+    # running ratelimit service's HTTP /json endpoint.
+    ratelimit_config: tuple[str, ...] = ()
+    ratelimit_redis: str = ""
+    ratelimit_service: str = ""
+    ratelimit_jitter: int = 300  # the service's EXPIRATION_JITTER_MAX_SECONDS
 
     @property
     def workload_name(self) -> str:

@@ -29,6 +29,7 @@ from .config.model import (
     AuthorizationPolicy,
     ClientTLSSettings,
     DestinationRule,
+    EnvoyFilter,
     Gateway,
     HTTPMatchRequest,
     HTTPRoute,
@@ -124,6 +125,9 @@ class BuildContext:
     on_cluster_created: Callable[[Cluster], None] | None = None
     # The worker's CertStore (security/certs.py); None = no workload certificate.
     certs: Any = None
+    # The worker's rate-limit state (ratelimit/filter.py RateLimitRuntime);
+    # None: EnvoyFilter rate limits are not applied.
+    ratelimit: Any = None
 
 
 # A sidecar's note on a VirtualService meant for gateways (validate, which
@@ -185,6 +189,11 @@ class Snapshot:
     # Their filters (authz/guard.py), run before the route lookup, by
     # direction (OUTBOUND, INBOUND); () where nothing applies.
     security_filters: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
+    # EnvoyFilter rate limiting (ratelimit/filter.py RateLimitTable); None
+    # when no rate-limit filter selects this proxy: nothing runs per request.
+    ratelimit: Any = None
+    # The EnvoyFilters it was built with (a change recompiles every route's chain).
+    envoy_filters: tuple[EnvoyFilter, ...] = ()
 
     def all_clusters(self) -> list[Cluster]:
         return [*self.clusters.values(), self.inbound_cluster, self.passthrough]
@@ -236,11 +245,13 @@ def intersect_hosts(vs_host: str, gw_host: str) -> str | None:
     return None
 
 
-def route_filters(route: CompiledRoute) -> tuple[HttpFilter, ...]:
+def route_filters(route: CompiledRoute, proxy_filters: tuple[HttpFilter, ...] = ()) -> tuple[HttpFilter, ...]:
     """The filter chain of one compiled route (filters/chain.py), in phase
     order; ``()`` when no filter has anything to do for it. A new filter is
-    compiled here from the route's config."""
-    filters: list[HttpFilter] = []
+    compiled here from the route's config. ``proxy_filters`` apply to every
+    route of this proxy (EnvoyFilter rate limits: their policy per route,
+    virtual host and port is looked up by the filter)."""
+    filters: list[HttpFilter] = list(proxy_filters)
     # Fault applies to routes that forward (redirect and direct-response
     # routes never injected faults here).
     if route.fault is not None and route.kind == ROUTE:
@@ -267,8 +278,11 @@ class _Builder:
         self.pending_services: list[tuple[Cluster, Service | None]] = []
         # Compiled routes of the previous snapshot, reusable when built for
         # the same proxy identity.
+        # A changed set of EnvoyFilters changes every route's filter chain.
         self.previous_routes: dict[tuple[int, ...], CompiledHostRoutes] = (
-            previous.route_cache if previous is not None and previous.identity == identity else {})
+            previous.route_cache if previous is not None and previous.identity == identity
+            and _same_objects(previous.envoy_filters, [r for r in loaded.resources if isinstance(r, EnvoyFilter)])
+            else {})
         self.route_cache: dict[tuple[int, ...], CompiledHostRoutes] = {}
         self.routes_compiled = 0
         self.routes_reused = 0
@@ -284,6 +298,7 @@ class _Builder:
         self.authz_policies: list[AuthorizationPolicy] = []
         self.request_auths: list[RequestAuthentication] = []
         self.peer_auths: list[PeerAuthentication] = []
+        self.envoy_filters: list[EnvoyFilter] = []
         for r in loaded.resources:
             if isinstance(r, ServiceEntry):
                 self.ses.append(r)
@@ -303,6 +318,8 @@ class _Builder:
                 self.request_auths.append(r)
             elif isinstance(r, PeerAuthentication):
                 self.peer_auths.append(r)
+            elif isinstance(r, EnvoyFilter):
+                self.envoy_filters.append(r)
         self.peer_auth = PeerAuthIndex(self.peer_auths, warn=self.warn)
         creds = ctx.certs.current if ctx.certs is not None else None
         self.trust_domain = creds.identity.trust_domain if creds is not None else "cluster.local"
@@ -563,7 +580,7 @@ class _Builder:
             t.finalize_ops(route.request_ops, route.response_ops, authority, single=len(rule.route) == 1)
         route.mirrors = self.compile_mirrors(rule, vs)
         route.cors = compile_cors(rule.cors_policy)
-        route.filters = route_filters(route)
+        route.filters = route_filters(route, self.proxy_filters)
         return route
 
     def compile_mirrors(self, rule: HTTPRoute, vs: VirtualService) -> tuple[MirrorPolicy, ...]:
@@ -636,6 +653,7 @@ class _Builder:
         self.resolve_target(t, svc.namespace, route.origin)
         route.set_targets([t])
         route.retry = compile_retry(None, None, _hashes(route))
+        route.filters = route_filters(route, self.proxy_filters)
         return route
 
     def gateway_hosts(self) -> list[tuple[str, str]] | None:
@@ -656,6 +674,15 @@ class _Builder:
         if not out:
             self.warn(f"Gateway {ns}/{name} has no HTTP server: nothing is routed")
         return out
+
+    def gateway_ports(self) -> tuple[int, ...]:
+        """The server ports of this gateway's Gateway resource (Istio names
+        a gateway's virtual hosts ``host:port`` after them)."""
+        if not self.identity.gateway:
+            return ()
+        ns, _, name = self.identity.gateway.partition("/")
+        gw = next((g for g in self.gateways if g.meta.namespace == ns and g.meta.name == name), None)
+        return tuple(sorted({s.port_number for s in gw.servers})) if gw is not None else ()
 
     def bound_hosts(self, vs: VirtualService, gw_hosts: list[tuple[str, str]] | None) -> list[str]:
         hosts = [canonical_host(h, vs.meta.namespace) for h in vs.hosts]
@@ -862,6 +889,17 @@ class _Builder:
         there: everything built so far is private to this builder)."""
         self.registry = build_registry(self.ses, self.wes, self.warn)
         yield
+        # EnvoyFilter rate limits: the table first, every route's chain then
+        # gets the rate-limit filter (nothing when none selects this proxy).
+        self.ratelimit = None
+        self.proxy_filters: tuple[HttpFilter, ...] = ()
+        if self.envoy_filters:
+            from .ratelimit.filter import RATE_LIMIT_FILTER, compile_table
+
+            self.ratelimit = compile_table(self.envoy_filters, self.identity, self.ctx.ratelimit,
+                                           self.gateway_ports(), self.warnings)
+            if self.ratelimit is not None:
+                self.proxy_filters = (RATE_LIMIT_FILTER,)
         self.index_destination_rules()
         self.check_references()
         yield from self.build_service_clusters()
@@ -879,6 +917,7 @@ class _Builder:
         inbound_route.set_targets([t])
         # Istio >= 1.24: retry a request that never reached the app (reset-before-request, 2 retries).
         inbound_route.retry = INBOUND_DEFAULT
+        inbound_route.filters = route_filters(inbound_route, self.proxy_filters)
         passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(), [], kind="passthrough",
                                         cls=PassthroughCluster)
         assert isinstance(passthrough, PassthroughCluster)
@@ -906,7 +945,13 @@ class _Builder:
             authz=authz,
             authn=authn,
             security_filters=security_filters(authz, authn, gateway=bool(ident.gateway)),
+            ratelimit=self.ratelimit,
+            envoy_filters=tuple(self.envoy_filters),
         )
+
+
+def _same_objects(a: tuple | list, b: tuple | list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _hashes(route: CompiledRoute) -> bool:

@@ -258,11 +258,18 @@ class Worker:
         # not parsed or validated again.
         self.parse_cache = ParseCache()
         self.health_failed = False  # POST /healthcheck/fail
+        # Rate limiting (EnvoyFilter local/global filters): buckets, counters,
+        # the decision source; idle unless an EnvoyFilter configures it.
+        from .ratelimit.backend import Backend, LazySharedRuntime
+
+        self.ratelimit = LazySharedRuntime(options, self.rng)
+        self.ratelimit_backend = Backend(self)
 
     # -- config ------------------------------------------------------------
 
     def _build_context(self) -> BuildContext:
-        return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created, self.certs)
+        return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created, self.certs,
+                            ratelimit=self.ratelimit)
 
     def _on_cluster_created(self, cluster: Cluster) -> None:
         for cb in self.cluster_listeners:
@@ -372,10 +379,14 @@ class Worker:
             # every cluster as it is created (cluster_listeners).
             self.observer = self._observer_factory(self)
         with HEAP.paused():
+            rl_errors = self.ratelimit_backend.load_initial()
+            if rl_errors:
+                raise ConfigError(rl_errors)
             sig, loaded = self._load_with_signature()
             self.reload_status.counts = self.parse_cache.stats()
             if not await self.apply(loaded):
                 raise ConfigError(self.reload_status.errors)
+        self.tasks.extend(self.ratelimit_backend.start(self.ratelimit))
         self.config_signature = sig
         # The initial load is not a reload (pyproxy_config_reloads_total).
         self.reload_status.successes = 0
@@ -511,6 +522,7 @@ class Worker:
                 self.observer.close()
             except Exception:
                 log.exception("observer close failed")
+        await self.ratelimit_backend.close()
         self.stopped.set()
 
 

@@ -1,5 +1,6 @@
 """Load Istio YAML (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry,
-Sidecar, Gateway, AuthorizationPolicy, RequestAuthentication) from files and directories into the typed model.
+Sidecar, Gateway, AuthorizationPolicy, RequestAuthentication, EnvoyFilter's rate-limit patches) from files
+and directories into the typed model.
 
 Loading never raises: every problem becomes a located :class:`Diagnostic`
 (``FILE#N: spec.http[0].route[1].weight: must be >= 0``), and all problems
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from ._destination_rule import DESTINATION_RULE, parse_destination_rule
 from ._duration import parse_duration
+from ._envoy_filter import ENVOY_FILTER, parse_envoy_filter
 from ._gateway import GATEWAY, parse_gateway
 from ._peer_authentication import PEER_AUTHENTICATION, parse_peer_authentication
 from ._reader import MIN_NODE_BUDGET, BudgetExceeded, Message, Node, Report, describe, join, message
@@ -84,6 +86,8 @@ KINDS: dict[str, _Kind] = {
     "AuthorizationPolicy": _Kind(AUTHORIZATION_POLICY, parse_authorization_policy, SECURITY_VERSIONS),
     "RequestAuthentication": _Kind(REQUEST_AUTHENTICATION, parse_request_authentication, SECURITY_VERSIONS),
     "PeerAuthentication": _Kind(PEER_AUTHENTICATION, parse_peer_authentication, SECURITY_VERSIONS),
+    # Only its rate-limit patches (see _envoy_filter.py); Istio serves it at v1alpha3 only.
+    "EnvoyFilter": _Kind(ENVOY_FILTER, parse_envoy_filter, ("networking.istio.io/v1alpha3",)),
 }
 
 
@@ -344,7 +348,7 @@ def _load_object(rep: Report, path: str, data: object, defaults: dict | None) ->
 
 # Kinds of networking.istio.io that pyproxy does not implement (Istio's
 # pilot/pkg/config/kube/crd): documents of these kinds are skipped with a warning.
-OTHER_NETWORKING_KINDS = frozenset(["EnvoyFilter", "WorkloadGroup", "ProxyConfig"])
+OTHER_NETWORKING_KINDS = frozenset(["WorkloadGroup", "ProxyConfig"])
 
 
 def _unknown_networking_kind(rep: Report, path: str, kind: str, namespace: str, name: str) -> None:

@@ -540,8 +540,7 @@ class RequestAuthentication:
     targeted: bool = False  # attached with targetRef(s): applies to no pyproxy proxy
 
 
-Resource = (VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
-            | AuthorizationPolicy | RequestAuthentication | PeerAuthentication)
+# (Resource, the union of these kinds, is defined after EnvoyFilter at the end.)
 
 
 # --------------------------------------------------------------------------
@@ -578,3 +577,134 @@ class LoadedConfig:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+# --------------------------------------------------------------------------
+# EnvoyFilter (only the rate-limit shapes: pyproxy/config/_envoy_filter.py)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcherSpec:
+    """Envoy ``config.route.v3.HeaderMatcher``; ``kind`` is exact, prefix,
+    suffix, contains, regex or present."""
+
+    name: str
+    kind: str
+    value: str = ""
+    present: bool = True
+    invert: bool = False
+    ignore_case: bool = False
+    missing_as_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitActionSpec:
+    """One ``rate_limits[].actions[]`` entry (Envoy ``RateLimit.Action``)."""
+
+    kind: str  # source_cluster destination_cluster request_headers remote_address generic_key header_value_match
+    key: str = ""  # descriptor_key
+    value: str = ""  # descriptor_value
+    header_name: str = ""
+    skip_if_absent: bool = False
+    expect_match: bool = True
+    headers: tuple[HeaderMatcherSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    """A route's or virtual host's ``rate_limits`` entry: one descriptor."""
+
+    actions: tuple[RateLimitActionSpec, ...]
+    stage: int = 0
+    hits_addend: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucketSpec:
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValueSpec:
+    """Envoy ``HeaderValueOption``: append (true) or overwrite."""
+
+    key: str
+    value: str
+    append: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDescriptorSpec:
+    entries: tuple[tuple[str, str], ...]
+    token_bucket: TokenBucketSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimitSpec:
+    """``envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit``."""
+
+    stat_prefix: str
+    token_bucket: TokenBucketSpec | None = None
+    filter_enabled: float = 0.0  # fraction 0..1; Envoy: unset = 0 %
+    filter_enforced: float = 0.0
+    status: int = 429
+    response_headers_to_add: tuple[HeaderValueSpec, ...] = ()
+    request_headers_to_add_when_not_enforced: tuple[HeaderValueSpec, ...] = ()
+    descriptors: tuple[LocalDescriptorSpec, ...] = ()
+    stage: int = 0
+    x_ratelimit_headers: bool = False
+    always_consume_default_token_bucket: bool = True
+    rate_limited_as_resource_exhausted: bool = False
+    vh_rate_limits: str = "OVERRIDE"  # OVERRIDE | INCLUDE | IGNORE
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRateLimitSpec:
+    """``envoy.extensions.filters.http.ratelimit.v3.RateLimit``."""
+
+    domain: str
+    stage: int = 0
+    request_type: str = "both"  # both | internal | external
+    timeout: float = 0.02
+    failure_mode_deny: bool = False
+    cluster_name: str = ""  # the rate-limit service's cluster (names the ratelimit.* stats)
+    rate_limited_status: int = 429
+    status_on_error: int = 500
+    disable_x_envoy_ratelimited_header: bool = False
+    x_ratelimit_headers: bool = False
+    rate_limited_as_resource_exhausted: bool = False
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyFilterPatch:
+    """One rate-limit ``configPatches[]`` entry, reduced to what it does."""
+
+    apply_to: str  # HTTP_FILTER | VIRTUAL_HOST | HTTP_ROUTE | CLUSTER
+    context: str = "ANY"  # ANY | SIDECAR_INBOUND | SIDECAR_OUTBOUND | GATEWAY
+    port_number: int | None = None
+    vhost_name: str = ""  # "" = any virtual host
+    route_name: str = ""  # "" = any route
+    route_action: str = "ANY"  # ANY | ROUTE | REDIRECT | DIRECT_RESPONSE
+    local: LocalRateLimitSpec | None = None  # the filter, or a route/vhost's per-filter config
+    global_: GlobalRateLimitSpec | None = None
+    rate_limits: tuple[RateLimitSpec, ...] = ()
+    include_vh_rate_limits: bool | None = None
+    global_vh_rate_limits: str = ""  # RateLimitPerRoute.vh_rate_limits; "" = unset
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyFilter:
+    meta: Meta
+    workload_selector: Pairs | None = None
+    patches: tuple[EnvoyFilterPatch, ...] = ()
+    priority: int = 0
+
+
+Resource = (VirtualService | DestinationRule | ServiceEntry | WorkloadEntry | Sidecar | Gateway
+            | AuthorizationPolicy | RequestAuthentication | PeerAuthentication | EnvoyFilter)

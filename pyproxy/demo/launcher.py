@@ -67,6 +67,8 @@ MTLS_DR_FILE = "destination-rule-all-mtls.yaml"
 STRICT_FILE = "peer-authentication-strict.yaml"
 REGISTRY_FILE = "services.yaml"
 ROUTING_FILE = "routing.yaml"
+# Rate limits live in their own file, independent of the routing scenario.
+RATELIMIT_FILE = "ratelimit.yaml"
 # Where the scenario files live (a source checkout; `make.py demo` installs in editable mode).
 # Package data (pyproject.toml): in a checkout pyproxy/demo/bookinfo is a
 # symlink to config/bookinfo, which this resolves to; installed, the copy.
@@ -98,6 +100,11 @@ AUTHZ_SCENARIOS = (
     ("authz-details-reviews-viewer.yaml", "authorization: + details/reviews from productpage's mTLS identity"),
     ("authz-ratings-viewer.yaml", "authorization: + ratings from reviews' mTLS identity"),
     ("jwt-ingress.yaml", "JWT at the ingress: token required (jwt-demo-token.txt)"),
+)
+# (file, what it does): Istio's rate-limit task, copied over ratelimit.yaml.
+RATELIMIT_SCENARIOS = (
+    ("ratelimit-global.yaml", "global rate limit on the ingress: /productpage 1 per minute (Redis)"),
+    ("ratelimit-local.yaml", "local rate limit: 4 requests per minute per productpage instance"),
 )
 
 
@@ -352,6 +359,10 @@ class Mesh:
     sidecars: list[Child] = field(default_factory=list)
     apps: list[Child] = field(default_factory=list)
     stop_requested: int = 0
+    # The Redis the ingress counts global rate limits in (None: redis-server
+    # is not installed; ratelimit-global.yaml then answers 500 RLSE).
+    redis: subprocess.Popen | None = None
+    redis_port: int = 0
 
     @property
     def ingress_admin(self) -> str:
@@ -393,6 +404,10 @@ class Mesh:
                   "--trace-sampling", "100"]
         gw_pod = self.ingress_admin
         host, port = self.ingress
+        ratelimit: list[str] = []
+        if self.redis_port:
+            ratelimit = ["--ratelimit-config", str(BOOKINFO_CONFIG / "ratelimit"),
+                         "--ratelimit-redis", f"redis://{gw_pod}:{self.redis_port}"]
         self.sidecars.append(Child(
             "ingress",
             [py, "-m", "pyproxy", "run", "--config", str(self.config_dir),
@@ -403,7 +418,7 @@ class Mesh:
              "--outbound", f"{host}:{port}", "--inbound", f"{gw_pod}:{INBOUND_PORT}",
              "--app", f"{gw_pod}:{APP_PORT}", "--admin", f"{gw_pod}:{ADMIN_PORT}",
              "--stats", f"{gw_pod}:{STATS_PORT}", "--access-log", str(self.log_dir / "ingress.access.log"),
-             *self.certs_args("ingress"), *common],
+             *self.certs_args("ingress"), *ratelimit, *common],
             self.log_dir / "ingress.log", f"http://{gw_pod}:{STATS_PORT}/healthz/ready", env,
         ))
         for pod in PODS:
@@ -433,6 +448,49 @@ class Mesh:
 
     def children(self) -> list[Child]:
         return [*self.sidecars, *self.apps]
+
+    def start_redis(self) -> None:
+        """A throw-away redis-server (no persistence) on the ingress pod's
+        address, for the global rate limit, when one is installed."""
+        server = shutil.which("redis-server")
+        if server is None:
+            return
+        host = self.ingress_admin
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        log = open(self.log_dir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.redis = subprocess.Popen(
+            [server, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.log_dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, port), 0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        self.redis_port = port
+                        return
+            except OSError:
+                pass
+            if self.redis.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.say(f"warning: redis-server did not start (log {self.log_dir / 'redis.log'}): "
+                 "global rate limits are off")
+        self.stop_redis()
+
+    def stop_redis(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(5)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+                self.redis.wait(5)
+        self.redis = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -593,6 +651,17 @@ def banner(mesh: Mesh) -> str:
         lines.append(f"  cp {scen}/{name} {cfg}/{AUTHZ_FILE}    # {what}")
     lines += [
         f"  rm {cfg}/{AUTHZ_FILE}    # no policies",
+        "Rate limits (Istio's rate-limit task; independent of the routing file):",
+    ]
+    for name, what in RATELIMIT_SCENARIOS:
+        lines.append(f"  cp {scen}/{name} {cfg}/{RATELIMIT_FILE}    # {what}")
+    lines.append(f"  rm {cfg}/{RATELIMIT_FILE}    # no rate limit")
+    if mesh.redis_port:
+        lines.append(f"  (global limits count in the demo's redis-server on {mesh.ingress_admin}:{mesh.redis_port})")
+    else:
+        lines.append("  (global limits need Redis: install redis-server (apt-get install redis-server) and "
+                     "restart the demo; without it ratelimit-global.yaml answers 500, flag RLSE)")
+    lines += [
         "",
     ]
     if mesh.certs:
@@ -657,6 +726,7 @@ def main(args: argparse.Namespace) -> int:
             mesh.say(f"[mesh] {config_dir} also holds {', '.join(others)}: the proxies start with those rules")
         _validate(config_dir)
         check_free(mesh.addresses())
+        mesh.start_redis()
         mesh.build()
         mesh.say(f"starting 7 proxies and 6 apps (logs in {log_dir}) ...")
         mesh.start()
@@ -674,6 +744,7 @@ def main(args: argparse.Namespace) -> int:
         if any(c.process is not None for c in mesh.children()):
             mesh.say("stopping ...")
         mesh.stop()
+        mesh.stop_redis()
         for s, handler in previous.items():
             signal.signal(s, handler)
     started = any(c.process is not None for c in mesh.children())

@@ -122,6 +122,8 @@ class Exchange:
         # filter chain: the filter that stopped it last, filters that see the
         # response, the allowed CORS origin to echo; live mirror streams
         "filter_pos", "encoders", "cors_origin", "shadows",
+        # the rate-limit filter's x-ratelimit-* response headers (set only by it)
+        "rl_headers",
         # telemetry: the endpoint of the last attempt, the peer's identity
         # (metadata exchange), the current attempt's response status
         "upstream_host", "peer", "attempt_status",
@@ -546,7 +548,8 @@ class Exchange:
     def _forward(self) -> None:
         route = self.route
         assert route is not None
-        target = route.pick(self.worker.rng)
+        # (a rate-limit destination_cluster action may have picked it already)
+        target = self.target_choice or route.pick(self.worker.rng)
         self.target_choice = target
         cluster = target.cluster_for(self.port)
         if cluster is None:

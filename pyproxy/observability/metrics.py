@@ -40,6 +40,7 @@ garbage collected), as Envoy's stats store does per cluster name.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import weakref
 from bisect import bisect_left
@@ -425,6 +426,7 @@ def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None =
         "workers": 1,
         "tls": tls_state(getattr(worker, "certs", None)),
         "security": _security_state(),
+        "ratelimit": ratelimit_state(worker),
         **(extra or {}),
     }
 
@@ -433,6 +435,15 @@ def _security_state() -> dict:
     from ..authz.guard import STATS
 
     return STATS.as_dict()
+def ratelimit_state(worker: Any) -> dict[str, int]:
+    """Rate-limit counters by Envoy stat name (``<stat_prefix>.http_local_rate_limit.*``,
+    ``cluster.<rls cluster>.ratelimit.*``) plus the backend's ``ratelimit_*`` ones."""
+    runtime = getattr(worker, "ratelimit", None)
+    backend = getattr(worker, "ratelimit_backend", None)
+    out: dict[str, int] = runtime.counters() if runtime is not None else {}
+    if backend is not None:
+        out.update(backend.counters())
+    return out
 
 
 def tls_state(certs: Any) -> dict:
@@ -467,8 +478,11 @@ def merge_states(states: list[dict]) -> dict:
     ssl_counts: dict[str, int] = {}
     jwt: dict[str, int] = {}
     rbac: dict[str, int] = {}
+    ratelimit: dict[str, int] = {}
     dropped = 0
     for state in states:
+        for k, v in state.get("ratelimit", {}).items():
+            ratelimit[k] = ratelimit.get(k, 0) + v
         security = state.get("security", {})
         for k, v in security.get("jwt", {}).items():
             jwt[k] = jwt.get(k, 0) + v
@@ -514,6 +528,7 @@ def merge_states(states: list[dict]) -> dict:
         "clusters": clusters,
         "downstream": downstream,
         "mirror": mirror,
+        "ratelimit": ratelimit,
         "reloads": first["reloads"],
         "started_at": first["started_at"],
         "config_version": first["config_version"],
@@ -610,6 +625,7 @@ class StateCollector:
                 policy, _, result = key.rpartition("|")
                 c.add_metric([policy, result], value)
             yield c
+        yield from _ratelimit_metrics(state.get("ratelimit", {}))
 
         reloads = CounterMetricFamily(
             "pyproxy_config_reloads", "Config reloads (after the initial load) by result", labels=["result"]
@@ -641,6 +657,30 @@ class StateCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+
+
+def _ratelimit_metrics(counters: dict[str, int]) -> Iterator[Metric]:
+    """Envoy's rate-limit stats as its Prometheus exporter names them: the
+    cluster's with a ``cluster_name`` label, the local filter's by prefix."""
+    by_stat: dict[str, list[tuple[str, int]]] = {}
+    for name, value in sorted(counters.items()):
+        if name.startswith("cluster."):
+            cluster, _, stat = name[len("cluster."):].rpartition(".ratelimit.")
+            by_stat.setdefault(stat, []).append((cluster, value))
+        elif name.startswith("ratelimit_"):
+            c = CounterMetricFamily(f"pyproxy_{name}", f"Rate-limit backend: {name}")
+            c.add_metric([], value)
+            yield c
+        else:
+            c = CounterMetricFamily("envoy_" + re.sub(r"[^a-zA-Z0-9_]", "_", name), f"Envoy stat {name}")
+            c.add_metric([], value)
+            yield c
+    for stat, rows in sorted(by_stat.items()):
+        fam = CounterMetricFamily(f"envoy_cluster_ratelimit_{stat}", f"Global rate limit: {stat}",
+                                  labels=["cluster_name"])
+        for cluster, value in rows:
+            fam.add_metric([cluster], value)
+        yield fam
 
 
 def _tls_metrics(tls: dict) -> Iterator[Metric]:
@@ -693,6 +733,8 @@ def render_text(state: dict, filter_re: Any = None) -> str:
     for key, value in sorted(security.get("rbac", {}).items()):
         policy, _, result = key.rpartition("|")
         lines.append(f"rbac.{policy}.{result}: {value}")
+    for stat, value in sorted(state.get("ratelimit", {}).items()):
+        lines.append(f"{'pyproxy.' if stat.startswith('ratelimit_') else ''}{stat}: {value}")
     lines.append(f"pyproxy.config_reloads.failure: {state['reloads']['failure']}")
     lines.append(f"pyproxy.config_reloads.success: {state['reloads']['success']}")
     lines.append(f"pyproxy.config.update_rejected: {state['reloads']['failure']}")

@@ -113,3 +113,27 @@ def test_generated_envoy_config_validates(tmp_path: Path) -> None:
     proc = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_rate_limit_targets_configs_are_valid(tmp_path: Path) -> None:
+    """The pyproxy-localrl/-globalrl targets' files load without a diagnostic
+    (and the global one's ratelimit config too); envoy-localrl validates."""
+    from pyproxy.config.loader import load_text
+    from pyproxy.ratelimit.service_config import load_text as load_rls
+
+    bench = load_bench()
+    for kind in ("local", "global"):
+        files = bench.ratelimit_files(kind)
+        cfg = load_text(files["ratelimit.yaml"], "ratelimit.yaml")
+        assert cfg.ok and not cfg.warnings, [str(d) for d in (*cfg.errors, *cfg.warnings)]
+        if kind == "global":
+            assert load_rls(files["rls/config.yaml"], "config.yaml") == []
+    envoy = bench._envoy_path()
+    if envoy is None:
+        return
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(bench.envoy_config(18100, 18101, {"v1": [18001], "v2": [18003]}, None, None, 18102,
+                                                  local_ratelimit=True)))
+    proc = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1146,7 +1146,7 @@ def test_all_errors_in_all_files_are_collected(tmp_path: Path) -> None:
 
 def test_other_kinds_load_with_one_warning_each() -> None:
     text = (
-        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: ef}\nspec: {}\n---\n"
+        "apiVersion: networking.istio.io/v1alpha3\nkind: WorkloadGroup\nmetadata: {name: wg}\nspec: {}\n---\n"
         "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: deny, namespace: ns}\nspec: {}\n---\n"
         "apiVersion: v1\nkind: Service\nmetadata: {name: svc}\nspec: {ports: [{port: 80}]}\n---\n"
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: k8s}\nspec: {gatewayClassName: x}\n"
@@ -1154,7 +1154,7 @@ def test_other_kinds_load_with_one_warning_each() -> None:
     cfg = ok(text)
     assert cfg.resources == ()
     assert strs(cfg.warnings) == [
-        "t.yaml#0: kind EnvoyFilter is not used by pyproxy; default/ef ignored",
+        "t.yaml#0: kind WorkloadGroup is not used by pyproxy; default/wg ignored",
         "t.yaml#1: kind WasmPlugin (extensions.istio.io/v1alpha1) is not used by pyproxy; ns/deny ignored",
         "t.yaml#2: kind Service (v1) is not used by pyproxy; default/svc ignored",
         (
@@ -1342,8 +1342,8 @@ def test_kind_list_items_are_located_by_index() -> None:
           metadata: {name: b}
           spec: {host: r, subsets: [{name: v1}, {name: v1}]}
         - apiVersion: networking.istio.io/v1alpha3
-          kind: EnvoyFilter
-          metadata: {name: ef}
+          kind: WorkloadGroup
+          metadata: {name: wg}
         """
     )
     cfg = load("---\n" + text)
@@ -1351,7 +1351,7 @@ def test_kind_list_items_are_located_by_index() -> None:
     assert cfg.resources[0].meta.source == Source(F, 0)
     assert cfg.resources[0].http[0].origin == "t.yaml#0 items[0].spec.http[0]"  # type: ignore[union-attr]
     assert strs(cfg.errors) == ["t.yaml#0: items[1].spec.subsets[1].name: duplicate subset name 'v1'"]
-    assert has_diag(cfg.warnings, "t.yaml#0: items[2]", "kind EnvoyFilter")
+    assert has_diag(cfg.warnings, "t.yaml#0: items[2]", "kind WorkloadGroup")
     assert cfg.raw[0][1]["metadata"]["name"] == "a"
 
 
