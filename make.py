@@ -57,7 +57,7 @@ def ensure_env(extras: str) -> Path:
 
 # System tools some tests need (Debian package names), as .ci/run installs them.
 FULL_RUN_TOOLS = (("iptables", "iptables"), ("ip", "iproute2"), ("nginx", "nginx-light"), ("wrk", "wrk"),
-                  ("prometheus", "prometheus"))
+                  ("prometheus", "prometheus"), ("redis-server", "redis-server"))
 
 
 def _readable_by_others(path: Path) -> bool:
