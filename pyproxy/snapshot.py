@@ -125,8 +125,9 @@ class BuildContext:
     on_cluster_created: Callable[[Cluster], None] | None = None
     # The worker's CertStore (security/certs.py); None = no workload certificate.
     certs: Any = None
-    # The worker's rate-limit state (ratelimit/filter.py RateLimitRuntime);
-    # None: EnvoyFilter rate limits are not applied.
+    # The worker's rate-limit state (ratelimit/filter.py RateLimitRuntime),
+    # or a function making it on first use; None: EnvoyFilter rate limits are
+    # not applied.
     ratelimit: Any = None
 
 
@@ -896,8 +897,9 @@ class _Builder:
         if self.envoy_filters:
             from .ratelimit.filter import RATE_LIMIT_FILTER, compile_table
 
-            self.ratelimit = compile_table(self.envoy_filters, self.identity, self.ctx.ratelimit,
-                                           self.gateway_ports(), self.warnings)
+            runtime = self.ctx.ratelimit
+            self.ratelimit = compile_table(self.envoy_filters, self.identity, runtime, self.gateway_ports(),
+                                           self.warnings)
             if self.ratelimit is not None:
                 self.proxy_filters = (RATE_LIMIT_FILTER,)
         self.index_destination_rules()

@@ -260,16 +260,29 @@ class Worker:
         self.health_failed = False  # POST /healthcheck/fail
         # Rate limiting (EnvoyFilter local/global filters): buckets, counters,
         # the decision source; idle unless an EnvoyFilter configures it.
-        from .ratelimit.backend import Backend, LazySharedRuntime
+        # Both created on first use: a proxy without rate limits imports and
+        # runs none of it.
+        self.ratelimit: Any = None
+        self.ratelimit_backend: Any = None
+        if options.ratelimit_config or options.ratelimit_redis or options.ratelimit_service:
+            from .ratelimit.backend import Backend
 
-        self.ratelimit = LazySharedRuntime(options, self.rng)
-        self.ratelimit_backend = Backend(self)
+            self.ratelimit_backend = Backend(self)
 
     # -- config ------------------------------------------------------------
 
     def _build_context(self) -> BuildContext:
         return BuildContext(self.loop, self.rng, self.resolver, None, self._on_cluster_created, self.certs,
-                            ratelimit=self.ratelimit)
+                            ratelimit=self.rate_limit_runtime)
+
+    def rate_limit_runtime(self) -> Any:
+        """The rate-limit runtime (buckets, counters, decision source), made
+        when a snapshot first has rate limits or a backend is configured."""
+        if self.ratelimit is None:
+            from .ratelimit.backend import LazySharedRuntime
+
+            self.ratelimit = LazySharedRuntime(self.options, self.rng)
+        return self.ratelimit
 
     def _on_cluster_created(self, cluster: Cluster) -> None:
         for cb in self.cluster_listeners:
@@ -379,14 +392,15 @@ class Worker:
             # every cluster as it is created (cluster_listeners).
             self.observer = self._observer_factory(self)
         with HEAP.paused():
-            rl_errors = self.ratelimit_backend.load_initial()
+            rl_errors = self.ratelimit_backend.load_initial() if self.ratelimit_backend is not None else []
             if rl_errors:
                 raise ConfigError(rl_errors)
             sig, loaded = self._load_with_signature()
             self.reload_status.counts = self.parse_cache.stats()
             if not await self.apply(loaded):
                 raise ConfigError(self.reload_status.errors)
-        self.tasks.extend(self.ratelimit_backend.start(self.ratelimit))
+        if self.ratelimit_backend is not None:
+            self.tasks.extend(self.ratelimit_backend.start(self.rate_limit_runtime()))
         self.config_signature = sig
         # The initial load is not a reload (pyproxy_config_reloads_total).
         self.reload_status.successes = 0
@@ -522,7 +536,10 @@ class Worker:
                 self.observer.close()
             except Exception:
                 log.exception("observer close failed")
-        await self.ratelimit_backend.close()
+        if self.ratelimit_backend is not None:
+            await self.ratelimit_backend.close()
+        if self.ratelimit is not None:
+            self.ratelimit.close()
         self.stopped.set()
 
 

@@ -119,9 +119,6 @@ class Backend:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
-        decider = self.worker.ratelimit.decider
+        decider = self.worker.ratelimit.decider if self.worker.ratelimit is not None else None
         if isinstance(decider, ServiceDecider):
             await decider.close()
-        runtime = self.worker.ratelimit
-        if isinstance(runtime, LazySharedRuntime):
-            runtime.close()

@@ -349,7 +349,7 @@ class RateLimitTable:
         return policy
 
 
-def compile_table(envoy_filters: list[EnvoyFilter], identity: Any, runtime: RateLimitRuntime | None,
+def compile_table(envoy_filters: list[EnvoyFilter], identity: Any, runtime: Any,
                   gateway_ports: tuple[int, ...], warnings: list[str]) -> RateLimitTable | None:
     """The snapshot's rate-limit table, or None when no EnvoyFilter with a
     rate-limit filter selects this proxy (then nothing runs per request)."""
@@ -368,6 +368,8 @@ def compile_table(envoy_filters: list[EnvoyFilter], identity: Any, runtime: Rate
         return None
     if runtime is None:
         return None  # a build that serves no request (pyproxy validate)
+    if callable(runtime):  # the worker's: made now, on first use
+        runtime = runtime()
     return RateLimitTable(patches, runtime, identity, gateway_ports, warnings)
 
 
