@@ -103,7 +103,21 @@ class HeaderMatcher:
         return self.check(value) != self.invert
 
 
-def compile_action(spec: RateLimitActionSpec, source_cluster: bytes) -> Action:
+def _remote_from_xff(ex: Any) -> tuple[bytes, bytes] | None:
+    """A sidecar (Envoy's use_remote_address: false, as istiod sets it):
+    the rightmost x-forwarded-for address, else the peer."""
+    xff = ex.hdict.get(b"x-forwarded-for")
+    if xff:
+        last = xff.rpartition(b",")[2].strip()
+        if last:
+            return (b"remote_address", last)
+    peer = ex.conn.peer_ip_bytes
+    return (b"remote_address", peer) if peer else None
+
+
+def compile_action(spec: RateLimitActionSpec, source_cluster: bytes, gateway: bool = False) -> Action:
+    """``gateway``: the proxy is an ingress (use_remote_address: true, the
+    TCP peer is the remote address); a sidecar takes it from x-forwarded-for."""
     kind = spec.kind
     key = spec.key.encode()
     value = spec.value.encode()
@@ -116,6 +130,8 @@ def compile_action(spec: RateLimitActionSpec, source_cluster: bytes) -> Action:
     if kind == "destination_cluster":
         return _destination_cluster
     if kind == "remote_address":
+        if not gateway:
+            return _remote_from_xff
         return lambda ex: (b"remote_address", ex.conn.peer_ip_bytes) if ex.conn.peer_ip_bytes else None
     if kind == "request_headers":
         name = spec.header_name.encode("latin-1")
@@ -154,10 +170,10 @@ class CompiledRateLimit:
 
     __slots__ = ("actions", "hits_addend", "needs_destination", "stage")
 
-    def __init__(self, spec: RateLimitSpec, source_cluster: bytes) -> None:
+    def __init__(self, spec: RateLimitSpec, source_cluster: bytes, gateway: bool = False) -> None:
         self.stage = spec.stage
         self.hits_addend = spec.hits_addend
-        self.actions = tuple(compile_action(a, source_cluster) for a in spec.actions)
+        self.actions = tuple(compile_action(a, source_cluster, gateway) for a in spec.actions)
         self.needs_destination = any(a.kind == "destination_cluster" for a in spec.actions)
 
     def descriptor(self, ex: Any) -> Descriptor | None:

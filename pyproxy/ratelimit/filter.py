@@ -297,7 +297,8 @@ class RateLimitTable:
         return _Site("SIDECAR_OUTBOUND", (f"{vh.name}:{port}",), name, action, (port,), (port,))
 
     def _limits(self, patch: EnvoyFilterPatch) -> tuple[CompiledRateLimit, ...]:
-        return tuple(CompiledRateLimit(spec, self.source_cluster) for spec in patch.rate_limits)
+        gateway = bool(self.identity.gateway)
+        return tuple(CompiledRateLimit(spec, self.source_cluster, gateway) for spec in patch.rate_limits)
 
     def _compile(self, vh: Any, route: Any, match_index: int, port: int) -> Policy | None:
         site = self._site(vh, route, match_index, port)

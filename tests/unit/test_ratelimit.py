@@ -153,6 +153,17 @@ def test_generic_remote_source_actions() -> None:
         (b"generic_key", b"gv"), (b"remote_address", b"10.0.0.7"), (b"source_cluster", b"productpage.default"))
 
 
+def test_remote_address_as_istio_configures_envoy() -> None:
+    # Sidecars: use_remote_address false (the rightmost x-forwarded-for
+    # address); gateways: true (the TCP peer).
+    forwarded = Req(headers=[(b"x-forwarded-for", b"1.2.3.4, 10.1.1.1")])
+    sidecar = compile_action(action("remote_address"), b"s", gateway=False)
+    gateway = compile_action(action("remote_address"), b"s", gateway=True)
+    assert sidecar(forwarded) == (b"remote_address", b"10.1.1.1")
+    assert sidecar(Req()) == (b"remote_address", b"10.0.0.7")
+    assert gateway(forwarded) == (b"remote_address", b"10.0.0.7")
+
+
 def test_destination_cluster_action_uses_the_chosen_target() -> None:
     class Target:
         def cluster_for(self, port: int) -> Any:
