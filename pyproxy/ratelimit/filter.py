@@ -181,10 +181,13 @@ class GlobalLimiter:
 class Policy:
     """Everything rate limiting does for one (virtual host, route, port)."""
 
-    __slots__ = ("globals", "include_vh", "locals", "needs_destination", "route_limits", "vh_limits",
+    __slots__ = ("fast", "globals", "include_vh", "locals", "needs_destination", "route_limits", "vh_limits",
                  "vh_option_global")
 
     def __init__(self) -> None:
+        # The common case, one always-enforced local bucket and nothing else:
+        # (bucket, stats), checked inline by the filter.
+        self.fast: tuple[Any, LocalStats] | None = None
         self.locals: tuple[LocalLimiter, ...] = ()
         self.globals: tuple[GlobalLimiter, ...] = ()
         self.route_limits: tuple[CompiledRateLimit, ...] = ()
@@ -347,6 +350,11 @@ class RateLimitTable:
             return None
         policy.needs_destination = any(limit.needs_destination
                                        for limit in (*policy.route_limits, *policy.vh_limits))
+        if len(policy.locals) == 1 and not policy.globals:
+            only = policy.locals[0]
+            if (only.enabled >= 1.0 and only.enforced >= 1.0 and not only.descriptors and not only.x_headers
+                    and only.bucket is not None):
+                policy.fast = (only.bucket, only.stats)
         return policy
 
 
@@ -389,16 +397,28 @@ class RateLimitFilter:
     __slots__ = ()
 
     def on_request(self, ex: Any) -> bool:
-        table = ex.snapshot.ratelimit
+        snap = ex.snapshot
+        table = snap.ratelimit
         if table is None:
             return False
         vh = None
         if ex.direction != INBOUND:
-            hosts = ex.snapshot.hosts
+            hosts = snap.hosts
             vh = hosts.exact.get(ex.host) or hosts.lookup(ex.host)
-        policy = table.policy(vh, ex.route, ex.match_index, ex.port)
+        route = ex.route
+        # RateLimitTable.policy, its memo lookup inlined (this runs per request).
+        policy = table.memo.get((id(vh), id(route), ex.match_index, ex.port), _MISSING)
+        if policy is _MISSING:
+            policy = table.policy(vh, route, ex.match_index, ex.port)
         if policy is None:
             return False
+        fast = policy.fast
+        if fast is not None:
+            bucket, stats = fast
+            stats.enabled += 1
+            if bucket.consume() >= 0:
+                stats.ok += 1
+                return False
         return run(ex, policy, ex.resume_chain)
 
     def on_response_headers(self, ex: Any, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -407,6 +427,7 @@ class RateLimitFilter:
 
 
 RATE_LIMIT_FILTER = RateLimitFilter()
+_MISSING = object()
 
 
 def _add_headers(ex: Any, headers: list[tuple[bytes, bytes]]) -> None:
@@ -420,6 +441,9 @@ def _add_headers(ex: Any, headers: list[tuple[bytes, bytes]]) -> None:
 def run(ex: Any, policy: Policy, resume: Callable[[], None]) -> bool:
     """Run the policy's filters; True when the request was answered or is
     waiting for a decision (``resume`` is called to go on), False to go on now."""
+    if policy.fast is not None:
+        # The filter's inline check found the bucket empty (and counted 'enabled').
+        return _limited(ex, policy.locals[0])
     for local in policy.locals:
         if _local(ex, policy, local):
             return True
@@ -446,6 +470,13 @@ def _local(ex: Any, policy: Policy, local: LocalLimiter) -> bool:
         if extra:
             _add_headers(ex, extra)
         return False
+    return _limited(ex, local, extra)
+
+
+def _limited(ex: Any, local: LocalLimiter, extra: list[tuple[bytes, bytes]] | None = None) -> bool:
+    """Over the local limit: counted, then enforced (429) or let through."""
+    stats = local.stats
+    extra = extra or []
     stats.rate_limited += 1
     if not local._draw(local.enforced):
         for name, value, append in local.not_enforced_headers:
