@@ -30,6 +30,7 @@ from .filters.mirror import Mirror
 from .heap import HEAP
 from .http.downstream import DownstreamConnection, MTLSDownstreamConnection, StreamFactory
 from .http.exchange import INBOUND, OUTBOUND, Exchange
+from .http.h2downstream import H2Downstream
 from .options import RunOptions
 from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
 from .upstream.cluster import Cluster
@@ -53,7 +54,9 @@ class WorkerStats:
                  "downstream_rq_rejected", "downstream_cx_header_timeout", "downstream_cx_idle_timeout",
                  "downstream_rq_idle_timeout", "downstream_rq_rejected_400", "downstream_rq_rejected_408",
                  "downstream_rq_rejected_413", "downstream_rq_rejected_414", "downstream_rq_rejected_431",
-                 "downstream_rq_rejected_426", "downstream_rq_rejected_501", "downstream_rq_rejected_500")
+                 "downstream_rq_rejected_426", "downstream_rq_rejected_501", "downstream_rq_rejected_500",
+                 # HTTP/2 connections seen, and those closed over a flood budget (http/h2downstream.py)
+                 "downstream_cx_http2_total", "downstream_cx_h2_flood")
     # Declared for the type checker; __init__ zeroes every slot.
     downstream_cx_total: int
     downstream_cx_active: int
@@ -62,6 +65,8 @@ class WorkerStats:
     downstream_cx_header_timeout: int
     downstream_cx_idle_timeout: int
     downstream_rq_idle_timeout: int
+    downstream_cx_http2_total: int
+    downstream_cx_h2_flood: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -87,7 +92,7 @@ class Listener:
         self.port = port
         self.transparent = True  # SO_ORIGINAL_DST is read on every accepted connection
         self.server: asyncio.base_events.Server | None = None
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[DownstreamConnection | H2Downstream] = set()
         # What a connection creates for each request it parses.
         self.new_stream: StreamFactory = Exchange
         # Inbound with a workload certificate: TLS inspector + mTLS (security/inbound.py).
@@ -109,7 +114,7 @@ class Listener:
             # Accepted during the drain grace: served, with Connection: close.
             conn.start_drain(close_idle=False)
 
-    def on_connection_lost(self, conn: DownstreamConnection) -> None:
+    def on_connection_lost(self, conn: DownstreamConnection | H2Downstream) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.worker.stats.downstream_cx_active -= 1
@@ -427,8 +432,8 @@ class Worker:
             self.tasks.append(self.loop.create_task(watcher.run()))
         self.ready = True
 
-    def all_connections(self) -> list[DownstreamConnection]:
-        out: list[DownstreamConnection] = []
+    def all_connections(self) -> list[DownstreamConnection | H2Downstream]:
+        out: list[DownstreamConnection | H2Downstream] = []
         for listener in self.listeners:
             out.extend(listener.connections)
         return out
@@ -452,6 +457,9 @@ class Worker:
         limits = self.limits
         stream_idle = limits.stream_idle_timeout
         for conn in self.all_connections():
+            if isinstance(conn, H2Downstream):
+                conn.sweep(now, stream_idle)
+                continue
             ex = conn.current
             if ex is not None:
                 if stream_idle and ex.started and not ex.finished:

@@ -35,6 +35,7 @@ import httptools
 
 from .. import errors
 from ..errors import STATUS_LINES
+from .h2downstream import PREFACE_HEAD, H2Downstream, preface_rest
 
 if TYPE_CHECKING:
     from ..upstream.connection import UpstreamConnection
@@ -165,6 +166,28 @@ def unmap_ipv4(ip: str) -> str:
     if ip.startswith("::ffff:") and "." in ip:
         return ip[7:]
     return ip
+
+
+def strip_h2c_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
+    """``Upgrade: h2c`` (RFC 7540's upgrade, deprecated by RFC 9113): as
+    Envoy's HTTP/1.1 codec (envoyproxy/envoy#7161), the request stays a
+    plain HTTP/1.1 request: Upgrade, HTTP2-Settings and those Connection
+    tokens are removed, in place. True if it was one."""
+    if not any(n == b"upgrade" and v.strip().lower() == b"h2c" for n, v in headers):
+        return False
+    kept = []
+    for name, value in headers:
+        if name == b"upgrade" or name == b"http2-settings":
+            continue
+        if name == b"connection":
+            tokens = [t.strip() for t in value.split(b",")
+                      if t.strip() and t.strip().lower() not in (b"upgrade", b"http2-settings")]
+            if not tokens:
+                continue
+            value = b", ".join(tokens)
+        kept.append((name, value))
+    headers[:] = kept
+    return True
 
 
 def simple_response(status: int, body: bytes, close: bool = True) -> bytes:
@@ -312,6 +335,8 @@ class DownstreamConnection:
             self._protocol_error()
             return
         except httptools.HttpParserError as exc:
+            if not self.requests and self.url == b"*" and self._to_http2(data):
+                return
             if self.pending_error is None:
                 self.pending_error = (400, b"Bad Request")
             if log.isEnabledFor(logging.DEBUG):
@@ -338,6 +363,26 @@ class DownstreamConnection:
             self.deferred = None
             if ex is self.current and not ex.started and not ex.finished:
                 ex.start()
+
+    def _to_http2(self, data: bytes) -> bool:
+        """llhttp stops on ``PRI * HTTP/2.0`` (its "Pause on PRI/Upgrade"
+        error): on a connection's first request that is the HTTP/2 preface,
+        h2c with prior knowledge, as Envoy's codec AUTO accepts it. The
+        connection is handed to an ``H2Downstream`` protocol. Checked only
+        here, on the parse error, so HTTP/1.1 pays nothing for it."""
+        rest = preface_rest(data)
+        if rest is None or self.closed or self.pending_error is not None:
+            return False
+        h2c = H2Downstream(self)
+        listener = self.listener
+        listener.connections.discard(self)
+        listener.connections.add(h2c)
+        self.worker.stats.downstream_cx_http2_total += 1
+        self.closed = True  # this object is done; the transport is h2c's now
+        self.headers_started = 0.0
+        self.transport.set_protocol(h2c)
+        h2c.start(PREFACE_HEAD + rest)
+        return True
 
     def eof_received(self) -> bool:
         # The client shut down its side: as Envoy's HTTP connection manager
@@ -407,9 +452,14 @@ class DownstreamConnection:
         if self.closed or self.pending_error is not None or self.tunnel is not None:
             return  # closing: nothing after a refused request runs
         parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        upgrade = parser.should_upgrade()
+        if upgrade and strip_h2c_upgrade(self.headers):
+            # A plain request now; llhttp is in upgrade mode after it and
+            # parses no further one: the connection closes after the response.
+            upgrade = keep_alive = False
         ex = self.listener.new_stream(self, parser.get_method(), self.url, self.headers,
-                                      parser.get_http_version(), parser.should_keep_alive(),
-                                      parser.should_upgrade())
+                                      parser.get_http_version(), keep_alive, upgrade)
         # Trailer fields of a chunked body also come through on_header: they
         # go to a list nobody reads (still counted against the limits), never
         # into the request's headers (RFC 9110 6.5.1; Envoy drops them too).

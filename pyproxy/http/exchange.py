@@ -79,7 +79,8 @@ _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
 # Connection values that name no field beyond the hop-by-hop ones (the common case).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
-_VERSIONS = frozenset({"1.0", "1.1"})
+# "2": a stream of an HTTP/2 connection (http/h2downstream.py), forwarded as HTTP/1.1.
+_VERSIONS = frozenset({"1.0", "1.1", "2"})
 # RFC 3986 authority characters (what Envoy's authority check admits); a
 # Host with anything else (space, "/", "?", "#", quotes, ...) is refused.
 # Userinfo ("user@host") is refused too (RFC 9110 4.2.4).
@@ -482,7 +483,7 @@ class Exchange:
             return 413, b"Payload Too Large"
         if self.method == b"CONNECT":
             return 501, b"CONNECT is not supported"
-        if self.version == "1.1" and not self.authority:
+        if self.version != "1.0" and not self.authority:
             return 400, b"missing host"
         if self.port < 0 or self.port > 65535:
             return 400, b"invalid port in authority"

@@ -365,6 +365,9 @@ class ClusterEndpoint:
             cluster.stats.upstream_cx_max_duration_reached += 1
             conn.close()
             return
+        if conn.read_paused:
+            # Its response ended while the client was slow (paused for it).
+            conn.resume_reading()
         if self.pending:
             self.hand_over(conn)
         else:  # hand_over's idle branch, inlined: the common case

@@ -71,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         "chunk_data",
         "sink",
         "on_made",
+        "read_paused",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -107,6 +108,9 @@ class UpstreamConnection(asyncio.Protocol):
         # iteration the connect completed in, not after the connecting task
         # has been resumed.
         self.on_made: Any = None
+        # Paused by its stream (the client is slow): a connection going back
+        # to the pool must read again, or it never sees its next response.
+        self.read_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -321,6 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
             t.write(data)
 
     def pause_reading(self) -> None:
+        self.read_paused = True
         if self.transport is not None and not self.closed:
             try:
                 self.transport.pause_reading()
@@ -328,6 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
 
     def resume_reading(self) -> None:
+        self.read_paused = False
         if self.transport is not None and not self.closed:
             try:
                 self.transport.resume_reading()
