@@ -397,3 +397,28 @@ async def test_h2load_through_the_sidecar(upstream: Upstream) -> None:
         assert out.returncode == 0, text + out.stderr.decode()
         assert "400 succeeded, 0 failed, 0 errored" in text, text
         assert "status codes: 400 2xx" in text, text
+
+
+async def test_gateway_listener_and_drain_goaway() -> None:
+    from tests.integration.test_gateway import config as gateway_config
+
+    async with Upstream("front") as front, Upstream("back") as back:
+        with running_proxy(gateway_config(front.port, back.port), args=["--gateway", "shop-gateway"]) as px:
+            c = await asyncio.to_thread(H2Client, px.outbound)
+            try:
+                sid = c.request("/productpage", authority=b"localhost:8080")
+                headers, body, end = await asyncio.to_thread(c.response, sid)
+                assert headers is not None and headers[b":status"] == b"200", headers
+                assert headers[b"server"] == b"istio-envoy"
+                assert json.loads(body)["upstream"] == "front"
+                # The gateway appends the peer to x-forwarded-for for h2 streams too.
+                assert front.seen[-1].headers["x-forwarded-for"] == "127.0.0.1"
+                # A drain: GOAWAY(NO_ERROR), then the idle connection closes.
+                status, _ = await asyncio.to_thread(http_get, px.admin_url + "/drain_listeners", 5, "POST")
+                assert status == 200
+                evs = await asyncio.to_thread(c.events, lambda g: any(
+                    isinstance(e, h2.events.ConnectionTerminated) for e in g), 10.0)
+                term = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+                assert term and term[0].error_code == 0
+            finally:
+                c.close()
