@@ -407,7 +407,7 @@ async def test_gateway_listener_and_drain_goaway() -> None:
             c = await asyncio.to_thread(H2Client, px.outbound)
             try:
                 sid = c.request("/productpage", authority=b"localhost:8080")
-                headers, body, end = await asyncio.to_thread(c.response, sid)
+                headers, body, _ = await asyncio.to_thread(c.response, sid)
                 assert headers is not None and headers[b":status"] == b"200", headers
                 assert headers[b"server"] == b"istio-envoy"
                 assert json.loads(body)["upstream"] == "front"
