@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -51,9 +51,6 @@ import httptools
 from h2.errors import ErrorCodes
 
 from .. import errors
-
-if TYPE_CHECKING:
-    from .downstream import DownstreamConnection
 
 log = logging.getLogger("pyproxy.h2")
 
@@ -387,7 +384,9 @@ class H2Downstream:
         "empty_data", "limits", "pipeline", "tunnel", "headers_started", "requests",
     )
 
-    def __init__(self, old: DownstreamConnection) -> None:
+    def __init__(self, old: Any) -> None:
+        # ``old``: the DownstreamConnection that read the preface (not
+        # imported: downstream.py imports this module).
         self.listener = old.listener
         self.worker = old.worker
         self.direction = old.direction

@@ -36,6 +36,7 @@ class _Conn:
         self.stream = None
         self.counted = True
         self.idle_since = 0.0
+        self.read_paused = False
 
     def close(self) -> None:
         if not self.closed:

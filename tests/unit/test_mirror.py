@@ -64,6 +64,7 @@ class FakeUpConn:
         self.reusable = True
         self.requests = 0
         self.idle_since = 0.0
+        self.read_paused = False
 
     def attach(self, stream: Any, head_request: bool = False) -> None:
         self.stream = stream
