@@ -389,12 +389,12 @@ class H2Downstream:
         # imported: downstream.py imports this module).
         self.listener = old.listener
         self.worker = old.worker
-        self.direction = old.direction
-        self.listen_port = old.listen_port
+        self.direction: int = old.direction
+        self.listen_port: int = old.listen_port
         self.transport = old.transport
-        self.peer_ip = old.peer_ip
-        self.peer_ip_bytes = old.peer_ip_bytes
-        self.original_dst = old.original_dst
+        self.peer_ip: str = old.peer_ip
+        self.peer_ip_bytes: bytes = old.peer_ip_bytes
+        self.original_dst: tuple[str, int] | None = old.original_dst
         self.tls_peer = old.tls_peer
         self.limits = old.limits
         self.closed = False
@@ -411,7 +411,7 @@ class H2Downstream:
         self.empty_data = 0
         self.requests = 0
         # What the worker's drain and sweep look at on HTTP/1.1 connections.
-        self.pipeline: tuple = ()
+        self.pipeline: tuple[()] = ()
         self.tunnel = None
         self.headers_started = 0.0
         max_bytes = self.limits.max_header_bytes
