@@ -350,8 +350,15 @@ class Exchange:
         if not self.request_id:
             self.request_id = new_request_id()
             self.headers.append((b"x-request-id", self.request_id))
-        if self.expect_continue and self.has_body:
-            self.conn.write(CONTINUE_100)
+        if self.has_body:
+            # Envoy decides on a request at its headers, before reading the
+            # body: a reply it makes then (route not found, direct response,
+            # redirect, fault abort, NC/UH/UO) leaves the body unread and the
+            # connection closes after it. Forwarding (_attempt) or waiting
+            # (pause_chain) clears this again.
+            self.close_after = True
+            if self.expect_continue:
+                self.conn.write(CONTINUE_100)
         # jwt_authn and RBAC (authz/guard.py): before the route lookup;
         # inbound, or every request at a gateway; never a sidecar's outbound.
         security = self.snapshot.security_filters[self.direction]
@@ -409,6 +416,8 @@ class Exchange:
     def pause_chain(self, delay: float, callback: Callable[[], None]) -> None:
         """Call ``callback`` in ``delay`` seconds unless the request ends
         first (the timer is cancelled with the request's others)."""
+        if self.has_body and self.attempt == 0:
+            self.close_after = False  # decided later, after the body (see start())
         self.retry_timer = self.loop.call_later(delay, self._chain_timer, callback)
 
     def _chain_timer(self, callback: Callable[[], None]) -> None:
@@ -766,11 +775,14 @@ class Exchange:
         self.head_sent = False
         ep.active_requests += 1
         result = ep.acquire(self)
-        if result is None:
-            self.waiting_pending = True
-        elif result is OVERFLOW:
+        if result is OVERFLOW:
             self._end_attempt_counters()
             self._give_up(errors.UO_503)
+            return
+        if self.has_body and self.attempt == 1:
+            self.close_after = False  # forwarded: start()'s early-reply close no longer applies
+        if result is None:
+            self.waiting_pending = True
         else:
             self.on_upstream_connected(result)  # type: ignore[arg-type]
 

@@ -142,6 +142,8 @@ class RetryPolicy:
     any_response: bool = False
     # grpc-status values retried by the gRPC conditions (as bytes).
     grpc_statuses: frozenset[bytes] = frozenset()
+    # Only the gRPC conditions look at responses (Istio's default policy).
+    grpc_only: bool = False
 
     def retries_status(self, status: int) -> bool:
         f = self.flags
@@ -160,8 +162,15 @@ class RetryPolicy:
         f = self.flags
         if not f:
             return False
-        by_status = self.retries_status(status)
         grpc = self.grpc_statuses
+        if self.grpc_only:
+            # Istio's default policy: only gRPC conditions look at responses
+            # (the common case, so one plain scan for grpc-status).
+            for name, value in headers:
+                if name == b"grpc-status":
+                    return value.strip() in grpc
+            return False
+        by_status = self.retries_status(status)
         if by_status or f & RETRY_ENVOY_RATELIMITED or grpc:
             for name, value in headers:
                 if name == b"x-envoy-ratelimited":
@@ -194,12 +203,12 @@ def _policy(attempts: int, per_try: float | None, retry_on: str, backoff: float 
     flags, codes, _ = parse_retry_on(retry_on)
     base = backoff if backoff else BASE_INTERVAL
     grpc = grpc_codes(retry_on)
-    any_response = bool(
+    by_status = bool(
         flags & (RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RETRIABLE_4XX | RETRY_ENVOY_RATELIMITED)
-        or (flags & RETRY_RETRIABLE_STATUS_CODES and codes) or grpc
+        or (flags & RETRY_RETRIABLE_STATUS_CODES and codes)
     )
     return RetryPolicy(attempts, per_try, flags, codes, base, base * MAX_INTERVAL_FACTOR, avoid_previous_hosts,
-                       any_response, grpc)
+                       by_status or bool(grpc), grpc, bool(grpc) and not by_status)
 
 
 MESH_DEFAULT = _policy(MESH_DEFAULT_ATTEMPTS, None, MESH_DEFAULT_RETRY_ON, None, True)

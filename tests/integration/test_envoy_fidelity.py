@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.harness import Upstream, free_port, raw_request, running_proxy, service_entry
+from tests.harness import Upstream, free_port, raw_request, read_response, running_proxy, service_entry
 from tests.integration.obs_helpers import wait_for
 
 SUBSETS = """---
@@ -330,3 +330,32 @@ async def test_response_cut_after_its_head_is_upe_and_counted_as_envoy_does(tmp_
             assert cluster_stat(px, "reviews", "upstream_rq_rx_reset_total") == 0
             assert cluster_stat(px, "reviews", "upstream_rq_completed_total") == 1
     assert '" 200 UPE ' in log.read_text(), log.read_text()
+
+
+async def test_reply_at_the_headers_closes_a_connection_whose_body_was_not_read() -> None:
+    """Envoy decides at the request headers: a fault abort (or any reply
+    it makes then) to a POST leaves the body unread and closes the
+    connection, even when the body came in the same packet; a forwarded
+    POST keeps the connection."""
+    async with Upstream("v1") as up:
+        cfg = service_entry("reviews", [(up.port, {})]) + vs("""
+  - match: [{uri: {prefix: /abort}}]
+    route: [{destination: {host: reviews}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+  - route: [{destination: {host: reviews}}]""")
+        with running_proxy(cfg) as px:
+            body = b"x" * 10
+            post = b"POST /%s HTTP/1.1\r\nHost: reviews\r\ncontent-length: 10\r\n\r\n" + body
+            reader, writer = await asyncio.open_connection("127.0.0.1", px.outbound)
+            try:
+                writer.write(post % b"ok" + post % b"ok")  # pipelined: both forwarded on one connection
+                await writer.drain()
+                for _ in range(2):
+                    status, fields, _ = head_fields(await asyncio.wait_for(read_response(reader), 5))
+                    assert status == 200 and values(fields, "connection") == []
+            finally:
+                writer.close()
+            resp = await raw_request(px.outbound, post % b"abort", until_close=True)
+            status, fields, _ = head_fields(resp)
+            assert (status, values(fields, "connection")) == (418, ["close"])
+    assert len(up.seen) == 2
