@@ -76,8 +76,8 @@ class JwtAuthnFilter:
             outcome = self.authn.authenticate(ex.hdict, ex.query_params, ex.cookie)
         except JwtError as err:
             self.stats.jwt["denied"] += 1
-            ex.send_local_reply(err.code, err.status.encode(), route_ops=False, extra=(
-                (b"www-authenticate", www_authenticate(ex.scheme, ex.authority, ex.path)),))
+            _refuse(ex, err.code, err.status.encode(),
+                    ((b"www-authenticate", www_authenticate(ex.scheme, ex.authority, ex.path)),))
             return True
         self.stats.jwt["allowed"] += 1
         ex.auth = outcome.identity
@@ -108,8 +108,22 @@ class RbacFilter:
                 self.stats.count(decision.policy, "allowed")
             return False
         self.stats.count(decision.effective_policy, "denied")
-        ex.send_local_reply(403, RBAC_DENIED, route_ops=False)
+        _refuse(ex, 403, RBAC_DENIED)
         return True
+
+
+# Envoy's local reply to a gRPC request: HTTP 200 with the status as
+# grpc-status (Http::Utility::httpToGrpcStatus) and the body as grpc-message.
+_GRPC_STATUS = {401: b"16", 403: b"7"}  # UNAUTHENTICATED, PERMISSION_DENIED
+
+
+def _refuse(ex: Any, status: int, body: bytes, extra: tuple = ()) -> None:
+    ctype = ex.hdict.get(b"content-type", b"")
+    if ctype.startswith(b"application/grpc"):
+        ex.send_local_reply(200, b"", extra=(*extra, (b"grpc-status", _GRPC_STATUS[status]), (b"grpc-message", body)),
+                            content_type=ctype, route_ops=False)
+    else:
+        ex.send_local_reply(status, body, extra=extra, route_ops=False)
 
 
 def security_filters(engine: Engine | None, authn: Authenticator | None,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.harness import Upstream, free_port, http_get, running_proxy
@@ -261,3 +262,20 @@ async def test_claim_based_routing_at_the_gateway() -> None:
                 assert (status, body) == (
                     401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")
     assert "authorization" not in v2.seen[0].headers  # the token is not forwarded
+
+
+async def test_denied_grpc_request_over_h2c_gets_grpc_status_7() -> None:
+    from tests.integration.test_http2 import CURL, curl
+
+    if CURL is None:
+        pytest.skip("curl with HTTP/2 is not installed")
+    async with Upstream("reviews") as app:
+        with running_proxy({"authz.yaml": POLICIES}, app_port=app.port, args=LABELS) as px:
+            out = await asyncio.to_thread(curl, "-i", "-X", "POST", "-H", "content-type: application/grpc",
+                                          "-H", "te: trailers", "--data-binary", "x",
+                                          f"http://127.0.0.1:{px.inbound}/pkg.Books/Delete")
+            assert out.returncode == 0, out.stderr
+            text = out.stdout.decode()
+            assert text.startswith("HTTP/2 200"), text
+            assert "grpc-status: 7\r\n" in text and "grpc-message: RBAC: access denied\r\n" in text
+    assert app.seen == []

@@ -246,3 +246,13 @@ def test_rbac_answers_before_the_router_at_a_gateway() -> None:
               labels={"app": "gw"})
     assert go(gw, method="POST", inbound=False, host="unknown.example")[0] == 403
     assert go(gw, method="GET", inbound=False, host="unknown.example")[0] == 404
+
+
+def test_grpc_requests_get_grpc_status_instead_of_an_http_error() -> None:
+    s = snap(POLICY + "\n---\n" + RA)
+    status, resp, _, _ = go(s, "/pkg.Svc/Method", method="POST", headers={"content-type": "application/grpc"})
+    assert status == 200
+    assert b"grpc-status: 7\r\n" in resp and b"grpc-message: RBAC: access denied\r\n" in resp
+    status, resp, _, _ = go(s, "/pkg.Svc/Method", method="POST",
+                            headers={"content-type": "application/grpc", "authorization": "Bearer x.y.z"})
+    assert status == 200 and b"grpc-status: 16\r\n" in resp and b"www-authenticate: Bearer" in resp
