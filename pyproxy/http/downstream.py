@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httptools
 
 from .. import errors
-from ..errors import STATUS_LINES
 from .h2downstream import PREFACE_HEAD, H2Downstream, preface_rest
+from .response import refusal
 
 if TYPE_CHECKING:
     from ..upstream.connection import UpstreamConnection
@@ -188,16 +188,6 @@ def strip_h2c_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
         kept.append((name, value))
     headers[:] = kept
     return True
-
-
-def simple_response(status: int, body: bytes, close: bool = True) -> bytes:
-    head = STATUS_LINES.get(status) or errors.status_line(status)
-    return (
-        head
-        + b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: text/plain\r\n"
-        + (b"connection: close\r\n" if close else b"")
-        + b"\r\n" + body
-    )
 
 
 class DownstreamConnection:
@@ -657,7 +647,7 @@ class DownstreamConnection:
     def _send_error(self) -> None:
         status, body = self.pending_error or (400, b"Bad Request")
         self.pipeline.clear()
-        self.write(simple_response(status, body))
+        self.write(refusal(status, body))
         obs = self.worker.observer
         if obs is not None:
             self._report_refused(obs, status, len(body))

@@ -52,6 +52,7 @@ from .headers import (
     connection_tokens,
     new_request_id,
 )
+from .response import local_reply
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,8 +72,6 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TEXT_PLAIN = b"text/plain"
 _SERVER_ENVOY = b"server: envoy\r\n"
 _SERVER_ISTIO_ENVOY = b"server: istio-envoy\r\n"
-# Written by send_local_reply itself, whatever a route's operations say.
-_LOCAL_REPLY_OWN = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date", b"server"})
 
 # A response to an upgrade (101) keeps its Upgrade and Connection fields.
 _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
@@ -1321,22 +1320,11 @@ class Exchange:
                 fields = ops.apply(fields)
             for f in self.encoders:
                 fields = f.on_response_headers(self, fields)
-        parts = [STATUS_LINES.get(status) or errors.status_line(status)]
-        if status != 204 and status >= 200:
-            # (Envoy sends no content-length with a 204 or 1xx)
-            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
-        for name, value in fields:
-            if name not in _LOCAL_REPLY_OWN:
-                parts.append(name + b": " + value + b"\r\n")
-        parts.append(b"date: " + HTTP_DATE.get() + b"\r\n" + self._server_line())
         if not self.keep_alive or not self.request_complete or self.conn.draining or self.close_after:
             self.close_after = True
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if body and self.method != b"HEAD":
-            parts.append(body)
         self.response_bytes = len(body)
-        self.conn.write(b"".join(parts))
+        self.conn.write(local_reply(status, body, fields, HTTP_DATE.get(), self._server_line(), self.close_after,
+                                    self.method != b"HEAD"))
         self.response_complete = True
         self._finish()
 
