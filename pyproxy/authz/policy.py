@@ -156,7 +156,8 @@ def port_matcher(value: str) -> Callable[[int], bool]:
 
 def _field(values: tuple[str, ...], not_values: tuple[str, ...], make: Callable[[str], Callable[[Any], bool]],
            get: Callable[[Request], Any]) -> Predicate | None:
-    """One field and its notX twin: any value matches AND no not-value matches."""
+    """One field and its notX twin: any value matches AND no not-value matches.
+    (Plain loops, not any() over generators: this runs per request.)"""
     if not values and not not_values:
         return None
     pos = tuple(make(v) for v in values)
@@ -164,9 +165,16 @@ def _field(values: tuple[str, ...], not_values: tuple[str, ...], make: Callable[
 
     def check(req: Request) -> bool:
         x = get(req)
-        if pos and not any(m(x) for m in pos):
-            return False
-        return not any(m(x) for m in neg)
+        if pos:
+            for m in pos:
+                if m(x):
+                    break
+            else:
+                return False
+        for m in neg:
+            if m(x):
+                return False
+        return True
 
     return check
 
@@ -208,7 +216,14 @@ def _all(preds: Iterable[Predicate | None]) -> Predicate:
         return lambda req: True
     if len(checks) == 1:
         return checks[0]
-    return lambda req: all(p(req) for p in checks)
+
+    def every(req: Request) -> bool:
+        for p in checks:
+            if not p(req):
+                return False
+        return True
+
+    return every
 
 
 def _any(preds: Iterable[Predicate]) -> Predicate:
@@ -217,7 +232,14 @@ def _any(preds: Iterable[Predicate]) -> Predicate:
         return lambda req: True  # not given: anything
     if len(checks) == 1:
         return checks[0]
-    return lambda req: any(p(req) for p in checks)
+
+    def some(req: Request) -> bool:
+        for p in checks:
+            if p(req):
+                return True
+        return False
+
+    return some
 
 
 def compile_source(src: AuthzSource, namespace: str) -> Predicate:
