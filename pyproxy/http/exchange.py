@@ -98,6 +98,29 @@ def _authority_ok(authority: bytes) -> bool:
     return True
 
 
+# Envoy's Grpc::Utility::httpToGrpcStatus (source/common/grpc/status.cc), from
+# the gRPC spec's HTTP-to-gRPC table; anything else is 2 (UNKNOWN).
+_HTTP_TO_GRPC = {400: b"13", 401: b"16", 403: b"7", 404: b"12", 429: b"14", 502: b"14", 503: b"14",
+                 504: b"14"}
+_GRPC_CONTENT_TYPE = b"application/grpc"
+# grpc-message is percent-encoded: bytes outside printable ASCII, and "%".
+_GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {0x25}
+
+
+def grpc_local_reply(status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
+                     ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...], bytes]:
+    """A local reply to a gRPC request, as Envoy's sendLocalReply makes it
+    (verified on Envoy 1.40, spec §2.3): trailers-only, HTTP 200,
+    ``grpc-status`` mapped from the HTTP status, ``grpc-message`` the body
+    text, no body. (status, body, extra fields, content type)."""
+    fields = [(b"grpc-status", _HTTP_TO_GRPC.get(status, b"2"))]
+    if body:
+        msg = body if all(b in _GRPC_MESSAGE_SAFE for b in body) else b"".join(
+            bytes((b,)) if b in _GRPC_MESSAGE_SAFE else b"%%%02X" % b for b in body)
+        fields.append((b"grpc-message", msg))
+    return 200, b"", (*extra, *fields), _GRPC_CONTENT_TYPE
+
+
 class Exchange:
     __slots__ = (
         "conn", "worker", "snapshot", "loop", "direction",
@@ -1302,6 +1325,10 @@ class Exchange:
         if self.response_started:
             self._fail_downstream()
             return
+        if status != 200:
+            ctype = self.hdict.get(b"content-type")
+            if ctype is not None and ctype[:16] == b"application/grpc" and ctype[16:20] != b"-web":
+                status, body, extra, content_type = grpc_local_reply(status, body, extra)
         self.status = status
         self.response_started = True
         # Fields other than framing, date and server: the content type (once;

@@ -341,7 +341,9 @@ class H2Stream:
             h2c.send_headers(self, headers, False)
             return
         self.status = status
-        end = self.head_only or status in (204, 304)
+        # An empty body ends with the headers: a gRPC trailers-only response
+        # must be one HEADERS frame with END_STREAM.
+        end = self.head_only or status in (204, 304) or (b"content-length", b"0") in self.resp_headers
         h2c.send_headers(self, headers, end)
         if end:
             self.response_ended = True

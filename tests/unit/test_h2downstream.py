@@ -87,3 +87,16 @@ def test_strip_h2c_upgrade() -> None:
     ws = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     assert not strip_h2c_upgrade(ws)
     assert ws == [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+
+
+def test_grpc_local_reply_mapping_and_message_encoding() -> None:
+    from pyproxy.http.exchange import grpc_local_reply
+
+    for status, code in ((400, b"13"), (401, b"16"), (403, b"7"), (404, b"12"), (429, b"14"), (502, b"14"),
+                         (503, b"14"), (504, b"14"), (500, b"2"), (418, b"2")):
+        got = grpc_local_reply(status, b"no healthy upstream", ((b"x", b"y"),))
+        assert got == (200, b"", ((b"x", b"y"), (b"grpc-status", code), (b"grpc-message", b"no healthy upstream")),
+                       b"application/grpc")
+    # No body, no grpc-message; non-printable bytes and "%" percent-encoded (gRPC spec).
+    assert grpc_local_reply(404, b"", ())[2] == ((b"grpc-status", b"12"),)
+    assert grpc_local_reply(503, "100% é\n".encode(), ())[2][1] == (b"grpc-message", b"100%25 %C3%A9%0A")
