@@ -96,6 +96,12 @@ class _ParseLimit(Exception):
     """Raised inside a parser callback to stop parsing on a limit."""
 
 
+class _Stopped(Exception):
+    """Raised inside a parser callback: the connection stopped taking
+    requests (one was refused, or it is closing), so the bytes that follow
+    are never parsed."""
+
+
 class _Discard:
     """Stands in for a tunnel while a closing connection drains the client's
     unread bytes: ``data_received`` hands them here, at no cost to the
@@ -212,7 +218,7 @@ class DownstreamConnection:
         "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
         "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
-        "corked", "wbuf", "tls_peer",
+        "corked", "wbuf", "tls_peer", "stopped",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -269,6 +275,12 @@ class DownstreamConnection:
         # The authenticated client of an inbound mTLS connection
         # (security/inbound.py TLSPeer); None on plaintext.
         self.tls_peer: Any = None
+        # Set once a request was refused or the connection began closing:
+        # from then on nothing on this connection is parsed, routed or
+        # forwarded, queued pipelined requests included (issue 12: the
+        # bytes after a refused request are often its own body, which must
+        # never become a request of its own).
+        self.stopped = False
 
     @property
     def peer_principal(self) -> str:
@@ -329,6 +341,8 @@ class DownstreamConnection:
             self._protocol_error()
             return
         except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Stopped):
+                return  # the refusal was already answered (or is queued)
             if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
                 log.exception("internal error while handling a request")
                 self.pending_error = (500, b"internal error")
@@ -361,7 +375,7 @@ class DownstreamConnection:
         if ex is not None:
             # The whole read parsed cleanly: now the request may go upstream.
             self.deferred = None
-            if ex is self.current and not ex.started and not ex.finished:
+            if ex is self.current and not ex.started and not ex.finished and not self.stopped:
                 ex.start()
 
     def _to_http2(self, data: bytes) -> bool:
@@ -393,6 +407,7 @@ class DownstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stopped = True
         self.listener.on_connection_lost(self)
         if self.tunnel is not None:
             t = self.tunnel
@@ -422,6 +437,8 @@ class DownstreamConnection:
     # -- httptools callbacks --------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.stopped:
+            raise _Stopped()
         self.url = b""
         self.url_len = 0
         self.headers = []
@@ -449,8 +466,8 @@ class DownstreamConnection:
 
     def on_headers_complete(self) -> None:
         self.headers_started = 0.0
-        if self.closed or self.pending_error is not None or self.tunnel is not None:
-            return  # closing: nothing after a refused request runs
+        if self.stopped or self.pending_error is not None or self.tunnel is not None:
+            raise _Stopped()  # closing: nothing after a refused request runs
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         upgrade = parser.should_upgrade()
@@ -545,9 +562,10 @@ class DownstreamConnection:
             # timeout counts from now (the sweep skips busy connections).
             self.headers_started = now
         if ex.close_after or self.closed:
-            # Unread request bytes may still arrive: drain them briefly so
-            # the reply is not destroyed by a reset.
-            self.close(linger=not ex.request_complete or self.pending_error is not None)
+            # Unread request bytes may still arrive (after a refusal, often
+            # a smuggling attempt): drain them briefly, unparsed, so the
+            # reply is not destroyed by a reset.
+            self.close(linger=not ex.request_complete or self.pending_error is not None or self.stopped)
             return
         if self.pending_error is not None and not self.pipeline:
             self._send_error()
@@ -634,6 +652,7 @@ class DownstreamConnection:
             return
         status, body = self.pending_error or (400, b"Bad Request")
         self.pending_error = (status, body)
+        self.stopped = True
         self.headers_started = 0.0
         self.deferred = None
         self.worker.stats.reject(status)
@@ -686,6 +705,9 @@ class DownstreamConnection:
         (a refused or partly read request): stop writing now, but keep
         reading and discarding for up to a second (or 8 MiB) so the client
         reads the reply instead of a reset."""
+        self.stopped = True
+        self.pipeline.clear()
+        self.deferred = None
         if self.closed or self.transport is None:
             return
         if self.corked:

@@ -517,6 +517,8 @@ class Exchange:
             return
         if not counted:
             self.worker.stats.reject(status)
+        # Nothing after a refused request is parsed or started (issue 12).
+        self.conn.stopped = True
         if not self.started:
             self.started = True
             obs = self.worker.observer
@@ -1151,16 +1153,11 @@ class Exchange:
         if reason == "protocol_error":
             self._give_up(reply)
             return
-        if conn.requests > 1 and conn.bytes_received == 0 and self.replay is not None \
-                and self.request_complete and self.retries_done == 0 and self.attempt == 1:
-            # A pooled keep-alive connection the upstream had already closed
-            # (its idle timeout raced our reuse): nothing reached the app, so
-            # send the request again on a fresh connection once. Envoy would
-            # surface this as 503 UC; see README "Differences from Envoy".
-            self.tried.clear()
-            self.attempt_started = monotonic()
-            self._attempt()
-            return
+        # The request was written: the upstream may have processed it, even
+        # on a reused connection that closed without a byte back. Only a
+        # retry policy sends it again (as Envoy: 503 UC otherwise). A pooled
+        # connection found closed before the write is never used at all
+        # (ClusterEndpoint.acquire).
         self._on_attempt_failed(RESET, reply)
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
