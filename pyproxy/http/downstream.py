@@ -6,12 +6,22 @@ listener's ``new_stream`` factory creates and this module drives only through
 the ``DownstreamStream`` Protocol below: the codec imports nothing above it.
 
 Pipelining: requests are answered strictly in order. While one exchange is in
-flight, later requests are parsed into queued exchanges and reading pauses,
-so at most one read buffer of pipelined requests is held.
+flight, later requests are parsed into queued exchanges and reading pauses;
+once ``PIPELINE_DEPTH`` are queued (or what one small read held) input
+stays unparsed (``held``: at most one read) until the queue drains.
+
+Backpressure (issue 21): while the client's transport is above its write
+high-water mark, no further request is parsed or started and the current
+exchange's upstream is not read; all resume below the low-water mark. So a
+client that does not read its responses holds at most: the queue, one
+unparsed read, the transport's write buffer (high-water mark plus what one
+upstream read or one local reply adds), and the current exchange's request
+body buffers (README "Security": docs/security.md).
 
 Flow control: reading pauses for any of several reasons (a bitmask), and
-resumes only when none is left: pipelined requests waiting, or the upstream
-side of the current exchange cannot take more request body.
+resumes only when none is left: pipelined requests waiting, input held
+unparsed, or the upstream side of the current exchange cannot take more
+request body.
 
 Strictness (README "Security"): llhttp rejects most malformed input in C
 (request line, header syntax, CR/LF/NUL/control characters, obs-fold,
@@ -44,6 +54,19 @@ log = logging.getLogger("pyproxy.downstream")
 
 BLOCK_PIPELINE = 1
 BLOCK_BODY = 2
+BLOCK_HELD = 4
+
+# Parsed pipelined requests queued behind the one in flight; more input is
+# held unparsed (Envoy parses the next request only when the previous one
+# is done; a short queue costs nothing in order and spares a re-parse per
+# request).
+PIPELINE_DEPTH = 4
+# A read this small is parsed whole (the common case: one request, and no
+# search for where its head ends); the requests it can hold (about 60 of
+# the smallest) are the queue's worst case. Larger reads are cut after each
+# head end.
+WHOLE_READ = 2048
+_HEAD_END = b"\r\n\r\n"
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
@@ -218,7 +241,7 @@ class DownstreamConnection:
         "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
         "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
-        "corked", "wbuf", "tls_peer", "stopped",
+        "corked", "wbuf", "tls_peer", "stopped", "held",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -281,6 +304,9 @@ class DownstreamConnection:
         # bytes after a refused request are often its own body, which must
         # never become a request of its own).
         self.stopped = False
+        # Received but not parsed: the pipeline queue is full, or the client
+        # is not reading its responses (see ``_input_blocked``).
+        self.held: bytes | None = None
 
     @property
     def peer_principal(self) -> str:
@@ -322,6 +348,18 @@ class DownstreamConnection:
             tunnel.write(data)
             return
         self.last_activity = self.worker.loop.time()
+        held = self.held
+        if held is not None:
+            # Reading pauses while input is held; a read already under way
+            # joins it (bounded: one more read at most).
+            self.held = held + data
+            return
+        if (self.write_paused or self.pipeline) and self._input_blocked():
+            # A new request in a read of its own while the client is not
+            # reading (or the queue is full): it waits, unparsed.
+            self.held = data
+            self._block(BLOCK_HELD)
+            return
         if self.headers_started:
             # httptools hands over a header only once it is complete, so a
             # head is bounded here, by bytes received, not in on_header.
@@ -331,34 +369,15 @@ class DownstreamConnection:
                 self._protocol_error()
                 return
         watch_trailers = self.chunk_open
-        self.feeding = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args else len(data)
-            self._on_upgrade_data(data[offset:])
-        except _ParseLimit:
-            self._protocol_error()
-            return
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Stopped):
-                return  # the refusal was already answered (or is queued)
-            if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
-                log.exception("internal error while handling a request")
-                self.pending_error = (500, b"internal error")
-            self._protocol_error()
-            return
-        except httptools.HttpParserError as exc:
-            if not self.requests and self.url == b"*" and self._to_http2(data):
+        n = len(data)
+        end = n if n <= WHOLE_READ else data.find(_HEAD_END) + 4
+        if end == 3 or end == n:
+            # A small read, or no head ends in it, or it ends with the
+            # only one: parsed whole.
+            if not self._feed(data, data):
                 return
-            if self.pending_error is None:
-                self.pending_error = (400, b"Bad Request")
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("malformed request from %s: %s", self.peer_ip, exc)
-            self._protocol_error()
+        elif not self._feed_pieces(data, end):
             return
-        finally:
-            self.feeding = False
         if watch_trailers:
             # httptools buffers a trailer field until it is complete, like a
             # header: bound the reads that go into trailers.
@@ -398,6 +417,84 @@ class DownstreamConnection:
         h2c.start(PREFACE_HEAD + rest)
         return True
 
+    def _feed_pieces(self, data: bytes, end: int) -> bool:
+        """Parse a read that may hold several requests, cut after each head
+        end, so the queue is looked at between two requests; what does not
+        fit is held unparsed. (llhttp cannot be paused at a message end.)
+        Each piece ends after at most one head: a body with CRLFCRLF in it
+        only makes the pieces smaller. False when parsing stopped."""
+        view = memoryview(data)
+        n = len(data)
+        start = 0
+        while True:
+            if not self._feed(view[start:end], data, start):
+                return False
+            start = end
+            if start >= n or self.tunnel is not None:
+                return True
+            if self._input_blocked():
+                self.held = data[start:]
+                self._block(BLOCK_HELD)
+                return True
+            end = data.find(_HEAD_END, start) + 4
+            if end == 3:
+                end = n
+
+    def _feed(self, piece: Any, data: bytes, start: int = 0) -> bool:
+        """Feed one piece of ``data`` (at ``start``) to the parser; False if
+        parsing stopped (refused, upgraded, closing)."""
+        self.feeding = True
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(piece)
+            self._on_upgrade_data(data[start + offset:])
+            return False
+        except _ParseLimit:
+            self._protocol_error()
+            return False
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Stopped):
+                return False  # the refusal was already answered (or is queued)
+            if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
+                log.exception("internal error while handling a request")
+                self.pending_error = (500, b"internal error")
+            self._protocol_error()
+            return False
+        except httptools.HttpParserError as exc:
+            if not self.requests and self.url == b"*" and self._to_http2(data):
+                return False
+            if self.pending_error is None:
+                self.pending_error = (400, b"Bad Request")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("malformed request from %s: %s", self.peer_ip, exc)
+            self._protocol_error()
+            return False
+        finally:
+            self.feeding = False
+        return True
+
+    def _input_blocked(self) -> bool:
+        """No further request may be parsed now: the queue is full, or the
+        client is not reading (write buffer above its high-water mark) and
+        what follows can only be a new request."""
+        if len(self.pipeline) >= PIPELINE_DEPTH:
+            return True
+        if self.write_paused:
+            cur = self.current
+            return cur is None or cur.request_complete or bool(self.pipeline)
+        return False
+
+    def _resume_input(self) -> None:
+        """Parse held input once the queue drained or the client read."""
+        held = self.held
+        if held is None or self.feeding or self.stopped or self._input_blocked():
+            return
+        self.held = None
+        self.data_received(held)  # (counted as received now)
+        if self.held is None:
+            self._unblock(BLOCK_HELD)
+
     def eof_received(self) -> bool:
         # The client shut down its side: as Envoy's HTTP connection manager
         # (no half-close), that is the client going away. Closing cancels an
@@ -421,6 +518,8 @@ class DownstreamConnection:
             current.on_downstream_closed()
 
     def pause_writing(self) -> None:
+        # (no new request is parsed or started meanwhile: _input_blocked,
+        # _advance)
         self.write_paused = True
         if self.tunnel is not None:
             self.tunnel.pause_reading()
@@ -429,10 +528,14 @@ class DownstreamConnection:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_activity = self.worker.loop.time()  # the client reads: progress
         if self.tunnel is not None:
             self.tunnel.resume_reading()
-        elif self.current is not None:
+            return
+        if self.current is not None:
             self.current.on_downstream_write_resumed()
+        if self.pipeline or self.held is not None:
+            self._advance()
 
     # -- httptools callbacks --------------------------------------------
 
@@ -570,7 +673,7 @@ class DownstreamConnection:
         if self.pending_error is not None and not self.pipeline:
             self._send_error()
             return
-        if self.pipeline or self.read_block & BLOCK_PIPELINE:
+        if self.pipeline or self.held is not None or self.read_block & BLOCK_PIPELINE:
             self._advance()
         if self.current is None and self.draining and not self.pipeline:
             self.close()
@@ -600,7 +703,9 @@ class DownstreamConnection:
             return
         self.advancing = True
         try:
-            while self.current is None and self.pipeline and not self.closed:
+            # Not while the client is not reading: each start adds a response
+            # to the write buffer (resume_writing comes back here).
+            while self.current is None and self.pipeline and not self.closed and not self.write_paused:
                 nxt = self.pipeline.popleft()
                 self.current = nxt
                 if nxt.request_complete:
@@ -615,6 +720,8 @@ class DownstreamConnection:
                 self._unblock(BLOCK_PIPELINE)
         finally:
             self.advancing = False
+        if self.held is not None:
+            self._resume_input()
 
     def _on_upgrade_data(self, rest: bytes) -> None:
         # The upgrade request went to its exchange at message complete; bytes
@@ -708,6 +815,7 @@ class DownstreamConnection:
         self.stopped = True
         self.pipeline.clear()
         self.deferred = None
+        self.held = None
         if self.closed or self.transport is None:
             return
         if self.corked:
@@ -736,7 +844,7 @@ class DownstreamConnection:
         the connection closes after it; an idle keep-alive connection is
         closed now when ``close_idle``."""
         self.draining = True
-        if close_idle and self.current is None and not self.pipeline and self.tunnel is None:
+        if close_idle and self.current is None and not self.pipeline and self.tunnel is None and self.held is None:
             self.close()
 
 

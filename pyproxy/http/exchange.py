@@ -52,6 +52,8 @@ from .headers import (
     connection_tokens,
     new_request_id,
 )
+from .path import PLAIN as PATH_PLAIN
+from .path import normalize as normalize_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -88,6 +90,10 @@ _BAD_AUTHORITY = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:%\[\]]").search
 # Authorities already found valid: a set lookup instead of a regex search
 # per request (bounded: cleared when full).
 _GOOD_AUTHORITIES: set[bytes] = set()
+# Paths already found to need no normalisation under this process's
+# --path-normalization (fixed for its life): one set lookup instead of two
+# scans per request (bounded: short paths only, cleared when full).
+_PLAIN_PATHS: set[bytes] = set()
 
 
 def _authority_ok(authority: bytes) -> bool:
@@ -275,6 +281,15 @@ class Exchange:
         else:
             path, query = target, b""
             self.authority = hdict.get(b"host", b"")
+        mode = conn.limits.path_normalization
+        if mode and path not in _PLAIN_PATHS:
+            if b"/." in path or path.translate(None, PATH_PLAIN) or (mode > 1 and b"//" in path):
+                # (path.needs_work, inlined)
+                path = self._normalize_path(path, query, mode)
+            elif len(path) <= 256:
+                if len(_PLAIN_PATHS) >= 4096:
+                    _PLAIN_PATHS.clear()
+                _PLAIN_PATHS.add(path)
         self.path = path
         self.query = query
         host = self.authority
@@ -287,6 +302,18 @@ class Exchange:
         if portpart:
             # Digits only: int() would also take "+80", " 80" and "8_0".
             self.port = int(portpart) if portpart.isdigit() else -1
+
+    def _normalize_path(self, path: bytes, query: bytes, mode: int) -> bytes:
+        """Istio's pathNormalization, before routing (as Envoy's connection
+        manager does it): the path the matchers, the upstream, the access
+        log and x-envoy-original-path all see. The query is kept."""
+        normalized = normalize_path(path, mode)
+        if normalized is None:
+            self.malformed = b"path normalization failed"  # %00: 400, as Envoy
+            return path
+        if normalized != path and self.target[:1] == b"/":
+            self.target = normalized + b"?" + query if query else normalized
+        return normalized
 
     # ------------------------------------------------------------------
     # helpers used by matchers and balancers
@@ -838,6 +865,10 @@ class Exchange:
             return
         self.upconn = conn
         conn.attach(self, self.method == b"HEAD", self.conn)
+        if self.conn.write_paused:
+            # The client is not reading (a retry, or a request whose body
+            # was still arriving): do not read a response it cannot take.
+            conn.pause_reading()
         cluster = conn.endpoint.cluster
         stats = cluster.stats
         stats.upstream_rq_total += 1
