@@ -144,7 +144,7 @@ class _Discard:
     def close(self) -> None:
         conn = self.conn
         if not conn.closed and conn.transport is not None:
-            conn.transport.close()
+            conn.close_transport()
 
     def pause_reading(self) -> None:
         pass
@@ -824,7 +824,7 @@ class DownstreamConnection:
             self.corked = True  # the caller's uncork() finds nothing left
         t = self.transport
         if not linger or self.tunnel is not None:
-            t.close()
+            self.close_transport()
             return
         discard = _Discard(self)
         self.tunnel = discard
@@ -835,9 +835,23 @@ class DownstreamConnection:
         try:
             t.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
-            t.close()
+            self.close_transport()
             return
         self.worker.loop.call_later(LINGER_SECONDS, discard.close)
+
+    def close_transport(self) -> None:
+        """Close after what is buffered is sent; if the client does not read
+        it within LINGER_SECONDS, reset (Envoy's delayed close timeout), so a
+        client that stopped reading cannot keep a closed connection and its
+        buffer forever."""
+        t = self.transport
+        t.close()
+        if t.get_write_buffer_size():
+            self.worker.loop.call_later(LINGER_SECONDS, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def start_drain(self, close_idle: bool = True) -> None:
         """Graceful drain: the next response carries Connection: close and

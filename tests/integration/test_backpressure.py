@@ -15,7 +15,7 @@ from typing import Self
 import pytest
 
 from tests.harness import Proxy, http_get, raw_request, running_proxy, service_entry
-from tests.integration.hardening_helpers import rss_bytes
+from tests.integration.hardening_helpers import downstream_stats, rss_bytes
 
 H = b"Host: svc\r\n"
 MB = 1 << 20
@@ -305,3 +305,28 @@ async def test_rounds_of_non_reading_clients_leave_no_lasting_growth() -> None:
     print(f"RSS {base / MB:.1f} MB, after each round:", [round(r / MB, 1) for r in after_round])
     assert max(after_round[4:]) - after_round[3] < 2 * MB, after_round
     assert after_round[-1] - base < 20 * MB, after_round
+
+
+async def test_a_connection_stalled_by_a_non_reading_client_is_closed_by_the_timeouts() -> None:
+    """A response the client never reads is not progress: the stream idle
+    timeout (when set: istiod's default is off, as Envoy's then waits too)
+    ends the request in flight, the idle timeout a connection with only
+    queued requests left, and the close drops what the connection held
+    once the delayed close (1 s) finds the client still not reading."""
+    async with CountingUpstream(small=4 << 10) as up:
+        with running_proxy(service_entry("svc", [(up.port, {})]),
+                           args=["--idle-timeout", "1", "--stream-idle-timeout", "1"]) as px:
+            _reader, writer = await non_reading_connection(px.outbound)
+            writer.write((b"GET /small HTTP/1.1\r\n" + H + b"\r\n") * 8192)
+            await settle(lambda: up.requests, px, 20)
+            active = None
+            for _ in range(100):  # up to 10 s: sweep (1 s) + idle timeout (1 s) + delayed close (1 s)
+                stats = downstream_stats(px)
+                active = stats["downstream_cx_active"]
+                if active == 0:
+                    break
+                await asyncio.sleep(0.1)
+            writer.transport.abort()
+    assert active == 0, stats
+    # (each timeout counted once, not again at every sweep while closing)
+    assert 1 <= stats["downstream_cx_idle_timeout"] + stats["downstream_rq_idle_timeout"] <= 2, stats
