@@ -1171,7 +1171,8 @@ class Exchange:
             # upstream_cx_protocol_error, and no upstream_rq_rx_reset
             # (checked against Envoy 1.40).
             self.flags.append(errors.UPSTREAM_PROTOCOL_ERROR)
-            if cluster is not None:
+            if cluster is not None and reason != "protocol_error":
+                # (a malformed response was counted by the connection itself)
                 cluster.stats.upstream_cx_protocol_error += 1
             self._fail_downstream()
             return

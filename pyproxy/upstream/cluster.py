@@ -61,7 +61,6 @@ class ClusterStats:
     upstream_cx_max_requests: int
     upstream_cx_max_duration_reached: int
     upstream_cx_idle_timeout: int
-    upstream_cx_protocol_error: int
     upstream_rq_total: int
     upstream_rq_active: int
     upstream_rq_pending_total: int
