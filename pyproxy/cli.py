@@ -89,6 +89,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--http10", metavar="on|off",
                    help="accept HTTP/1.0 requests (Istio's PILOT_HTTP10 / ISTIO_META_HTTP10); off: they get "
                         "426 Upgrade Required, as from an Istio sidecar (default: off)")
+    p.add_argument("--path-normalization", metavar="MODE",
+                   help="request path normalisation before routing, as mesh config's pathNormalization: "
+                        "NONE, BASE (RFC 3986 dot segments, unreserved escapes decoded, \\ as /), "
+                        "MERGE_SLASHES (BASE, then // as /) or DECODE_AND_MERGE_SLASHES (also %%2F and "
+                        "%%5C decoded first) (default: BASE, Istio's default)")
     p.add_argument("--certs", metavar="DIR|off",
                    help="workload certificate directory (cert-chain.pem, key.pem, root-cert.pem: istio-agent's "
                         "file-mounted layout) for mutual TLS; watched for rotation (default: "
@@ -114,6 +119,16 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "EXPIRATION_JITTER_MAX_SECONDS (default: 300)")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def parse_path_normalization(value: str) -> int:
+    """A mesh config pathNormalization name (any case) → pyproxy.http.path mode."""
+    from .http.path import MODES
+
+    mode = MODES.get(value.strip().upper())
+    if mode is None:
+        raise ValueError(f"{value.strip()!r} is not one of {', '.join(MODES)}")
+    return mode
 
 
 class _Flags:
@@ -240,6 +255,7 @@ def parse_run_options(args: argparse.Namespace, environ: Mapping[str, str] | Non
             idle_timeout=f.number("idle-timeout", "3600", 0.001),
             stream_idle_timeout=f.number("stream-idle-timeout", "0", 0.0),
             accept_http10=f.choice("http10", "off", ("on", "off")) == "on",
+            path_normalization=f.parsed("path-normalization", "BASE", parse_path_normalization),
         ),
         worker_index=int(env.get("PYPROXY_WORKER_INDEX", "0") or 0),
         seed=args.seed,

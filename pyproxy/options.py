@@ -88,6 +88,8 @@ class Limits:
     # proxy's ISTIO_META_HTTP10 turns it on: HTTP/1.0 gets 426 (--http10).
     accept_http10: bool = False
     max_connections: int = 100_000  # per worker (--max-connections)
+    # Mesh config pathNormalization (pyproxy.http.path): 1 = BASE, Istio's default.
+    path_normalization: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -488,7 +488,9 @@ class Worker:
                 self.stats.downstream_cx_header_timeout += 1
                 conn.pending_error = (408, b"Request Timeout")
                 conn._protocol_error()
-            elif not conn.pipeline and conn.tunnel is None and now - conn.last_activity > limits.idle_timeout:
+            elif conn.tunnel is None and not conn.stopped and now - conn.last_activity > limits.idle_timeout:
+                # (current is None here: idle, or requests queued behind a
+                # client that has not read its responses for that long)
                 self.stats.downstream_cx_idle_timeout += 1
                 conn.close()
 

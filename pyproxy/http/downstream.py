@@ -6,12 +6,22 @@ listener's ``new_stream`` factory creates and this module drives only through
 the ``DownstreamStream`` Protocol below: the codec imports nothing above it.
 
 Pipelining: requests are answered strictly in order. While one exchange is in
-flight, later requests are parsed into queued exchanges and reading pauses,
-so at most one read buffer of pipelined requests is held.
+flight, later requests are parsed into queued exchanges and reading pauses;
+once ``PIPELINE_DEPTH`` are queued (or what one small read held) input
+stays unparsed (``held``: at most one read) until the queue drains.
+
+Backpressure (issue 21): while the client's transport is above its write
+high-water mark, no further request is parsed or started and the current
+exchange's upstream is not read; all resume below the low-water mark. So a
+client that does not read its responses holds at most: the queue, one
+unparsed read, the transport's write buffer (high-water mark plus what one
+upstream read or one local reply adds), and the current exchange's request
+body buffers (README "Security": docs/security.md).
 
 Flow control: reading pauses for any of several reasons (a bitmask), and
-resumes only when none is left: pipelined requests waiting, or the upstream
-side of the current exchange cannot take more request body.
+resumes only when none is left: pipelined requests waiting, input held
+unparsed, or the upstream side of the current exchange cannot take more
+request body.
 
 Strictness (README "Security"): llhttp rejects most malformed input in C
 (request line, header syntax, CR/LF/NUL/control characters, obs-fold,
@@ -44,6 +54,19 @@ log = logging.getLogger("pyproxy.downstream")
 
 BLOCK_PIPELINE = 1
 BLOCK_BODY = 2
+BLOCK_HELD = 4
+
+# Parsed pipelined requests queued behind the one in flight; more input is
+# held unparsed (Envoy parses the next request only when the previous one
+# is done; a short queue costs nothing in order and spares a re-parse per
+# request).
+PIPELINE_DEPTH = 4
+# A read this small is parsed whole (the common case: one request, and no
+# search for where its head ends); the requests it can hold (about 60 of
+# the smallest) are the queue's worst case. Larger reads are cut after each
+# head end.
+WHOLE_READ = 2048
+_HEAD_END = b"\r\n\r\n"
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
@@ -96,6 +119,12 @@ class _ParseLimit(Exception):
     """Raised inside a parser callback to stop parsing on a limit."""
 
 
+class _Stopped(Exception):
+    """Raised inside a parser callback: the connection stopped taking
+    requests (one was refused, or it is closing), so the bytes that follow
+    are never parsed."""
+
+
 class _Discard:
     """Stands in for a tunnel while a closing connection drains the client's
     unread bytes: ``data_received`` hands them here, at no cost to the
@@ -115,7 +144,7 @@ class _Discard:
     def close(self) -> None:
         conn = self.conn
         if not conn.closed and conn.transport is not None:
-            conn.transport.close()
+            conn.close_transport()
 
     def pause_reading(self) -> None:
         pass
@@ -202,7 +231,7 @@ class DownstreamConnection:
         "pending_error", "advancing",
         "last_activity", "headers_started", "requests", "sock", "upgrade_buffer",
         "limits", "head_bytes", "deferred", "feeding", "chunk_open", "chunk_mark",
-        "corked", "wbuf", "tls_peer",
+        "corked", "wbuf", "tls_peer", "stopped", "held",
     )
 
     def __init__(self, listener: Any) -> None:
@@ -259,6 +288,15 @@ class DownstreamConnection:
         # The authenticated client of an inbound mTLS connection
         # (security/inbound.py TLSPeer); None on plaintext.
         self.tls_peer: Any = None
+        # Set once a request was refused or the connection began closing:
+        # from then on nothing on this connection is parsed, routed or
+        # forwarded, queued pipelined requests included (issue 12: the
+        # bytes after a refused request are often its own body, which must
+        # never become a request of its own).
+        self.stopped = False
+        # Received but not parsed: the pipeline queue is full, or the client
+        # is not reading its responses (see ``_input_blocked``).
+        self.held: bytes | None = None
 
     @property
     def peer_principal(self) -> str:
@@ -300,6 +338,18 @@ class DownstreamConnection:
             tunnel.write(data)
             return
         self.last_activity = self.worker.loop.time()
+        held = self.held
+        if held is not None:
+            # Reading pauses while input is held; a read already under way
+            # joins it (bounded: one more read at most).
+            self.held = held + data
+            return
+        if (self.write_paused or self.pipeline) and self._input_blocked():
+            # A new request in a read of its own while the client is not
+            # reading (or the queue is full): it waits, unparsed.
+            self.held = data
+            self._block(BLOCK_HELD)
+            return
         if self.headers_started:
             # httptools hands over a header only once it is complete, so a
             # head is bounded here, by bytes received, not in on_header.
@@ -309,32 +359,15 @@ class DownstreamConnection:
                 self._protocol_error()
                 return
         watch_trailers = self.chunk_open
-        self.feeding = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args else len(data)
-            self._on_upgrade_data(data[offset:])
-        except _ParseLimit:
-            self._protocol_error()
-            return
-        except httptools.HttpParserCallbackError as exc:
-            if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
-                log.exception("internal error while handling a request")
-                self.pending_error = (500, b"internal error")
-            self._protocol_error()
-            return
-        except httptools.HttpParserError as exc:
-            if not self.requests and self.url == b"*" and self._to_http2(data):
+        n = len(data)
+        end = n if n <= WHOLE_READ else data.find(_HEAD_END) + 4
+        if end == 3 or end == n:
+            # A small read, or no head ends in it, or it ends with the
+            # only one: parsed whole.
+            if not self._feed(data, data):
                 return
-            if self.pending_error is None:
-                self.pending_error = (400, b"Bad Request")
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("malformed request from %s: %s", self.peer_ip, exc)
-            self._protocol_error()
+        elif not self._feed_pieces(data, end):
             return
-        finally:
-            self.feeding = False
         if watch_trailers:
             # httptools buffers a trailer field until it is complete, like a
             # header: bound the reads that go into trailers.
@@ -351,7 +384,7 @@ class DownstreamConnection:
         if ex is not None:
             # The whole read parsed cleanly: now the request may go upstream.
             self.deferred = None
-            if ex is self.current and not ex.started and not ex.finished:
+            if ex is self.current and not ex.started and not ex.finished and not self.stopped:
                 ex.start()
 
     def _to_http2(self, data: bytes) -> bool:
@@ -374,6 +407,84 @@ class DownstreamConnection:
         h2c.start(PREFACE_HEAD + rest)
         return True
 
+    def _feed_pieces(self, data: bytes, end: int) -> bool:
+        """Parse a read that may hold several requests, cut after each head
+        end, so the queue is looked at between two requests; what does not
+        fit is held unparsed. (llhttp cannot be paused at a message end.)
+        Each piece ends after at most one head: a body with CRLFCRLF in it
+        only makes the pieces smaller. False when parsing stopped."""
+        view = memoryview(data)
+        n = len(data)
+        start = 0
+        while True:
+            if not self._feed(view[start:end], data, start):
+                return False
+            start = end
+            if start >= n or self.tunnel is not None:
+                return True
+            if self._input_blocked():
+                self.held = data[start:]
+                self._block(BLOCK_HELD)
+                return True
+            end = data.find(_HEAD_END, start) + 4
+            if end == 3:
+                end = n
+
+    def _feed(self, piece: Any, data: bytes, start: int = 0) -> bool:
+        """Feed one piece of ``data`` (at ``start``) to the parser; False if
+        parsing stopped (refused, upgraded, closing)."""
+        self.feeding = True
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(piece)
+            self._on_upgrade_data(data[start + offset:])
+            return False
+        except _ParseLimit:
+            self._protocol_error()
+            return False
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Stopped):
+                return False  # the refusal was already answered (or is queued)
+            if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
+                log.exception("internal error while handling a request")
+                self.pending_error = (500, b"internal error")
+            self._protocol_error()
+            return False
+        except httptools.HttpParserError as exc:
+            if not self.requests and self.url == b"*" and self._to_http2(data):
+                return False
+            if self.pending_error is None:
+                self.pending_error = (400, b"Bad Request")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("malformed request from %s: %s", self.peer_ip, exc)
+            self._protocol_error()
+            return False
+        finally:
+            self.feeding = False
+        return True
+
+    def _input_blocked(self) -> bool:
+        """No further request may be parsed now: the queue is full, or the
+        client is not reading (write buffer above its high-water mark) and
+        what follows can only be a new request."""
+        if len(self.pipeline) >= PIPELINE_DEPTH:
+            return True
+        if self.write_paused:
+            cur = self.current
+            return cur is None or cur.request_complete or bool(self.pipeline)
+        return False
+
+    def _resume_input(self) -> None:
+        """Parse held input once the queue drained or the client read."""
+        held = self.held
+        if held is None or self.feeding or self.stopped or self._input_blocked():
+            return
+        self.held = None
+        self.data_received(held)  # (counted as received now)
+        if self.held is None:
+            self._unblock(BLOCK_HELD)
+
     def eof_received(self) -> bool:
         # The client shut down its side: as Envoy's HTTP connection manager
         # (no half-close), that is the client going away. Closing cancels an
@@ -383,6 +494,7 @@ class DownstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stopped = True
         self.listener.on_connection_lost(self)
         if self.tunnel is not None:
             t = self.tunnel
@@ -396,6 +508,8 @@ class DownstreamConnection:
             current.on_downstream_closed()
 
     def pause_writing(self) -> None:
+        # (no new request is parsed or started meanwhile: _input_blocked,
+        # _advance)
         self.write_paused = True
         if self.tunnel is not None:
             self.tunnel.pause_reading()
@@ -404,14 +518,20 @@ class DownstreamConnection:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_activity = self.worker.loop.time()  # the client reads: progress
         if self.tunnel is not None:
             self.tunnel.resume_reading()
-        elif self.current is not None:
+            return
+        if self.current is not None:
             self.current.on_downstream_write_resumed()
+        if self.pipeline or self.held is not None:
+            self._advance()
 
     # -- httptools callbacks --------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.stopped:
+            raise _Stopped()
         self.url = b""
         self.url_len = 0
         self.headers = []
@@ -439,8 +559,8 @@ class DownstreamConnection:
 
     def on_headers_complete(self) -> None:
         self.headers_started = 0.0
-        if self.closed or self.pending_error is not None or self.tunnel is not None:
-            return  # closing: nothing after a refused request runs
+        if self.stopped or self.pending_error is not None or self.tunnel is not None:
+            raise _Stopped()  # closing: nothing after a refused request runs
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         upgrade = parser.should_upgrade()
@@ -535,14 +655,15 @@ class DownstreamConnection:
             # timeout counts from now (the sweep skips busy connections).
             self.headers_started = now
         if ex.close_after or self.closed:
-            # Unread request bytes may still arrive: drain them briefly so
-            # the reply is not destroyed by a reset.
-            self.close(linger=not ex.request_complete or self.pending_error is not None)
+            # Unread request bytes may still arrive (after a refusal, often
+            # a smuggling attempt): drain them briefly, unparsed, so the
+            # reply is not destroyed by a reset.
+            self.close(linger=not ex.request_complete or self.pending_error is not None or self.stopped)
             return
         if self.pending_error is not None and not self.pipeline:
             self._send_error()
             return
-        if self.pipeline or self.read_block & BLOCK_PIPELINE:
+        if self.pipeline or self.held is not None or self.read_block & BLOCK_PIPELINE:
             self._advance()
         if self.current is None and self.draining and not self.pipeline:
             self.close()
@@ -572,7 +693,9 @@ class DownstreamConnection:
             return
         self.advancing = True
         try:
-            while self.current is None and self.pipeline and not self.closed:
+            # Not while the client is not reading: each start adds a response
+            # to the write buffer (resume_writing comes back here).
+            while self.current is None and self.pipeline and not self.closed and not self.write_paused:
                 nxt = self.pipeline.popleft()
                 self.current = nxt
                 if nxt.request_complete:
@@ -587,6 +710,8 @@ class DownstreamConnection:
                 self._unblock(BLOCK_PIPELINE)
         finally:
             self.advancing = False
+        if self.held is not None:
+            self._resume_input()
 
     def _on_upgrade_data(self, rest: bytes) -> None:
         # The upgrade request went to its exchange at message complete; bytes
@@ -624,6 +749,7 @@ class DownstreamConnection:
             return
         status, body = self.pending_error or (400, b"Bad Request")
         self.pending_error = (status, body)
+        self.stopped = True
         self.headers_started = 0.0
         self.deferred = None
         self.worker.stats.reject(status)
@@ -676,6 +802,10 @@ class DownstreamConnection:
         (a refused or partly read request): stop writing now, but keep
         reading and discarding for up to a second (or 8 MiB) so the client
         reads the reply instead of a reset."""
+        self.stopped = True
+        self.pipeline.clear()
+        self.deferred = None
+        self.held = None
         if self.closed or self.transport is None:
             return
         if self.corked:
@@ -684,7 +814,7 @@ class DownstreamConnection:
             self.corked = True  # the caller's uncork() finds nothing left
         t = self.transport
         if not linger or self.tunnel is not None:
-            t.close()
+            self.close_transport()
             return
         discard = _Discard(self)
         self.tunnel = discard
@@ -695,16 +825,30 @@ class DownstreamConnection:
         try:
             t.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
-            t.close()
+            self.close_transport()
             return
         self.worker.loop.call_later(LINGER_SECONDS, discard.close)
+
+    def close_transport(self) -> None:
+        """Close after what is buffered is sent; if the client does not read
+        it within LINGER_SECONDS, reset (Envoy's delayed close timeout), so a
+        client that stopped reading cannot keep a closed connection and its
+        buffer forever."""
+        t = self.transport
+        t.close()
+        if t.get_write_buffer_size():
+            self.worker.loop.call_later(LINGER_SECONDS, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def start_drain(self, close_idle: bool = True) -> None:
         """Graceful drain: the next response carries Connection: close and
         the connection closes after it; an idle keep-alive connection is
         closed now when ``close_idle``."""
         self.draining = True
-        if close_idle and self.current is None and not self.pipeline and self.tunnel is None:
+        if close_idle and self.current is None and not self.pipeline and self.tunnel is None and self.held is None:
             self.close()
 
 

@@ -52,6 +52,8 @@ from .headers import (
     connection_tokens,
     new_request_id,
 )
+from .path import PLAIN as PATH_PLAIN
+from .path import normalize as normalize_path
 from .response import local_reply
 
 if TYPE_CHECKING:
@@ -87,6 +89,10 @@ _BAD_AUTHORITY = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:%\[\]]").search
 # Authorities already found valid: a set lookup instead of a regex search
 # per request (bounded: cleared when full).
 _GOOD_AUTHORITIES: set[bytes] = set()
+# Paths already found to need no normalisation under this process's
+# --path-normalization (fixed for its life): one set lookup instead of two
+# scans per request (bounded: short paths only, cleared when full).
+_PLAIN_PATHS: set[bytes] = set()
 
 
 def _authority_ok(authority: bytes) -> bool:
@@ -297,6 +303,15 @@ class Exchange:
         else:
             path, query = target, b""
             self.authority = hdict.get(b"host", b"")
+        mode = conn.limits.path_normalization
+        if mode and path not in _PLAIN_PATHS:
+            if b"/." in path or path.translate(None, PATH_PLAIN) or (mode > 1 and b"//" in path):
+                # (path.needs_work, inlined)
+                path = self._normalize_path(path, query, mode)
+            elif len(path) <= 256:
+                if len(_PLAIN_PATHS) >= 4096:
+                    _PLAIN_PATHS.clear()
+                _PLAIN_PATHS.add(path)
         self.path = path
         self.query = query
         host = self.authority
@@ -309,6 +324,18 @@ class Exchange:
         if portpart:
             # Digits only: int() would also take "+80", " 80" and "8_0".
             self.port = int(portpart) if portpart.isdigit() else -1
+
+    def _normalize_path(self, path: bytes, query: bytes, mode: int) -> bytes:
+        """Istio's pathNormalization, before routing (as Envoy's connection
+        manager does it): the path the matchers, the upstream, the access
+        log and x-envoy-original-path all see. The query is kept."""
+        normalized = normalize_path(path, mode)
+        if normalized is None:
+            self.malformed = b"path normalization failed"  # %00: 400, as Envoy
+            return path
+        if normalized != path and self.target[:1] == b"/":
+            self.target = normalized + b"?" + query if query else normalized
+        return normalized
 
     # ------------------------------------------------------------------
     # helpers used by matchers and balancers
@@ -539,6 +566,8 @@ class Exchange:
             return
         if not counted:
             self.worker.stats.reject(status)
+        # Nothing after a refused request is parsed or started (issue 12).
+        self.conn.stopped = True
         if not self.started:
             self.started = True
             obs = self.worker.observer
@@ -858,6 +887,10 @@ class Exchange:
             return
         self.upconn = conn
         conn.attach(self, self.method == b"HEAD", self.conn)
+        if self.conn.write_paused:
+            # The client is not reading (a retry, or a request whose body
+            # was still arriving): do not read a response it cannot take.
+            conn.pause_reading()
         cluster = conn.endpoint.cluster
         stats = cluster.stats
         stats.upstream_rq_total += 1
@@ -1160,7 +1193,8 @@ class Exchange:
             # upstream_cx_protocol_error, and no upstream_rq_rx_reset
             # (checked against Envoy 1.40).
             self.flags.append(errors.UPSTREAM_PROTOCOL_ERROR)
-            if cluster is not None:
+            if cluster is not None and reason != "protocol_error":
+                # (a malformed response was counted by the connection itself)
                 cluster.stats.upstream_cx_protocol_error += 1
             self._fail_downstream()
             return
@@ -1173,16 +1207,11 @@ class Exchange:
         if reason == "protocol_error":
             self._give_up(reply)
             return
-        if conn.requests > 1 and conn.bytes_received == 0 and self.replay is not None \
-                and self.request_complete and self.retries_done == 0 and self.attempt == 1:
-            # A pooled keep-alive connection the upstream had already closed
-            # (its idle timeout raced our reuse): nothing reached the app, so
-            # send the request again on a fresh connection once. Envoy would
-            # surface this as 503 UC; see README "Differences from Envoy".
-            self.tried.clear()
-            self.attempt_started = monotonic()
-            self._attempt()
-            return
+        # The request was written: the upstream may have processed it, even
+        # on a reused connection that closed without a byte back. Only a
+        # retry policy sends it again (as Envoy: 503 UC otherwise). A pooled
+        # connection found closed before the write is never used at all
+        # (ClusterEndpoint.acquire).
         self._on_attempt_failed(RESET, reply)
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:

@@ -57,6 +57,7 @@ class ClusterStats:
     upstream_cx_connect_timeout: int
     upstream_cx_overflow: int
     upstream_cx_destroy: int
+    upstream_cx_destroy_remote: int
     upstream_cx_max_requests: int
     upstream_cx_max_duration_reached: int
     upstream_cx_idle_timeout: int
@@ -207,6 +208,8 @@ class ClusterEndpoint:
                 if settings.max_connection_duration and now - conn.created >= settings.max_connection_duration:
                     cluster.stats.upstream_cx_max_duration_reached += 1
                     conn.close()
+                    continue
+                if conn.stale():
                     continue
                 return conn
         stats = cluster.stats

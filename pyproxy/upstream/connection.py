@@ -18,6 +18,7 @@ connection if the response had started) and the connection discarded.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +26,10 @@ import httptools
 
 if TYPE_CHECKING:
     from .cluster import ClusterEndpoint
+
+# Readiness of an idle pooled connection: data, the peer's FIN, an error.
+_CLOSED_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+_STALE_EVENTS = select.POLLIN | _CLOSED_EVENTS
 
 # Envoy's max_response_headers_count / max_response_headers_kb defaults.
 MAX_RESPONSE_HEADERS = 100
@@ -72,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         "sink",
         "on_made",
         "read_paused",
+        "completed",
+        "poller",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -111,6 +118,14 @@ class UpstreamConnection(asyncio.Protocol):
         # Paused by its stream (the client is slow): a connection going back
         # to the pool must read again, or it never sees its next response.
         self.read_paused = False
+        # The stream whose response ended in the read being parsed: it is
+        # told only once the whole read was parsed, so a byte after its
+        # response (the start of a second, unrequested one) is seen before
+        # the connection can go back to the pool.
+        self.completed: UpstreamStream | None = None
+        # Polls the socket, without reading, before the pool reuses it
+        # (``stale``); None when the transport has no socket to poll.
+        self.poller: Any = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -121,6 +136,13 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
+                pass
+        if sock is not None:
+            try:
+                poller = select.poll()
+                poller.register(sock.fileno(), _STALE_EVENTS)
+                self.poller = poller
+            except (OSError, ValueError, TypeError, AttributeError):
                 pass
         on_made = self.on_made
         if on_made is not None:
@@ -137,6 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
         if stream is None:
             # Bytes from an idle connection cannot belong to any request: the
             # connection is out of sync, so it must never be reused.
+            if not self.closed:
+                self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
             self.close()
             return
         sink = self.sink
@@ -176,7 +200,22 @@ class UpstreamConnection(asyncio.Protocol):
                 self.stream.on_upstream_upgrade(self, rest)
             return
         except httptools.HttpParserError:
-            self._protocol_error(stream)
+            done = self.completed
+            if done is None:
+                self._protocol_error(stream)
+                return
+            # Bytes after the complete response (on_message_begin refused
+            # them): that response stands, the connection is out of sync.
+            self.completed = None
+            self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
+            self.reusable = False
+            done.on_upstream_complete(self)
+            self.close()
+            return
+        done = self.completed
+        if done is not None:
+            self.completed = None
+            done.on_upstream_complete(self)
             return
         if watch_trailers:
             if self.chunk_open and not self.chunk_data:
@@ -193,6 +232,8 @@ class UpstreamConnection(asyncio.Protocol):
         request meanwhile (junk after a complete response), that request
         never got a byte back and sees a plain connection reset."""
         self.reusable = False
+        if not self.closed:
+            self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
         s = self.stream
         if s is not None:
             self.stream = None
@@ -215,6 +256,8 @@ class UpstreamConnection(asyncio.Protocol):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.endpoint.cluster.stats.upstream_cx_destroy_remote += 1
         self.closed = True
         self.reusable = False
         self.endpoint.on_connection_closed(self)
@@ -237,6 +280,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.completed is not None:
+            # A second response in the read that completed the first: no
+            # request is waiting for it (no upstream pipelining).
+            raise InvalidResponse("bytes after the response")
         self.headers = []
         self.in_head = True
         self.head_bytes = 0
@@ -308,7 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
         stream = self.stream
         if stream is not None:
             self.stream = None
-            stream.on_upstream_complete(self)
+            self.completed = stream  # told at the end of the read (_feed)
 
     # -- used by the pool and the stream -------------------------------
 
@@ -318,6 +365,27 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self.bytes_received = 0
         self.head_request = head_request
+
+    def stale(self) -> bool:
+        """Before reuse from the pool: did the upstream send a byte, close
+        or reset while the connection was idle, and the event loop has not
+        delivered it yet? Such a connection is out of sync or dead: it is
+        closed (and counted) instead of being written to, so a request is
+        never sent on a connection that was already closed before the
+        write. One poll(0) system call; nothing is read."""
+        poller = self.poller
+        if poller is None:
+            return False
+        events = poller.poll(0)
+        if not events:
+            return False
+        stats = self.endpoint.cluster.stats
+        if events[0][1] & _CLOSED_EVENTS:
+            stats.upstream_cx_destroy_remote += 1
+        else:
+            stats.upstream_cx_protocol_error += 1  # unsolicited bytes
+        self.close()
+        return True
 
     def write(self, data: bytes) -> None:
         t = self.transport

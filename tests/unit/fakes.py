@@ -226,6 +226,8 @@ class FakeDownstream:
         self.closed = False
         self.draining = False
         self.tls_peer = None  # plaintext
+        self.write_paused = False  # the client reads (DownstreamConnection.pause_writing)
+        self.limits = worker.limits
         self.out = bytearray()
         self.done: list[Exchange] = []
         self.corked = False
@@ -412,6 +414,8 @@ class StubConn:
         self.draining = False
         self.closed = False
         self.tls_peer = None  # plaintext
+        self.write_paused = False
+        self.limits = self.worker.limits
         self.written: list[bytes] = []
         self.done: list[Any] = []
 

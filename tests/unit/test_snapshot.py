@@ -15,6 +15,7 @@ import pytest
 
 from pyproxy.config.loader import load_text
 from pyproxy.http.exchange import OUTBOUND, Exchange
+from pyproxy.options import Limits
 from pyproxy.routing.table import VirtualHost
 from pyproxy.snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot, retire
 from pyproxy.upstream.cluster import Cluster, PassthroughCluster
@@ -81,6 +82,7 @@ class _Conn:
         self.direction = OUTBOUND
         self.listen_port = 15001
         self.original_dst = original_dst
+        self.limits = Limits()
 
 
 def request(snap: Snapshot, authority: bytes, target: bytes = b"/") -> Exchange:
