@@ -58,7 +58,9 @@ class RedisDecider:
         self._config = config
         self.memo = {}
 
-    def check(self, domain: str, descriptors: list[tuple[Descriptor, int | None]], callback: Callback) -> None:
+    def check(self, domain: str, descriptors: list[tuple[Descriptor, int | None]], callback: Callback,
+              want_statuses: bool = True) -> None:
+        """``callback((code, statuses))``; ``statuses`` may be [] when not ``want_statuses``."""
         config = self._config
         if config is None:
             raise RuntimeError("no rate-limit configuration loaded (--ratelimit-config)")
@@ -83,19 +85,25 @@ class RedisDecider:
             cache_key = key0[:-1] + b"%d" % (now - now % divider)
             hits = descriptors[i][1]
             commands.append((b"INCRBY", cache_key, 1 if hits is None else hits))
+            # (random() rather than randrange(): a C call instead of several Python ones)
             commands.append((b"EXPIRE", cache_key,
-                             divider + (self.rng.randrange(jitter_max) if jitter_max > 0 else 0)))
+                             divider + (int(self.rng.random() * jitter_max) if jitter_max > 0 else 0)))
 
         def done(replies: Any) -> None:
             if isinstance(replies, Exception):
                 callback(replies)
                 return
-            counts = replies[0::2]
             for reply in replies:
                 if not isinstance(reply, int):
                     callback(RedisUnavailable(f"unexpected reply from Redis: {reply!r}"))
                     return
-            callback(decide(check, counts, now))
+            if len(keys) == 1 and not want_statuses:
+                # One counted descriptor, no x-ratelimit-* headers wanted: just the comparison.
+                limit = keys[0][3]
+                over = replies[0] > limit.requests_per_unit and not limit.shadow_mode
+                callback((OVER_LIMIT if over else OK, []))
+                return
+            callback(decide(check, replies[0::2], now))
 
         self.client.send(commands, done)
 
@@ -108,7 +116,8 @@ class ServiceDecider:
         self.loop = loop
         self.session: Any = None
 
-    def check(self, domain: str, descriptors: list[tuple[Descriptor, int | None]], callback: Callback) -> None:
+    def check(self, domain: str, descriptors: list[tuple[Descriptor, int | None]], callback: Callback,
+              want_statuses: bool = True) -> None:
         body = {"domain": domain, "descriptors": [
             {"entries": [{"key": k.decode("utf-8", "replace"), "value": v.decode("utf-8", "replace")}
                          for k, v in d], **({"hitsAddend": hits} if hits is not None else {})}

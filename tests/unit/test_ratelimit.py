@@ -776,7 +776,7 @@ class Decider:
         self.callbacks: list[Any] = []
         self.raise_: BaseException | None = None
 
-    def check(self, domain: str, descriptors: list, callback: Any) -> None:
+    def check(self, domain: str, descriptors: list, callback: Any, want_statuses: bool = True) -> None:
         if self.raise_ is not None:
             raise self.raise_
         self.calls.append((domain, descriptors))
