@@ -112,18 +112,10 @@ class RbacFilter:
         return True
 
 
-# Envoy's local reply to a gRPC request: HTTP 200 with the status as
-# grpc-status (Http::Utility::httpToGrpcStatus) and the body as grpc-message.
-_GRPC_STATUS = {401: b"16", 403: b"7"}  # UNAUTHENTICATED, PERMISSION_DENIED
-
-
 def _refuse(ex: Any, status: int, body: bytes, extra: tuple = ()) -> None:
-    ctype = ex.hdict.get(b"content-type", b"")
-    if ctype.startswith(b"application/grpc"):
-        ex.send_local_reply(200, b"", extra=(*extra, (b"grpc-status", _GRPC_STATUS[status]), (b"grpc-message", body)),
-                            content_type=ctype, route_ops=False)
-    else:
-        ex.send_local_reply(status, body, extra=extra, route_ops=False)
+    # A gRPC request's refusal becomes Envoy's gRPC local reply (HTTP 200,
+    # grpc-status 7 for 403, 16 for 401) in send_local_reply.
+    ex.send_local_reply(status, body, extra=extra, route_ops=False)
 
 
 def security_filters(engine: Engine | None, authn: Authenticator | None,

@@ -113,6 +113,26 @@ _GRPC_CONTENT_TYPE = b"application/grpc"
 _GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {0x25}
 
 
+# grpc-timeout units (the gRPC HTTP/2 protocol spec): hours ... nanoseconds.
+_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def is_grpc(content_type: bytes | None) -> bool:
+    """Envoy's Grpc::Common::hasGrpcContentType: application/grpc or
+    application/grpc+<codec> (not gRPC-Web)."""
+    return content_type is not None and content_type[:16] == b"application/grpc" and (
+        len(content_type) == 16 or content_type[16:17] in (b"+", b";"))
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """``grpc-timeout``: 1 to 8 ASCII digits and a unit; None if malformed
+    (Envoy then ignores it)."""
+    digits, unit = value[:-1], value[-1:]
+    if not (1 <= len(digits) <= 8 and digits.isdigit()) or unit not in _GRPC_TIMEOUT_UNITS:
+        return None
+    return int(digits) * _GRPC_TIMEOUT_UNITS[unit]
+
+
 def grpc_local_reply(status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
                      ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...], bytes]:
     """A local reply to a gRPC request, as Envoy's sendLocalReply makes it
@@ -623,7 +643,7 @@ class Exchange:
         self._prepare_upstream(route)
         if route.mirrors and not self.upgrade:
             self.shadows = self.worker.mirror.start(self, route)
-        if self.request_complete and route.timeout:
+        if self.request_complete and (route.timeout or b"grpc-timeout" in self.hdict):
             # Envoy's route timeout starts when the router has the whole
             # request (after any fault delay); else on_request_complete arms it.
             self._arm_global_timer()
@@ -739,8 +759,19 @@ class Exchange:
         """The route timeout: from the end of the downstream request to the
         end of the response, across every attempt and back-off."""
         route = self.route
-        if route is not None and route.timeout and self.global_timer is None and not self.finished:
-            self.global_timer = self.loop.call_later(route.timeout, self._on_global_timeout)
+        if route is None or self.global_timer is not None or self.finished:
+            return
+        timeout = route.timeout
+        grpc_timeout = self.hdict.get(b"grpc-timeout")
+        if grpc_timeout is not None and is_grpc(self.hdict.get(b"content-type")):
+            # Istio sets the route's max_grpc_timeout to the VirtualService
+            # timeout (0: no cap): a gRPC request's deadline is its
+            # grpc-timeout, capped by the route timeout (Envoy's finalTimeout).
+            seconds = parse_grpc_timeout(grpc_timeout)
+            if seconds is not None and (not timeout or seconds < timeout):
+                timeout = seconds
+        if timeout:
+            self.global_timer = self.loop.call_later(timeout, self._on_global_timeout)
 
     def _arm_per_try_timer(self) -> None:
         """Envoy starts an attempt's timer once it has a connection and the
@@ -1354,10 +1385,8 @@ class Exchange:
         if self.response_started:
             self._fail_downstream()
             return
-        if status != 200:
-            ctype = self.hdict.get(b"content-type")
-            if ctype is not None and ctype[:16] == b"application/grpc" and ctype[16:20] != b"-web":
-                status, body, extra, content_type = grpc_local_reply(status, body, extra)
+        if status != 200 and is_grpc(self.hdict.get(b"content-type")):
+            status, body, extra, content_type = grpc_local_reply(status, body, extra)
         self.status = status
         self.response_started = True
         # Fields other than framing, date and server: the content type (once;

@@ -527,7 +527,7 @@ def _start_global(ex: Any, policy: Policy, index: int, resume: Callable[[], None
         try:
             if decider is None:
                 raise RuntimeError("no --ratelimit-redis or --ratelimit-service configured")
-            decider.check(spec.domain, descriptors, waiter.on_decision)
+            decider.check(spec.domain, descriptors, waiter.on_decision, spec.x_ratelimit_headers)
         except Exception as exc:  # noqa: BLE001 - Redis down: the failure mode decides
             waiter.on_decision(exc)
         waiter.sync = False

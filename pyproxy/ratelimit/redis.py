@@ -28,6 +28,7 @@ import os
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -104,9 +105,13 @@ class _Protocol(asyncio.Protocol):
             if not pending:
                 self.client.lost("reply without a request")
                 return
-            future, _sent = pending.popleft()
-            if not future.done():
-                future.set_result(reply)
+            # An entry: [callback, replies expected, replies so far, sent at].
+            entry = pending[0]
+            replies = entry[2]
+            replies.append(reply)
+            if len(replies) == entry[1]:
+                pending.popleft()
+                entry[0](replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.lost(str(exc) if exc else "closed by Redis", self)
@@ -123,7 +128,9 @@ class RedisClient:
         self.connect_timeout = connect_timeout
         self.protocol: _Protocol | None = None
         self.ready = False  # connected, authenticated, database selected
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # One entry per send(): [callback, replies expected, replies so far,
+        # sent at]; Redis answers in order, so the head is always the next.
+        self.pending: deque[list[Any]] = deque()
         self.connecting: asyncio.Task[None] | None = None
         self.backoff = 0.0
         self.next_attempt = 0.0
@@ -195,10 +202,8 @@ class RedisClient:
 
     def _fail_pending(self, why: str) -> None:
         pending, self.pending = self.pending, deque()
-        for future, _sent in pending:
-            if not future.done():
-                future.set_exception(RedisUnavailable(why))
-                future.exception()  # retrieved: a caller that gave up does not get "never retrieved" noise
+        for entry in pending:
+            entry[0](RedisUnavailable(why))
 
     def log_problem(self, message: str) -> None:
         """At most one line per 10 s: Redis down must not flood the log."""
@@ -217,25 +222,44 @@ class RedisClient:
 
     def pipeline(self, commands: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]],
                  setup: bool = False) -> list[asyncio.Future[Any]]:
+        """The commands in one write, a future per reply (setup and tools;
+        the request path uses :meth:`send`)."""
+        futures = [self.loop.create_future() for _ in commands]
+
+        def done(replies: Any) -> None:
+            for i, future in enumerate(futures):
+                if future.done():
+                    continue
+                if isinstance(replies, Exception):
+                    future.set_exception(replies)
+                    future.exception()  # retrieved: a caller that gave up does not get "never retrieved" noise
+                else:
+                    future.set_result(replies[i])
+
+        self.send(commands, done, setup)
+        return futures
+
+    def send(self, commands: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]],
+             callback: Callable[[Any], None], setup: bool = False) -> None:
+        """Write the commands at once; ``callback`` gets the list of their
+        replies (in order) when the last is in, or a RedisUnavailable when
+        the connection is lost first. Called from data_received: no future,
+        no extra loop iteration. Raises RedisUnavailable at once when there
+        is no connection."""
         protocol = self.protocol
         if protocol is None or protocol.transport is None or not (self.ready or setup):
             self.ensure_connecting()
             raise RedisUnavailable("not connected to Redis")
         pending = self.pending
         now = time.monotonic()
-        if pending and now - pending[0][1] > STALL:
-            self.lost(f"no reply for {now - pending[0][1]:.1f}s")
+        if pending and now - pending[0][3] > STALL:
+            self.lost(f"no reply for {now - pending[0][3]:.1f}s")
             raise RedisUnavailable("Redis stopped answering")
         if len(pending) >= MAX_PENDING:
             raise RedisUnavailable("too many requests waiting for Redis")
-        futures = []
-        new_future = self.loop.create_future
-        for _command in commands:
-            future = new_future()
-            pending.append((future, now))
-            futures.append(future)
-        protocol.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
-        return futures
+        pending.append([callback, len(commands), [], now])
+        pack = hiredis.pack_command
+        protocol.transport.write(b"".join([pack(c) for c in commands]))
 
     async def close(self) -> None:
         self.closed = True

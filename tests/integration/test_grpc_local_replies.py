@@ -88,3 +88,55 @@ async def test_trailers_only_on_http2_and_http11() -> None:
         raw = await raw_request(px.outbound, b"POST /pkg.Svc/Get HTTP/1.1\r\nHost: reviews:9080\r\n"
                                 b"content-type: application/grpc-web\r\ncontent-length: 0\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 503"), raw
+
+
+def slow_mesh(port: int, timeout: str | None) -> dict[str, str]:
+    vs = f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{{destination: {{host: reviews}}}}]
+{f"    timeout: {timeout}" if timeout else ""}
+"""
+    return {"10-registry.yaml": service_entry("reviews", [(port, {"app": "reviews"})]), "20-vs.yaml": vs}
+
+
+def grpc_post(timeout: bytes | None, ctype: bytes = b"application/grpc") -> bytes:
+    return (b"POST /pkg.Svc/Slow HTTP/1.1\r\nHost: reviews:9080\r\ncontent-type: " + ctype + b"\r\n"
+            + (b"grpc-timeout: " + timeout + b"\r\n" if timeout else b"") + b"content-length: 0\r\n\r\n")
+
+
+async def test_grpc_timeout_honoured_and_capped_by_the_route_timeout() -> None:
+    from aiohttp import web
+
+    from tests.harness import Upstream
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(2.0)
+        return web.Response(text="late")
+
+    async with Upstream("reviews", slow) as up:
+        # No VirtualService timeout: grpc-timeout alone sets the deadline.
+        with running_proxy(slow_mesh(up.port, None)) as px:
+            raw = await raw_request(px.outbound, grpc_post(b"300m"), read_timeout=10)
+            head = raw.split(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 200") and b"\r\ngrpc-status: 14\r\n" in head, raw
+            assert b"\r\ngrpc-message: upstream request timeout" in head
+            # Not gRPC (or a malformed header): no deadline, the upstream's answer.
+            for req in (grpc_post(b"300m", b"application/json"), grpc_post(b"300x")):
+                raw = await raw_request(px.outbound, req, read_timeout=10)
+                assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"late"), raw
+        # A VirtualService timeout caps a longer grpc-timeout (Istio's max_grpc_timeout).
+        with running_proxy(slow_mesh(up.port, "0.3s")) as px:
+            raw = await raw_request(px.outbound, grpc_post(b"20S"), read_timeout=10)
+            assert b"\r\ngrpc-status: 14\r\n" in raw.split(b"\r\n\r\n")[0].lower(), raw
+            c = await asyncio.to_thread(H2Client, px.outbound)
+            try:
+                sid = c.request("/pkg.Svc/Slow", [(b"content-type", b"application/grpc"), (b"grpc-timeout", b"20S")])
+                headers, _, _ = await asyncio.to_thread(c.response, sid)
+                assert headers is not None and headers[b"grpc-status"] == b"14", headers
+            finally:
+                c.close()

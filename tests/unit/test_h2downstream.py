@@ -100,3 +100,15 @@ def test_grpc_local_reply_mapping_and_message_encoding() -> None:
     # No body, no grpc-message; non-printable bytes and "%" percent-encoded (gRPC spec).
     assert grpc_local_reply(404, b"", ())[2] == ((b"grpc-status", b"12"),)
     assert grpc_local_reply(503, "100% é\n".encode(), ())[2][1] == (b"grpc-message", b"100%25 %C3%A9%0A")
+
+
+def test_is_grpc_and_grpc_timeout() -> None:
+    from pyproxy.http.exchange import is_grpc, parse_grpc_timeout
+
+    assert is_grpc(b"application/grpc") and is_grpc(b"application/grpc+proto") and is_grpc(b"application/grpc;x=1")
+    assert not is_grpc(b"application/grpc-web") and not is_grpc(b"application/grpcx") and not is_grpc(None)
+    assert parse_grpc_timeout(b"200m") == pytest.approx(0.2)
+    assert parse_grpc_timeout(b"1H") == 3600 and parse_grpc_timeout(b"5S") == 5
+    assert parse_grpc_timeout(b"99999999n") == pytest.approx(0.099999999)
+    for bad in (b"123456789S", b"S", b"10", b"1.5S", b"-1S", b"10s"):
+        assert parse_grpc_timeout(bad) is None

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import yaml
 
@@ -775,7 +776,7 @@ class Decider:
         self.callbacks: list[Any] = []
         self.raise_: BaseException | None = None
 
-    def check(self, domain: str, descriptors: list, callback: Any) -> None:
+    def check(self, domain: str, descriptors: list, callback: Any, want_statuses: bool = True) -> None:
         if self.raise_ is not None:
             raise self.raise_
         self.calls.append((domain, descriptors))
@@ -932,3 +933,54 @@ def test_compose_runs_a_pinned_redis_for_the_ingress() -> None:
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["ingress"]["volumes"]}
     source = (COMPOSE.parent / mounts[env["PYPROXY_RATELIMIT_CONFIG"]]).resolve()
     assert source == (BOOKINFO / "ratelimit").resolve()
+
+
+# -- the Redis decider (a recording client: the commands it would send) --------------------------
+
+
+class RecordingClient:
+    def __init__(self) -> None:
+        self.sent: list[tuple[list, Any]] = []
+
+    def send(self, commands: list, callback: Any, setup: bool = False) -> None:
+        self.sent.append((list(commands), callback))
+
+
+def test_redis_decider_sends_the_services_pipeline_per_window() -> None:
+    from pyproxy.ratelimit.decide import RedisDecider
+
+    config = rls("""
+domain: ratelimit
+descriptors:
+  - key: PATH
+    value: "/productpage"
+    rate_limit: {unit: minute, requests_per_unit: 1}
+""")
+    client = RecordingClient()
+    clock = Clock(1_700_000_059.9)
+    decider = RedisDecider(client, config, random.Random(0), jitter_max=0, clock=clock)  # type: ignore[arg-type]
+    results: list[Any] = []
+    d = ((b"PATH", b"/productpage"),)
+    decider.check("ratelimit", [(d, None)], results.append)
+    commands, callback = client.sent[-1]
+    assert commands == [(b"INCRBY", b"ratelimit_PATH_/productpage_1700000040", 1),
+                        (b"EXPIRE", b"ratelimit_PATH_/productpage_1700000040", 60)]
+    callback([1, 1])
+    clock.now = 1_700_000_100.0  # the next window: a new key (the memo keeps only the key's stem)
+    decider.check("ratelimit", [(d, 3)], results.append)
+    commands, callback_over = client.sent[-1]
+    assert commands[0] == (b"INCRBY", b"ratelimit_PATH_/productpage_1700000100", 3)
+    callback_over([4, 1])
+    assert [r[0] for r in results] == [OK, OVER_LIMIT]
+    # A reply that is not a count, and a lost connection, are errors (the failure mode decides).
+    decider.check("ratelimit", [(d, None)], results.append)
+    client.sent[-1][1]([hiredis.ReplyError("WRONGTYPE"), 1])
+    decider.check("ratelimit", [(d, None)], results.append)
+    client.sent[-1][1](ConnectionError("lost"))
+    assert isinstance(results[2], Exception) and isinstance(results[3], ConnectionError)
+    # No limit matched: no Redis call at all; a reloaded config forgets what was remembered.
+    decider.check("ratelimit", [(((b"PATH", b"/other"),), None)], results.append)
+    assert len(client.sent) == 4 and results[-1][0] == OK
+    decider.config = rls("domain: ratelimit\ndescriptors: [{key: PATH, rate_limit: {unit: second, requests_per_unit: 5}}]\n")
+    decider.check("ratelimit", [(((b"PATH", b"/other"),), None)], results.append)
+    assert client.sent[-1][0][1] == (b"EXPIRE", b"ratelimit_PATH_/other_1700000100", 1)
