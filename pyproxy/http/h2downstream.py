@@ -187,7 +187,7 @@ class H2Stream:
         "h2c", "sid", "ex", "current", "parser", "status", "out", "out_bytes", "end_pending",
         "response_ended", "request_ended", "reset", "paused", "unacked", "upstream_paused",
         "content_length", "received", "head_only", "informational",
-        "resp_headers",
+        "resp_headers", "stopped",
     )
 
     def __init__(self, h2c: H2Downstream, sid: int, head_only: bool) -> None:
@@ -211,6 +211,7 @@ class H2Stream:
         self.received = 0
         self.head_only = head_only
         self.informational = False
+        self.stopped = False  # set by Exchange.reject (the stream is reset anyway)
 
     # -- what an Exchange reads of its connection --------------------------
 
@@ -233,6 +234,16 @@ class H2Stream:
     @property
     def transport(self) -> Any:
         return self.h2c.transport
+
+    @property
+    def limits(self) -> Any:
+        return self.h2c.limits
+
+    @property
+    def write_paused(self) -> bool:
+        """The connection's transport is above its write high-water mark
+        (an attempt starting then begins with its upstream paused)."""
+        return self.h2c.write_paused
 
     @property
     def peer_ip(self) -> str:
