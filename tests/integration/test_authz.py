@@ -279,3 +279,35 @@ async def test_denied_grpc_request_over_h2c_gets_grpc_status_7() -> None:
             assert text.startswith("HTTP/2 200"), text
             assert "grpc-status: 7\r\n" in text and "grpc-message: RBAC: access denied\r\n" in text
     assert app.seen == []
+
+
+BYPASS_POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"""
+
+
+async def test_path_policies_see_the_normalised_path() -> None:
+    """A DENY on /admin* is not bypassed by dot segments, escaped unreserved
+    characters, backslashes or (with MERGE_SLASHES) doubled slashes; what
+    is allowed reaches the app normalised."""
+    from tests.harness import raw_request
+
+    async with Upstream("reviews") as app:
+        with running_proxy(BYPASS_POLICY, app_port=app.port,
+                           args=[*LABELS, "--path-normalization", "MERGE_SLASHES"]) as px:
+            async def status(target: str) -> int:
+                resp = await raw_request(px.inbound, f"GET {target} HTTP/1.1\r\nHost: reviews\r\n\r\n".encode())
+                return int(resp.split(b" ", 2)[1])
+
+            for target in ("/admin", "/a/../admin", "/%61dmin", "/./admin", "/public/../admin/x",
+                           "//admin", "/x/..//admin", "/%2e%2e/admin", "/\\\\admin"):
+                got = await status(target)
+                assert got in (400, 403), (target, got)
+            assert await status("/public/./page") == 200
+            assert await status("/%2561dmin") == 200  # "%25" stays encoded: the path is /%2561dmin, not /admin
+    assert [s.path for s in app.seen] == ["/public/page", "/%2561dmin"]
