@@ -265,7 +265,7 @@ class RateLimitTable:
         self.identity = identity
         self.gateway_ports = gateway_ports
         self.source_cluster = f"{identity.app}.{identity.namespace}".encode()
-        self.memo: dict[tuple[int, int, int, int], Policy | None] = {}
+        self.memo: dict[tuple[Any, Any, int, int], Policy | None] = {}
         self.compiled_limits: dict[int, CompiledRateLimit] = {}
         self.warnings = warnings
         self.has_global = any(p.global_ is not None for p in patches)
@@ -273,7 +273,8 @@ class RateLimitTable:
     # -- the request path ----------------------------------------------------------
 
     def policy(self, vh: Any, route: Any, match_index: int, port: int) -> Policy | None:
-        key = (id(vh), id(route), match_index, port)
+        # Keyed by the objects themselves (identity hash; the snapshot holds them anyway).
+        key = (vh, route, match_index, port)
         memo = self.memo
         try:
             return memo[key]
@@ -407,7 +408,7 @@ class RateLimitFilter:
             vh = hosts.exact.get(ex.host) or hosts.lookup(ex.host)
         route = ex.route
         # RateLimitTable.policy, its memo lookup inlined (this runs per request).
-        policy = table.memo.get((id(vh), id(route), ex.match_index, ex.port), _MISSING)
+        policy = table.memo.get((vh, route, ex.match_index, ex.port), _MISSING)
         if policy is _MISSING:
             policy = table.policy(vh, route, ex.match_index, ex.port)
         if policy is None:
