@@ -199,25 +199,6 @@ class _FlaggerNode(Node):
             else:
                 self.rep.error(self.at(key), f"unknown field {key!r} in {msg.name}")
 
-    def child(self, key: str, msg: Message, *, required: bool = False) -> Node | None:
-        value = self.data.get(key)
-        if value is None:
-            self._missing(key, required)
-            return None
-        if not isinstance(value, dict):
-            self.error(key, f"must be a mapping, got {describe(value)}")
-            return None
-        return _FlaggerNode(self.rep, self.at(key), value, msg)
-
-    def children(self, key: str, msg: Message) -> list[Node]:
-        nodes: list[Node] = []
-        for path, item in self.items(key):
-            if isinstance(item, dict):
-                nodes.append(_FlaggerNode(self.rep, path, item, msg))
-            else:
-                self.rep.error(path, f"must be a mapping, got {describe(item)}")
-        return nodes
-
     def seconds(self, key: str, default: float) -> tuple[float, str]:
         text = self.get(key)
         value = self.duration(key)

@@ -330,7 +330,8 @@ class Node:
         if not isinstance(value, dict):
             self.error(key, f"must be a mapping, got {describe(value)}")
             return None
-        return Node(self.rep, self.at(key), value, msg)
+        # type(self): a subclass (the canary's Flagger reader) keeps its own rules below.
+        return type(self)(self.rep, self.at(key), value, msg)
 
     def items(self, key: str) -> list[tuple[str, object]]:
         """The elements of a list field with their paths (``key[i]``)."""
@@ -349,7 +350,7 @@ class Node:
         nodes = []
         for path, item in self.items(key):
             if isinstance(item, dict):
-                nodes.append(Node(self.rep, path, item, msg))
+                nodes.append(type(self)(self.rep, path, item, msg))
             else:
                 self.rep.error(path, f"must be a mapping, got {describe(item)}")
         return nodes
