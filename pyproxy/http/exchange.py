@@ -41,6 +41,7 @@ from ..routing.matchers import parse_query
 from ..routing.table import DIRECT_RESPONSE, REDIRECT
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
+from .grpc import GrpcCall, is_grpc
 from .headers import (
     HTTP_DATE,
     INBOUND_EXTERNAL_DROP,
@@ -117,13 +118,6 @@ _GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {0x25}
 _GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
-def is_grpc(content_type: bytes | None) -> bool:
-    """Envoy's Grpc::Common::hasGrpcContentType: application/grpc or
-    application/grpc+<codec> (not gRPC-Web)."""
-    return content_type is not None and content_type[:16] == b"application/grpc" and (
-        len(content_type) == 16 or content_type[16:17] in (b"+", b";"))
-
-
 def parse_grpc_timeout(value: bytes) -> float | None:
     """``grpc-timeout``: 1 to 8 ASCII digits and a unit; None if malformed
     (Envoy then ignores it)."""
@@ -182,6 +176,8 @@ class Exchange:
         "malformed",
         # security filters (authz/guard.py): the verified JWT identity, the deciding policy
         "auth", "authz_policy",
+        # a gRPC call's telemetry (http/grpc.py); None for any other request
+        "grpc",
     )
 
     def __init__(self, conn: DownstreamConnection, method: bytes, target: bytes,
@@ -294,7 +290,11 @@ class Exchange:
                 self.content_length = int(cl)
             except ValueError:
                 self.content_length = -2  # invalid; rejected in start()
-        self.has_body = self.chunked_in or self.content_length > 0
+        self.has_body = has_body = self.chunked_in or self.content_length > 0
+        # gRPC requests have a body (at least one message prefix): a request
+        # without one pays nothing for gRPC telemetry. (An HTTP/2 stream
+        # with no DATA is checked by h2downstream.)
+        self.grpc = GrpcCall() if has_body and is_grpc(hdict.get(b"content-type")) else None
         exp = hdict.get(b"expect")
         self.expect_continue = exp is not None and exp.lower() == b"100-continue"
 
@@ -1118,6 +1118,8 @@ class Exchange:
         # value wins, as the loop this replaced did) instead of a Python loop.
         hd = dict(headers)
         content_length = hd.get(b"content-length")
+        if self.grpc is not None:
+            self.grpc.header_status = hd.get(b"grpc-status")
         chunked_up = b"transfer-encoding" in hd
         if upgraded:
             drop = drop - _UPGRADE_FIELDS  # Upgrade and Connection go through
@@ -1187,6 +1189,8 @@ class Exchange:
         if not self.response_started:
             return
         self.response_bytes += len(data)
+        if self.grpc is not None:
+            self.grpc.responses.feed(data)
         if self.response_chunked:
             self.conn.write(chunk(data))
         else:
@@ -1276,6 +1280,8 @@ class Exchange:
 
     def on_request_body(self, data: bytes) -> None:
         self.request_bytes += len(data)
+        if self.grpc is not None:
+            self.grpc.requests.feed(data)
         limit = self.worker.limits.max_request_body
         if limit and self.request_bytes > limit:
             conn = self.conn
@@ -1405,6 +1411,8 @@ class Exchange:
                 fields = ops.apply(fields)
             for f in self.encoders:
                 fields = f.on_response_headers(self, fields)
+        if self.grpc is not None:
+            self.grpc.on_response_headers(fields)
         if not self.keep_alive or not self.request_complete or self.conn.draining or self.close_after:
             self.close_after = True
         self.response_bytes = len(body)

@@ -51,6 +51,7 @@ import httptools
 from h2.errors import ErrorCodes
 
 from .. import errors
+from .grpc import GrpcCall, is_grpc
 
 log = logging.getLogger("pyproxy.h2")
 
@@ -606,6 +607,8 @@ class H2Downstream:
             # (Envoy's codec does the same).
             headers.append((b"transfer-encoding", b"chunked"))
         ex = self.listener.new_stream(s, method, target, headers, "2", True, False)
+        if ended and ex.grpc is None and is_grpc(ex.hdict.get(b"content-type")):
+            ex.grpc = GrpcCall()  # a gRPC request with no DATA at all (Exchange checks bodies only)
         s.ex = ex
         s.current = ex
         if big:

@@ -123,13 +123,22 @@ MAX_CACHE_KEYS = 4096
 MAX_EXTERNAL_HOSTS = 1024
 
 
+# istio_request_messages_total / istio_response_messages_total carry the
+# labels the stats filter has when it adds them (before the request's
+# protocol, codes, flags and security policy): the first 20 (istio/proxy
+# testdata/metric/*_request_messages.yaml.tmpl).
+MESSAGE_LABELS = ISTIO_LABELS[:20]
+
+
 class Series:
     """One Istio label set: a counter and three histograms, as plain numbers."""
 
-    __slots__ = ("labels", "count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+    __slots__ = ("labels", "count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum", "messages")
 
     def __init__(self, labels: tuple[str, ...]) -> None:
         self.labels = labels
+        # gRPC series: [request messages, response messages] of its MESSAGE_LABELS
+        self.messages: list[int] | None = None
         self.count = 0
         self.dur = [0] * NBUCKETS
         self.dur_sum = 0.0
@@ -237,6 +246,8 @@ class IstioMetrics:
         # This proxy as the end of an mTLS connection: principal = its certificate's URI SAN.
         self.me_tls = self.me
         self.series: dict[tuple[str, ...], Series] = {}
+        # gRPC message counts by MESSAGE_LABELS values: [request, response]
+        self.messages: dict[tuple[str, ...], list[int]] = {}
         self.clusters = ClusterStatsRegistry()
         # Requests with no cluster (404 NR, 503 NC, REGISTRY_ONLY) and
         # inbound requests: keyed by request data, bounded.
@@ -269,6 +280,9 @@ class IstioMetrics:
     def record(self, ex: Exchange) -> None:
         status = ex.status
         flags = ex.flag_string if ex.flags else "-"
+        if ex.grpc is not None:
+            self._record_grpc(ex, status, flags)
+            return
         cluster = ex.cluster
         if ex.direction:  # inbound: the caller's identity came in a header
             key: tuple = (status, flags, ex.peer, ex.host)
@@ -291,6 +305,41 @@ class IstioMetrics:
                 s = self._bind_other(key, ex)
         s.record((ex.end_time - ex.start_time) * 1000.0, ex.request_bytes, ex.response_bytes)
 
+    def _record_grpc(self, ex: Exchange, status: int, flags: str) -> None:
+        """``record`` for a gRPC call: request_protocol "grpc", its
+        grpc_response_status (part of the key), and its message counts."""
+        call = ex.grpc
+        assert call is not None
+        grpc = call.status(status)
+        cluster = ex.cluster
+        if ex.direction:
+            key: tuple = (status, flags, ex.peer, ex.host, grpc)
+            s = self.inbound_cache.get(key)
+            if s is None:
+                s = self._bind_inbound(key, ex, grpc)
+        elif cluster is not None and cluster.metric_labels is not None:
+            dest = ex.peer or ex.upstream_host
+            key = (status, flags, dest, grpc)
+            cache = cluster.metric_cache
+            s = cache.get(key)
+            if s is None:
+                s = self._bind_outbound(cache, key, cluster.metric_labels, dest, grpc)
+        else:
+            key = (status, flags, ex.host, cluster is not None, ex.peer, grpc)
+            s = self.other_cache.get(key)
+            if s is None:
+                s = self._bind_other(key, ex, grpc)
+        s.record((ex.end_time - ex.start_time) * 1000.0, ex.request_bytes, ex.response_bytes)
+        counts = s.messages
+        if counts is None:
+            prefix = s.labels[:len(MESSAGE_LABELS)]
+            counts = self.messages.get(prefix)
+            if counts is None:
+                counts = self.messages[prefix] = [0, 0]
+            s.messages = counts
+        counts[0] += call.requests.count
+        counts[1] += call.responses.count
+
     # -- label computation (once per distinct key) ----------------------------
 
     def _labels(
@@ -302,7 +351,10 @@ class IstioMetrics:
         status: int,
         flags: str,
         policy: str,
+        grpc: str | None = None,
     ) -> tuple[str, ...]:
+        """Istio's label values; ``grpc`` is the grpc_response_status of a
+        gRPC call (request_protocol "grpc"), None for any other request."""
         return (
             reporter,
             src.workload,
@@ -324,14 +376,14 @@ class IstioMetrics:
             svc.name,
             svc.namespace,
             dst.cluster,
-            "http",
+            "http" if grpc is None else "grpc",
             str(status),
-            "",
+            grpc or "",
             flags,
             policy,
         )
 
-    def _bind_outbound(self, cache: dict, key: tuple, svc: DestService, dest: Any) -> Series:
+    def _bind_outbound(self, cache: dict, key: tuple, svc: DestService, dest: Any, grpc: str | None = None) -> Series:
         if isinstance(dest, PeerInfo):
             dst = dest
         elif dest is not None:
@@ -343,25 +395,26 @@ class IstioMetrics:
         # Istio's source reporter: source_principal is the local certificate of
         # an mTLS upstream connection; connection_security_policy is "unknown".
         src = self.me_tls if dst.principal != UNKNOWN else self.me
-        s = self.series_for(self._labels("source", src, dst, svc, key[0], key[1], "unknown"))
+        s = self.series_for(self._labels("source", src, dst, svc, key[0], key[1], "unknown", grpc))
         if len(cache) >= MAX_CACHE_KEYS:
             cache.clear()
         cache[key] = s
         return s
 
-    def _bind_inbound(self, key: tuple, ex: Exchange) -> Series:
+    def _bind_inbound(self, key: tuple, ex: Exchange, grpc: str | None = None) -> Series:
         src = ex.peer or UNKNOWN_PEER
         svc = self._service_for_host(ex.host)
         if src.principal != UNKNOWN:  # set only from a verified client certificate
-            s = self.series_for(self._labels("destination", src, self.me_tls, svc, key[0], key[1], "mutual_tls"))
+            s = self.series_for(self._labels("destination", src, self.me_tls, svc, key[0], key[1], "mutual_tls",
+                                             grpc))
         else:
-            s = self.series_for(self._labels("destination", src, self.me, svc, key[0], key[1], "none"))
+            s = self.series_for(self._labels("destination", src, self.me, svc, key[0], key[1], "none", grpc))
         if len(self.inbound_cache) >= MAX_CACHE_KEYS:
             self.inbound_cache.clear()
         self.inbound_cache[key] = s
         return s
 
-    def _bind_other(self, key: tuple, ex: Exchange) -> Series:
+    def _bind_other(self, key: tuple, ex: Exchange, grpc: str | None = None) -> Series:
         # Passthrough (destination outside the registry) or a local reply
         # before any cluster was chosen.
         cluster = ex.cluster
@@ -380,7 +433,7 @@ class IstioMetrics:
             if svc is UNKNOWN_SERVICE and ex.target_choice is not None:
                 svc = self._service_for_host(ex.target_choice.host.encode())
             dst = UNKNOWN_PEER
-        s = self.series_for(self._labels("source", self.me, dst, svc, key[0], key[1], "unknown"))
+        s = self.series_for(self._labels("source", self.me, dst, svc, key[0], key[1], "unknown", grpc))
         if len(self.other_cache) >= MAX_CACHE_KEYS:
             self.other_cache.clear()
         self.other_cache[key] = s
@@ -400,6 +453,10 @@ class IstioMetrics:
     def rows(self) -> list[list]:
         return [s.row() for s in list(self.series.values())]
 
+    def message_rows(self) -> list[list]:
+        """[MESSAGE_LABELS values, request messages, response messages] per gRPC label set."""
+        return [[list(k), v[0], v[1]] for k, v in list(self.messages.items())]
+
 
 def endpoint_peer(ep: ClusterEndpoint) -> PeerInfo:
     """A destination without a sidecar: identity from the registry endpoint
@@ -417,6 +474,7 @@ def worker_state(worker: Any, metrics: IstioMetrics | None, extra: dict | None =
     mirror = getattr(worker, "mirror", None)
     return {
         "istio": metrics.rows() if metrics is not None else [],
+        "istio_messages": metrics.message_rows() if metrics is not None else [],
         "mirror": mirror.stats.as_dict() if mirror is not None else {},
         "clusters": metrics.clusters.snapshot() if metrics is not None else {},
         "downstream": worker.stats.as_dict(),
@@ -472,6 +530,7 @@ def merge_states(states: list[dict]) -> dict:
         return states[0]
     first = states[0]
     istio: dict[tuple, list] = {}
+    messages: dict[tuple, list] = {}
     clusters: dict[str, dict[str, int]] = {}
     downstream: dict[str, int] = {}
     mirror: dict[str, int] = {}
@@ -508,6 +567,13 @@ def merge_states(states: list[dict]) -> dict:
                 cur[i] = [a + b for a, b in zip(cur[i], row[i], strict=True)]
             for i in (3, 5, 7):
                 cur[i] += row[i]
+        for row in state.get("istio_messages", ()):
+            cur = messages.get(tuple(row[0]))
+            if cur is None:
+                messages[tuple(row[0])] = [row[0], row[1], row[2]]
+            else:
+                cur[1] += row[1]
+                cur[2] += row[2]
         for name, values in state["clusters"].items():
             acc = clusters.setdefault(name, {})
             for k, v in values.items():
@@ -525,6 +591,7 @@ def merge_states(states: list[dict]) -> dict:
     return {
         "tls": tls,
         "istio": list(istio.values()),
+        "istio_messages": list(messages.values()),
         "clusters": clusters,
         "downstream": downstream,
         "mirror": mirror,
@@ -580,6 +647,19 @@ class StateCollector:
         yield duration
         yield req_bytes
         yield resp_bytes
+        message_rows = state.get("istio_messages")
+        if message_rows:
+            # gRPC only (Istio's stats filter adds them for gRPC requests).
+            names = list(MESSAGE_LABELS)
+            req_msgs = CounterMetricFamily("istio_request_messages",
+                                           "gRPC messages sent by clients (Istio standard metric)", labels=names)
+            resp_msgs = CounterMetricFamily("istio_response_messages",
+                                            "gRPC messages sent by servers (Istio standard metric)", labels=names)
+            for row in sorted(message_rows, key=lambda r: r[0]):
+                req_msgs.add_metric(row[0], row[1])
+                resp_msgs.add_metric(row[0], row[2])
+            yield req_msgs
+            yield resp_msgs
 
         clusters = state["clusters"]
         names = sorted(clusters)
@@ -742,6 +822,10 @@ def render_text(state: dict, filter_re: Any = None) -> str:
     lines.append(f"pyproxy.access_log_dropped: {state.get('access_log_dropped', 0)}")
     total = sum(row[1] for row in state["istio"])
     lines.append(f"pyproxy.istio_requests_total: {total}")
+    messages = state.get("istio_messages", ())
+    if messages:
+        lines.append(f"pyproxy.istio_request_messages_total: {sum(row[1] for row in messages)}")
+        lines.append(f"pyproxy.istio_response_messages_total: {sum(row[2] for row in messages)}")
     for stat, value in sorted(state.get("tls", {}).get("ssl", {}).items()):
         lines.append(f"{stat}: {value}")
     lines.append(f"server.concurrency: {state.get('workers', 1)}")
