@@ -396,6 +396,12 @@ class DownstreamConnection:
         rest = preface_rest(data)
         if rest is None or self.closed or self.pending_error is not None:
             return False
+        self._become_h2(PREFACE_HEAD + rest)
+        return True
+
+    def _become_h2(self, first: bytes) -> None:
+        """Hand the connection to an ``H2Downstream`` (h2c prior knowledge,
+        or ALPN ``h2`` over TLS), ``first`` being the bytes read so far."""
         h2c = H2Downstream(self)
         listener = self.listener
         listener.connections.discard(self)
@@ -404,8 +410,7 @@ class DownstreamConnection:
         self.closed = True  # this object is done; the transport is h2c's now
         self.headers_started = 0.0
         self.transport.set_protocol(h2c)
-        h2c.start(PREFACE_HEAD + rest)
-        return True
+        h2c.start(first)
 
     def _feed_pieces(self, data: bytes, end: int) -> bool:
         """Parse a read that may hold several requests, cut after each head
@@ -872,3 +877,10 @@ class MTLSDownstreamConnection(DownstreamConnection):
             return
         self.tls_peer = peer
         super().connection_made(transport)
+        if self.closed:
+            return  # over --max-connections
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+            # ALPN h2 (the client sidecar offered istio-h2, istio, h2): HTTP/2
+            # from the first byte, as Envoy's codec AUTO decides on ALPN.
+            self._become_h2(b"")

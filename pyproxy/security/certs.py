@@ -31,6 +31,10 @@ FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
 ISTIO_ALPNS = frozenset({"istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"})
 # Istio's outbound ALPN for HTTP/1.1 (pilot/pkg/xds/filters/filters.go mtlsHTTP11ALPN).
 ISTIO_CLIENT_ALPN = ["istio-http/1.1", "istio", "http/1.1"]
+# ... and for HTTP/2 (mtlsHTTP2ALPN): a cluster whose upstream speaks h2.
+ISTIO_CLIENT_ALPN_H2 = ["istio-h2", "istio", "h2"]
+# What the inbound listener negotiates (Istio's inbound common_tls_context alpn_protocols).
+SERVER_ALPN = ["h2", "http/1.1"]
 # Istio's TLS 1.2 cipher list for inbound mTLS (TLS 1.3 suites are not configurable).
 ISTIO_TLS12_CIPHERS = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
                        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -129,9 +133,9 @@ def server_context(chain: str, key: str, root: str) -> ssl.SSLContext:
     ctx.load_cert_chain(chain, key)
     ctx.load_verify_locations(root)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    # Istio serves h2 and http/1.1; pyproxy speaks HTTP/1.1 only, so that is
-    # all it negotiates (the istio* values only select the chain).
-    ctx.set_alpn_protocols(["http/1.1"])
+    # As Istio's inbound DownstreamTlsContext: h2 and http/1.1 are negotiated
+    # (the server's order wins); the istio* values only select the chain.
+    ctx.set_alpn_protocols(SERVER_ALPN)
     return ctx
 
 

@@ -10,6 +10,7 @@ import collections
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 
 import h2.config
@@ -51,8 +52,10 @@ class H2Client:
     """The ``h2`` library as a client over a blocking socket: for the cases
     curl will not produce (malformed requests, floods)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # (``tls``: HTTP/2 over TLS, the protocol chosen by ALPN)
+        self.sock = tls.wrap_socket(sock, server_hostname="reviews") if tls is not None else sock
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False))

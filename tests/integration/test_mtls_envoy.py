@@ -95,19 +95,27 @@ def _cluster(name: str, port: int, transport_socket: dict | None = None) -> dict
     return c
 
 
-def envoy_client_config(listen: int, admin: int, server_port: int, me: Path, expect_san: str) -> dict:
+def envoy_client_config(listen: int, admin: int, server_port: int, me: Path, expect_san: str,
+                        h2: bool = False) -> dict:
     """Envoy as the client sidecar: a plaintext listener for the app, a
-    cluster speaking ISTIO_MUTUAL to the server sidecar."""
+    cluster speaking ISTIO_MUTUAL to the server sidecar (``h2``: an HTTP/2
+    cluster offering Istio's h2 ALPN, as istiod builds one for a GRPC/HTTP2
+    port)."""
     upstream_tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "sni": f"outbound_.9080_._.{REVIEWS}",
         "common_tls_context": {
-            "alpn_protocols": ["istio-http/1.1", "istio", "http/1.1"],
+            "alpn_protocols": ["istio-h2", "istio", "h2"] if h2 else ["istio-http/1.1", "istio", "http/1.1"],
             "tls_params": TLS_PARAMS,
             "tls_certificates": [_tls_certificate(me)],
             "validation_context": {
                 "trusted_ca": {"filename": str(me / "root-cert.pem")},
                 "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": expect_san}}]}}}}
+    cluster = _cluster("reviews", server_port, upstream_tls)
+    if h2:
+        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
@@ -115,7 +123,7 @@ def envoy_client_config(listen: int, admin: int, server_port: int, me: Path, exp
                                                                              "port_value": listen}},
                            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                            "typed_config": _hcm("reviews", False)}]}]}],
-            "clusters": [_cluster("reviews", server_port, upstream_tls)],
+            "clusters": [cluster],
         },
     }
 
@@ -268,3 +276,26 @@ spec:
         assert data.startswith(b"HTTP/1.1 503"), data[:300]
         assert app.seen == []
         assert "ssl.fail_verify_san: 3" in client_stats
+
+
+async def test_envoy_h2_client_to_pyproxy_strict_inbound(certs: dict[str, Path], tmp_path: Path) -> None:
+    """Envoy's HTTP/2 cluster (ALPN istio-h2, istio, h2) to a pyproxy STRICT
+    inbound: h2 is negotiated and served, concurrent requests multiplexed,
+    the app (HTTP/1.1) sees the mTLS identity in XFCC."""
+    async with Upstream("reviews") as app:
+        with running_proxy(STRICT, app_port=app.port,
+                           args=["--certs", str(certs["bookinfo-reviews"])]) as server:
+            listen, admin = free_port(), free_port()
+            cfg = envoy_client_config(listen, admin, server.inbound, certs["bookinfo-productpage"], RV, h2=True)
+            async with running_envoy(cfg, admin, tmp_path):
+                got = await asyncio.gather(*(raw_request(listen, _get(f"/h2-{i}")) for i in range(8)))
+                server_stats = http_get(server.admin_url + "/stats")[1].decode()
+                envoy_stats = http_get(f"http://127.0.0.1:{admin}/stats?filter=upstream_cx_http2_total")[1].decode()
+    assert all(d.startswith(b"HTTP/1.1 200") for d in got), [d[:200] for d in got]
+    assert sorted(s.path for s in app.seen) == sorted(f"/h2-{i}" for i in range(8))
+    for seen in app.seen:
+        assert re.fullmatch(rf'By={RV};Hash=[0-9a-f]{{64}};Subject="";URI={PP}',
+                            seen.headers["x-forwarded-client-cert"])
+    m = re.search(r"http\.downstream_cx_http2_total: (\d+)", server_stats)
+    assert m is not None and int(m.group(1)) >= 1, server_stats
+    assert re.search(r"cluster\.reviews\.upstream_cx_http2_total: [1-9]", envoy_stats), envoy_stats
