@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..options import Address
     from .controller import Check, State
     from .resource import Canary, CanaryFile
 
@@ -79,7 +80,8 @@ class Exporter:
     def __init__(self, address: str, canary: Canary) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-        host, _, port = address.rpartition(":")
+        addr = _address(address)
+        assert addr is not None  # checked by run_main
         self.registry = CollectorRegistry()
         labels = ("name", "namespace")
         self.values = (canary.name, canary.namespace)
@@ -96,7 +98,7 @@ class Exporter:
                            registry=self.registry)
         for result in ("pass", "fail", "no_data"):
             self.checks.labels(*self.values, result)
-        self.server, self.thread = start_http_server(int(port), host or "0.0.0.0", registry=self.registry)
+        self.server, self.thread = start_http_server(addr.port, addr.host, registry=self.registry)
         self.port = self.server.server_port
 
     def observe(self, state: State, checks: list[Check]) -> None:
@@ -115,9 +117,18 @@ class Exporter:
         self.server.server_close()
 
 
-def _host_port(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+def _address(value: str) -> Address | None:
+    """``HOST:PORT`` (IPv6 in brackets) with both parts, by the proxy's own
+    address parser (options.parse_address); None when it is not one."""
+    from ..options import parse_address
+
+    if ":" not in value:
+        return None  # a bare port: this command wants the host too
+    try:
+        addr = parse_address(value, default_host="")
+    except ValueError:
+        return None
+    return addr if addr.host and addr.port > 0 else None
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -166,7 +177,7 @@ def run_main(args: argparse.Namespace) -> int:
                 source = PrometheusSource(args.prometheus, selector, cf.templates)
             else:
                 targets = [t.strip() for t in args.scrape.split(",") if t.strip()]
-                bad = [t for t in targets if not _host_port(t)]
+                bad = [t for t in targets if _address(t) is None]
                 if not targets or bad:
                     problems.append(f"--scrape: expected HOST:PORT[,HOST:PORT...], got {args.scrape!r}")
                 source = ScrapeSource(targets, selector)
@@ -183,7 +194,7 @@ def run_main(args: argparse.Namespace) -> int:
     exporter = None
     try:
         if args.metrics:
-            if not _host_port(args.metrics):
+            if _address(args.metrics) is None:
                 print(f"pyproxy canary: --metrics: expected HOST:PORT, got {args.metrics!r}", file=sys.stderr)
                 return 2
             try:
@@ -191,7 +202,7 @@ def run_main(args: argparse.Namespace) -> int:
             except OSError as exc:
                 print(f"pyproxy canary: --metrics {args.metrics}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
-            log.info("metrics on http://%s:%d/metrics", args.metrics.rpartition(":")[0] or "0.0.0.0", exporter.port)
+            log.info("metrics on http://%s/metrics", args.metrics)
         controller = Controller(canary, mesh, source, call_webhook, store,
                                 observer=exporter.observe if exporter else None, restart=args.restart)
         stop = threading.Event()

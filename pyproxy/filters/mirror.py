@@ -40,7 +40,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ..http.headers import LAST_CHUNK, chunk
-from ..routing.actions import split_host_port
+from ..http.request import split_authority
 from ..upstream.cluster import OVERFLOW
 
 if TYPE_CHECKING:
@@ -85,7 +85,11 @@ def shadow_head(head: bytes) -> bytes:
     carries its (only) attempt's count."""
     before, sep, rest = head.partition(b"\r\nhost: ")
     authority, crlf, after = rest.partition(b"\r\n")
-    host, port = split_host_port(authority)
+    host, port = split_authority(authority)
+    if port is None:
+        # No well-formed port (a rewrite.authority can say anything): the
+        # whole authority is the host, as Envoy's parseAuthority falls back.
+        host, port = authority, b""
     return (before + sep + host + b"-shadow" + (b":" + port if port else b"") + crlf
             + b"x-envoy-attempt-count: 1\r\nx-envoy-internal: true\r\n" + after + b"\r\n")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +52,15 @@ from .headers import (
     connection_tokens,
     new_request_id,
 )
-from .path import PLAIN as PATH_PLAIN
-from .path import normalize as normalize_path
+from .request import (
+    PLAIN_PATHS,
+    host_and_port,
+    index_headers,
+    normalize_request_path,
+    refusal_flag,
+    split_absolute_target,
+    validate,
+)
 from .response import local_reply
 
 if TYPE_CHECKING:
@@ -80,30 +86,6 @@ _SERVER_ISTIO_ENVOY = b"server: istio-envoy\r\n"
 _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
 # Connection values that name no field beyond the hop-by-hop ones (the common case).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-
-# "2": a stream of an HTTP/2 connection (http/h2downstream.py), forwarded as HTTP/1.1.
-_VERSIONS = frozenset({"1.0", "1.1", "2"})
-# RFC 3986 authority characters (what Envoy's authority check admits); a
-# Host with anything else (space, "/", "?", "#", quotes, ...) is refused.
-# Userinfo ("user@host") is refused too (RFC 9110 4.2.4).
-_BAD_AUTHORITY = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:%\[\]]").search
-# Authorities already found valid: a set lookup instead of a regex search
-# per request (bounded: cleared when full).
-_GOOD_AUTHORITIES: set[bytes] = set()
-# Paths already found to need no normalisation under this process's
-# --path-normalization (fixed for its life): one set lookup instead of two
-# scans per request (bounded: short paths only, cleared when full).
-_PLAIN_PATHS: set[bytes] = set()
-
-
-def _authority_ok(authority: bytes) -> bool:
-    if _BAD_AUTHORITY(authority) is not None:
-        return False
-    if len(_GOOD_AUTHORITIES) >= 4096:
-        _GOOD_AUTHORITIES.clear()
-    _GOOD_AUTHORITIES.add(authority)
-    return True
-
 
 # Envoy's Grpc::Utility::httpToGrpcStatus (source/common/grpc/status.cc), from
 # the gRPC spec's HTTP-to-gRPC table; anything else is 2 (UNKNOWN).
@@ -172,7 +154,7 @@ class Exchange:
         "upstream_host", "peer", "attempt_status",
         # stream idle timeout (the worker's sweep): progress seen last, and since when
         "idle_mark", "idle_since",
-        # a defect found while indexing the headers (refused in _validate)
+        # a defect found while indexing the headers (refused by request.validate)
         "malformed",
         # security filters (authz/guard.py): the verified JWT identity, the deciding policy
         "auth", "authz_policy",
@@ -254,30 +236,13 @@ class Exchange:
         self.authz_policy = ""
         self._query_params: dict[str, str] | None = None
 
-        # Header map: duplicates joined with "," (what hashing, CORS and the
-        # framing checks read). Route matchers see each value of a repeated
-        # header on its own (Envoy's header matcher, match_headers_individually
-        # in 1.40): ``repeated`` maps such names to their values, else None.
-        # The common no-duplicate case stays a single C-level dict() call.
+        # Header map: the common no-duplicate case stays a single C-level
+        # dict() call; a repeated field (``repeated``: each of its values, for
+        # the route matchers) is indexed by http/request.py.
         hdict = dict(headers)
         self.repeated: dict[bytes, list[bytes]] | None = None
         if len(hdict) != len(headers):
-            hdict = {}
-            repeated: dict[bytes, list[bytes]] = {}
-            for name, value in headers:
-                prev = hdict.get(name)
-                if prev is None:
-                    hdict[name] = value
-                else:
-                    hdict[name] = prev + b"," + value
-                    values = repeated.get(name)
-                    if values is None:
-                        repeated[name] = [prev, value]
-                    else:
-                        values.append(value)
-            self.repeated = repeated
-            if sum(1 for n, _ in headers if n == b"host") > 1:
-                self.malformed = b"multiple host headers"  # RFC 9112 3.2: 400
+            hdict, self.repeated, self.malformed = index_headers(headers)
         self.hdict = hdict
         self.request_id = hdict.get(b"x-request-id") or b""
 
@@ -307,55 +272,30 @@ class Exchange:
             xfp = xfp.lower()
             if xfp == b"https" and not self.snapshot.identity.gateway:
                 self.scheme = xfp
-        self.port = 0
+        # Parsing and validation rules live in http/request.py; the common
+        # cases (origin-form target, a path or authority seen before) stay
+        # inline here.
         if target[:1] == b"/":
             path, _, query = target.partition(b"?")
             self.authority = hdict.get(b"host", b"")
         elif target[:7].lower() == b"http://":
-            rest = target[7:]
-            slash = rest.find(b"/")
-            qmark = rest.find(b"?")
-            cut = min(x for x in (slash, qmark, len(rest)) if x >= 0)
-            self.authority = rest[:cut]
-            path, _, query = (rest[cut:] or b"/").partition(b"?")
-            # "http://host?q" has no path: Envoy's codec refuses it with 404
-            # (absolute_path_rejected); an empty path is left for _validate.
+            self.authority, path, query = split_absolute_target(target)
         else:
             path, query = target, b""
             self.authority = hdict.get(b"host", b"")
         mode = conn.limits.path_normalization
-        if mode and path not in _PLAIN_PATHS:
-            if b"/." in path or path.translate(None, PATH_PLAIN) or (mode > 1 and b"//" in path):
-                # (path.needs_work, inlined)
-                path = self._normalize_path(path, query, mode)
-            elif len(path) <= 256:
-                if len(_PLAIN_PATHS) >= 4096:
-                    _PLAIN_PATHS.clear()
-                _PLAIN_PATHS.add(path)
+        if mode and path not in PLAIN_PATHS:
+            normalized = normalize_request_path(path, mode)
+            if normalized is None:
+                self.malformed = b"path normalization failed"  # %00: 400, as Envoy
+            else:
+                if normalized != path and target[:1] == b"/":
+                    # The query is kept.
+                    self.target = normalized + b"?" + query if query else normalized
+                path = normalized
         self.path = path
         self.query = query
-        host = self.authority
-        if host[:1] == b"[":
-            end = host.find(b"]")
-            hostname, portpart = host[: end + 1], host[end + 2:]
-        else:
-            hostname, _, portpart = host.partition(b":")
-        self.host = hostname.lower()
-        if portpart:
-            # Digits only: int() would also take "+80", " 80" and "8_0".
-            self.port = int(portpart) if portpart.isdigit() else -1
-
-    def _normalize_path(self, path: bytes, query: bytes, mode: int) -> bytes:
-        """Istio's pathNormalization, before routing (as Envoy's connection
-        manager does it): the path the matchers, the upstream, the access
-        log and x-envoy-original-path all see. The query is kept."""
-        normalized = normalize_path(path, mode)
-        if normalized is None:
-            self.malformed = b"path normalization failed"  # %00: 400, as Envoy
-            return path
-        if normalized != path and self.target[:1] == b"/":
-            self.target = normalized + b"?" + query if query else normalized
-        return normalized
+        self.host, self.port = host_and_port(self.authority)
 
     # ------------------------------------------------------------------
     # helpers used by matchers and balancers
@@ -412,9 +352,9 @@ class Exchange:
         obs = worker.observer
         if obs is not None:
             obs.on_request_start(self)
-        bad = self._validate()
+        bad = validate(self, worker.limits)
         if bad is not None:
-            self.reject(bad[0], bad[1])
+            self.reject(bad.status, bad.body)
             return
         if not self.request_id:
             self.request_id = new_request_id()
@@ -534,49 +474,6 @@ class Exchange:
             return port
         return vh.default_port
 
-    def _validate(self) -> tuple[int, bytes] | None:
-        """RFC 9112 checks llhttp leaves to us (it already refuses bad
-        syntax, CL + TE, several CLs, bad chunking). (status, body) or None."""
-        if self.malformed is not None:
-            return 400, self.malformed
-        if self.version not in _VERSIONS:
-            return 400, b"unsupported HTTP version"
-        if self.version == "1.0" and not self.worker.limits.accept_http10:
-            # Istio leaves Envoy's accept_http_10 off (PILOT_HTTP10): its codec
-            # answers 426, flag DPE, before looking at anything else.
-            return 426, b"Upgrade Required"
-        if self.content_length == -2:
-            return 400, b"invalid content-length"
-        if self.chunked_in:
-            if self.content_length != -1:
-                return 400, b"both content-length and transfer-encoding"
-            if self.hdict[b"transfer-encoding"].strip().lower() != b"chunked":
-                return 400, b"unsupported transfer-encoding"
-            if self.version == "1.0":
-                # RFC 9112 6.1: framing of an HTTP/1.0 message with
-                # Transfer-Encoding is faulty.
-                return 400, b"transfer-encoding in an HTTP/1.0 request"
-        limit = self.worker.limits.max_request_body
-        if limit and self.content_length > limit:
-            return 413, b"Payload Too Large"
-        if self.method == b"CONNECT":
-            return 501, b"CONNECT is not supported"
-        if self.version != "1.0" and not self.authority:
-            return 400, b"missing host"
-        if self.port < 0 or self.port > 65535:
-            return 400, b"invalid port in authority"
-        if self.authority not in _GOOD_AUTHORITIES and not _authority_ok(self.authority):
-            return 400, b"invalid host"
-        target = self.target
-        if target[:1] != b"/" and target[:7].lower() != b"http://" \
-                and not (target == b"*" and self.method == b"OPTIONS"):
-            return 400, b"invalid request target"
-        if b"#" in target:
-            return 400, b"fragment in request target"
-        if not self.path:
-            return 404, b""
-        return None
-
     def reject(self, status: int, body: bytes, counted: bool = False) -> None:
         """Refuse this request (malformed, or over a limit): answer with
         ``Connection: close`` and close. Nothing more goes upstream: an
@@ -596,8 +493,7 @@ class Exchange:
         self.close_after = True
         # Envoy marks codec-level refusals DPE; its 413 (buffer limit) and the
         # 404 for an absolute URL without a path have no flag.
-        self.send_local_reply(status, body,
-                              flag=None if status in (413, 404) else errors.DOWNSTREAM_PROTOCOL_ERROR)
+        self.send_local_reply(status, body, flag=refusal_flag(status))
 
     def on_stream_idle_timeout(self) -> None:
         """Nothing moved either way for ``--stream-idle-timeout`` (Envoy's

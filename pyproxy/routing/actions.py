@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import re2
 
 from ..config.model import HTTPDirectResponse, HTTPMatchRequest, HTTPRedirect, HTTPRewrite
+from ..http.request import split_authority
 from .matchers import _re2_options
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class Redirect:
             host = self.authority
         else:
             host = ex.authority
-            name, req_port = split_host_port(host)
+            name, req_port = split_authority(host)
             if req_port:
                 # Envoy compares with x-forwarded-proto, which its connection
                 # manager sets to the connection's scheme when absent.
@@ -181,17 +182,3 @@ class DirectResponse:
     def __init__(self, dr: HTTPDirectResponse) -> None:
         self.status = dr.status
         self.body = dr.body or b""
-
-
-def split_host_port(authority: bytes) -> tuple[bytes, bytes]:
-    """``host[:port]`` (IPv6 in brackets) → (host, port) without validation."""
-    if authority.startswith(b"["):
-        end = authority.find(b"]")
-        if end != -1:
-            rest = authority[end + 1:]
-            return authority[: end + 1], rest[1:] if rest.startswith(b":") else b""
-        return authority, b""
-    host, sep, port = authority.rpartition(b":")
-    if sep and port.isdigit():
-        return host, port
-    return authority, b""
