@@ -25,7 +25,10 @@ from tests.integration.hardening_helpers import ThreadedUpstream, downstream_sta
 pytestmark = pytest.mark.slow
 
 VALID = b"GET /ok HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
-FUZZ = settings(deadline=None, derandomize=False, database=None,
+# Budgets in units of the Hypothesis profile (tests/conftest.py): ci 100, dev 25;
+# ci also derandomises, so a CI failure replays anywhere.
+N = settings.default.max_examples
+FUZZ = settings(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 
@@ -213,12 +216,12 @@ def test_fuzzed_requests_never_crash_or_wedge_the_proxy() -> None:
                 check_answer(data, raw)
                 valid_request_works(px.outbound if listener == "outbound" else px.inbound)
 
-            @settings(FUZZ, max_examples=300)
+            @settings(FUZZ, max_examples=3 * N)
             @given(st.binary(max_size=600), st.sampled_from(["inbound", "outbound"]))
             def random_bytes(raw: bytes, listener: str) -> None:
                 run(raw, listener)
 
-            @settings(FUZZ, max_examples=1000)
+            @settings(FUZZ, max_examples=10 * N)
             @given(pipelined, st.sampled_from(["inbound", "outbound"]))
             def mutated_requests(raw: bytes, listener: str) -> None:
                 run(raw, listener)

@@ -11,12 +11,14 @@ from pyproxy.config.loader import load_text
 from pyproxy.config.model import LoadedConfig
 from tests.unit.test_config_loader import FULL_DR, FULL_VS, doc
 
-# Hypothesis over the loader (~3,500 examples): the full run only.
+# Hypothesis over the loader (~3,500 examples in the ci profile, a quarter in dev): the full run only.
 pytestmark = pytest.mark.slow
 
 FILE = "f.yaml"
 # Sized to keep the whole file around 10 s on a shared 2-core machine.
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Budgets in units of the Hypothesis profile (tests/conftest.py): ci 100, dev 25.
+N = settings.default.max_examples
+FUZZ = settings(max_examples=4 * N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 VALID_DOCS = [
     doc("VirtualService", FULL_VS, name="reviews"),
@@ -86,7 +88,7 @@ def dump(obj: object) -> str:
 # -- hypothesis tests -----------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=10 * N)
 @given(st.text(max_size=300))
 def test_random_text_never_raises(text: str) -> None:
     check(load_text(text, FILE))
@@ -152,7 +154,7 @@ def other_type(value: object) -> st.SearchStrategy:
     return values.filter(lambda v: type(v) is not type(value))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15 * N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_valid_documents_never_raise(data: st.DataObject) -> None:
     original = data.draw(st.sampled_from(VALID_OBJECTS))
