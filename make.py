@@ -60,22 +60,11 @@ FULL_RUN_TOOLS = (("iptables", "iptables"), ("ip", "iproute2"), ("nginx", "nginx
                   ("prometheus", "prometheus"), ("redis-server", "redis-server"))
 
 
-def _readable_by_others(path: Path) -> bool:
-    """Can any user reach and read ``path`` (every parent searchable by others)?"""
-    mode = path.stat().st_mode
-    if not mode & 0o004 or not mode & 0o001:
-        return False
-    return all(p.stat().st_mode & 0o001 for p in path.parents)
-
-
 def full_run_notes() -> list[str]:
     """What this machine lacks for the tests that otherwise skip."""
     notes = []
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         notes.append("root (the transparent-capture tests build network namespaces with iptables rules)")
-    elif not _readable_by_others(ROOT):
-        notes.append(f"{ROOT} readable by other users: the transparent-capture tests run the proxy as UID 1337 "
-                     "(chmod -R o+rX on the checkout and o+x on its parents, as .ci/run does)")
     missing = [(tool, pkg) for tool, pkg in FULL_RUN_TOOLS if shutil.which(tool) is None]
     if missing:
         notes.append(f"{', '.join(t for t, _ in missing)} (apt-get install {' '.join(p for _, p in missing)})")

@@ -149,7 +149,14 @@ def run(*argv: str, timeout: float = 15.0, check: bool = True) -> subprocess.Com
 
 
 def as_user(uid: int) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    # CAP_DAC_READ_SEARCH (ambient, so the exec'd Python keeps it): the user
+    # may read and traverse any file, as root's checkout and virtualenv often
+    # sit under a private (0700) directory (a CI workspace, `mktemp -d`).
+    # It grants nothing else: the process still runs as ``uid``, which is what
+    # the iptables owner match (Istio's UID 1337 exclusion) looks at, so the
+    # host's permissions need no change for this test.
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
 
 
 def skip_reason() -> str | None:
@@ -166,7 +173,7 @@ def skip_reason() -> str | None:
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)})
     if probe.returncode != 0:
         return (f"UID {PROXY_UID} cannot run {sys.executable} with pyproxy from {ROOT} "
-                f"(make the checkout and the virtualenv world-readable): {probe.stderr.strip()[-300:]}")
+                f"(setpriv with an ambient CAP_DAC_READ_SEARCH): {probe.stderr.strip()[-300:]}")
     return None
 
 
