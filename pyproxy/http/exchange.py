@@ -40,7 +40,7 @@ from ..routing.matchers import parse_query
 from ..routing.table import DIRECT_RESPONSE, REDIRECT
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
-from .grpc import GrpcCall, is_grpc
+from .grpc import call_for, is_grpc
 from .headers import (
     HTTP_DATE,
     INBOUND_EXTERNAL_DROP,
@@ -256,10 +256,10 @@ class Exchange:
             except ValueError:
                 self.content_length = -2  # invalid; rejected in start()
         self.has_body = has_body = self.chunked_in or self.content_length > 0
-        # gRPC requests have a body (at least one message prefix): a request
+        # gRPC (and gRPC-Web) requests have a body (a message prefix at least): a request
         # without one pays nothing for gRPC telemetry. (An HTTP/2 stream
         # with no DATA is checked by h2downstream.)
-        self.grpc = GrpcCall() if has_body and is_grpc(hdict.get(b"content-type")) else None
+        self.grpc = call_for(hdict.get(b"content-type")) if has_body else None
         exp = hdict.get(b"expect")
         self.expect_continue = exp is not None and exp.lower() == b"100-continue"
 

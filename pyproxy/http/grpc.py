@@ -17,8 +17,16 @@ manager, and the ``istio_stats`` filter's labels):
   goes by. A gRPC-Web trailers frame (flag 0x80) is not a message (Envoy's
   grpc_web filter has turned it into trailers before grpc_stats sees it).
 
-A ``GrpcCall`` exists only for gRPC requests (``Exchange.grpc`` is None
-otherwise), so other requests pay nothing for any of this.
+gRPC-Web (``application/grpc-web``, ``-web+proto``, ``-web-text``) is passed
+through untranslated (the upstream must speak gRPC-Web) and reported as the
+gRPC call it is, as Istio reports it on a GRPC-Web port (where Envoy's
+grpc_web filter has turned it into gRPC before the stats filter): the
+``grpc-status`` of its trailers frame (flag 0x80, at the end of the response
+body) counts as trailers. The base64 ``-text`` variants are not decoded:
+their messages are not counted.
+
+A ``GrpcCall`` exists only for gRPC and gRPC-Web requests (``Exchange.grpc``
+is None otherwise), so other requests pay nothing for any of this.
 """
 
 from __future__ import annotations
@@ -30,6 +38,19 @@ _GRPC_WEB = b"application/grpc-web"
 HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
 # grpc-status values Envoy accepts as they are (0 OK .. 16 UNAUTHENTICATED).
 _KNOWN = {str(i).encode(): str(i) for i in range(17)}
+# What is kept of a gRPC-Web trailers frame (it holds grpc-status and grpc-message).
+_TRAILERS_KEPT = 4096
+
+
+def call_for(content_type: bytes | None) -> GrpcCall | None:
+    """A ``GrpcCall`` for a gRPC or gRPC-Web request, else None."""
+    if content_type is None or content_type[:16] != _GRPC:
+        return None
+    if is_grpc(content_type):
+        return GrpcCall()
+    if is_grpc_web(content_type):
+        return GrpcCall(text=content_type[20:25] == b"-text")
+    return None
 
 
 def is_grpc(content_type: bytes | None) -> bool:
@@ -57,12 +78,14 @@ class MessageCounter:
     """Counts gRPC length-prefixed messages in a byte stream fed in pieces:
     1 flag byte, 4 bytes of big-endian length, then the payload."""
 
-    __slots__ = ("count", "skip", "head")
+    __slots__ = ("count", "skip", "head", "trailers", "in_trailers")
 
     def __init__(self) -> None:
         self.count = 0
         self.skip = 0  # payload bytes of the current message still to pass
         self.head = b""  # a prefix split across pieces (1 to 4 bytes of it)
+        self.trailers = b""  # the payload of a gRPC-Web trailers frame (bounded)
+        self.in_trailers = False  # the bytes being skipped belong to one
 
     def feed(self, data: bytes) -> None:
         n = len(data)
@@ -76,10 +99,13 @@ class MessageCounter:
                 return
             self.head = b""
             self.skip = int.from_bytes(head[1:5], "big")
+            self.in_trailers = bool(head[0] & 0x80)
             i = need
         skip = self.skip
         while True:
             if skip:
+                if self.in_trailers and len(self.trailers) < _TRAILERS_KEPT:
+                    self.trailers += data[i:i + skip]
                 if i + skip > n:
                     self.skip = skip - (n - i)
                     return
@@ -88,7 +114,10 @@ class MessageCounter:
             if i >= n:
                 self.skip = 0
                 return
-            if not data[i] & 0x80:  # a gRPC-Web trailers frame is no message
+            flag = data[i]
+            # A gRPC-Web trailers frame (flag 0x80) is no message.
+            self.in_trailers = bool(flag & 0x80)
+            if not self.in_trailers:
                 self.count += 1
             if n - i < 5:
                 self.head = bytes(data[i:])
@@ -98,14 +127,24 @@ class MessageCounter:
             i += 5
 
 
+class _Uncounted(MessageCounter):
+    """gRPC-Web text bodies are base64: their messages are not counted."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+
 class GrpcCall:
     """One gRPC request's telemetry state (see the module docstring)."""
 
-    __slots__ = ("requests", "responses", "header_status", "trailer_status")
+    __slots__ = ("requests", "responses", "header_status", "trailer_status", "text")
 
-    def __init__(self) -> None:
-        self.requests = MessageCounter()
-        self.responses = MessageCounter()
+    def __init__(self, text: bool = False) -> None:
+        self.text = text  # gRPC-Web text: base64 bodies, not counted
+        self.requests = MessageCounter() if not text else _Uncounted()
+        self.responses = MessageCounter() if not text else _Uncounted()
         self.header_status: bytes | None = None  # grpc-status in the response headers
         self.trailer_status: bytes | None = None  # grpc-status in the response trailers
 
@@ -124,9 +163,23 @@ class GrpcCall:
     def status(self, http_status: int) -> str:
         """The ``grpc_response_status`` label (Envoy's getGrpcStatus order:
         trailers, headers, the HTTP status mapped; none without a response)."""
-        value = self.trailer_status if self.trailer_status is not None else self.header_status
+        value = self.trailer_status
+        if value is None and self.responses.trailers:
+            value = _web_trailer_status(self.responses.trailers)
+        if value is None:
+            value = self.header_status
         if value is not None:
             return status_label(value)
         if not http_status:
             return ""
         return HTTP_TO_GRPC.get(http_status, "2")
+
+
+def _web_trailer_status(payload: bytes) -> bytes | None:
+    """``grpc-status`` in a gRPC-Web trailers frame (HTTP/1.1-style
+    ``name:value`` lines)."""
+    for line in payload.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"grpc-status":
+            return value
+    return None

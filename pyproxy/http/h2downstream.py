@@ -51,7 +51,7 @@ import httptools
 from h2.errors import ErrorCodes
 
 from .. import errors
-from .grpc import GrpcCall, is_grpc
+from .grpc import call_for
 
 log = logging.getLogger("pyproxy.h2")
 
@@ -607,8 +607,8 @@ class H2Downstream:
             # (Envoy's codec does the same).
             headers.append((b"transfer-encoding", b"chunked"))
         ex = self.listener.new_stream(s, method, target, headers, "2", True, False)
-        if ended and ex.grpc is None and is_grpc(ex.hdict.get(b"content-type")):
-            ex.grpc = GrpcCall()  # a gRPC request with no DATA at all (Exchange checks bodies only)
+        if ended and ex.grpc is None:
+            ex.grpc = call_for(ex.hdict.get(b"content-type"))  # no DATA at all (Exchange checks bodies only)
         s.ex = ex
         s.current = ex
         if big:

@@ -124,3 +124,23 @@ def test_no_message_families_without_grpc() -> None:
     state = {"istio": m.rows(), "istio_messages": m.message_rows(), "clusters": {}, "downstream": {},
              "reloads": {"success": 0, "failure": 0}, "started_at": 0.0, "config_version": 1}
     assert b"istio_request_messages" not in render_prometheus(state)
+
+
+def test_grpc_web_calls() -> None:
+    from pyproxy.http.grpc import call_for
+
+    assert call_for(None) is None and call_for(b"application/json") is None
+    assert call_for(b"application/grpcx") is None
+    assert call_for(b"application/grpc") is not None and not call_for(b"application/grpc-web+proto").text
+    text = call_for(b"application/grpc-web-text")
+    assert text is not None and text.text
+    text.responses.feed(b"AAAAAAJhYg==")  # base64: not counted
+    assert text.responses.count == 0
+    # Binary gRPC-Web: the trailers frame at the end of the body is the status, split anywhere.
+    body = _frame(b"msg") + _frame(b"grpc-status:5\r\ngrpc-message:not%20found\r\n", 0x80)
+    for cut in range(1, len(body)):
+        call = call_for(b"application/grpc-web+proto")
+        assert call is not None
+        call.responses.feed(body[:cut])
+        call.responses.feed(body[cut:])
+        assert call.responses.count == 1 and call.status(200) == "5", cut
