@@ -303,21 +303,40 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, run_parser
 
 
+def _printing(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command that prints to stdout. When the reader goes away first
+    (``pyproxy canary status --json | head -1``), stop quietly as a CLI tool
+    killed by SIGPIPE does (exit status 141), instead of a BrokenPipeError
+    traceback. Not for ``run`` and ``demo``: their sockets keep Python's
+    ignored SIGPIPE, and an error of theirs must not be silenced (nor
+    ``canary run``'s)."""
+    try:
+        code = command(args)
+        sys.stdout.flush()  # a pipe buffers: the write that fails may be this one
+    except BrokenPipeError:
+        # The interpreter flushes stdout again at exit: point it at /dev/null
+        # so that flush has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, run_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":
         from .config.validate import main as validate_main
 
-        return validate_main(args.paths)
+        return _printing(lambda a: validate_main(a.paths), args)
     if args.command == "iptables":
         from .iptables import main as iptables_main
 
-        return iptables_main(args)
+        return _printing(iptables_main, args)
     if args.command == "ca":
         from .security.cacli import main as ca_main
 
-        return ca_main(args)
+        return _printing(ca_main, args)
     if args.command == "demo":
         from .demo.launcher import main as demo_main
 
@@ -325,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "canary":
         from .canary.cli import main as canary_main
 
-        return canary_main(args)
+        if args.canary_command == "status":
+            return _printing(canary_main, args)
+        return canary_main(args)  # the controller: a long-running process, like run
     try:
         options = parse_run_options(args)
     except ValueError as exc:

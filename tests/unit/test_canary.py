@@ -638,6 +638,30 @@ def test_cli_status_prints_phase_weight_checks_and_history(tmp_path: Path) -> No
     assert res.returncode == 1 and "no canary 'nope'" in res.stderr
 
 
+def test_cli_status_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    # `pyproxy canary status --json | head -1`: the reader leaves after one
+    # line; the command ends as a tool killed by SIGPIPE would (141), with no
+    # BrokenPipeError traceback on stderr.
+    store = StateStore(str(tmp_path), "default", "reviews")
+    con, _, _, _, clock = make("threshold: 3\nstepWeight: 10\n" + METRICS, [GOOD, BAD], store=store)
+    run_ticks(con, clock, 5)
+    # A state larger than a pipe's buffer (64 KiB), so the writer meets the
+    # closed pipe whatever the timing.
+    (state_file,) = tmp_path.glob(".canary-*.json")
+    doc = json.loads(state_file.read_text())
+    doc["history"] = doc["history"] * (200_000 // len(json.dumps(doc["history"])) + 1)
+    state_file.write_text(json.dumps(doc))
+    proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "canary", "status", "--config", str(tmp_path),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"{\n"
+    proc.stdout.close()  # before the rest (several KiB: more than one line) was read
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_cli_run_rejects_a_bad_canary_file_with_located_errors(tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text(canary_yaml("stepWeight: 10\nthreshhold: 2\n"))
