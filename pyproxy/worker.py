@@ -38,6 +38,7 @@ from .upstream.connection import UpstreamConnection
 from .upstream.dns import Resolver
 
 if TYPE_CHECKING:
+    from .observability.observer import TelemetryObserver
     from .security.certs import CertStore
 
 log = logging.getLogger("pyproxy")
@@ -251,7 +252,9 @@ class Worker:
         self.started_at = time.time()
         self.listeners: list[Listener] = []
         self.tasks: list[asyncio.Task[None]] = []
-        self.observer: Any = None
+        # Typed: mypy checks every hook call of the request path, and so the
+        # Exchange against the observers' ExchangeView (observability/view.py).
+        self.observer: TelemetryObserver | None = None
         self._observer_factory = observer_factory
         self.cluster_listeners: list[Callable[[Cluster], None]] = []
         self.on_reload: list[Callable[[Worker], None]] = []

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from ..http.headers import LAST_CHUNK, chunk
 from ..http.request import split_authority
@@ -94,6 +94,26 @@ def shadow_head(head: bytes) -> bytes:
             + b"x-envoy-attempt-count: 1\r\nx-envoy-internal: true\r\n" + after + b"\r\n")
 
 
+class MirroredRequest(Protocol):
+    """What the mirror reads of the request it copies (the Exchange, once
+    its upstream head is built)."""
+
+    @property
+    def port(self) -> int: ...  # the service port (selects the mirror's cluster)
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def upstream_head(self) -> bytes: ...  # the head sent upstream (shadowed: host-shadow)
+    @property
+    def chunked_in(self) -> bool: ...
+    @property
+    def request_complete(self) -> bool: ...
+    @property
+    def replay(self) -> list[bytes] | None: ...  # the body so far, kept for retries
+    @property
+    def unsent(self) -> list[bytes]: ...  # the body not yet written upstream
+
+
 class Mirror:
     """Per-worker mirroring state: the in-flight bound and the counters."""
 
@@ -109,7 +129,7 @@ class Mirror:
         self.in_flight = 0
         self.stats = MirrorStats()
 
-    def start(self, ex: Any, route: CompiledRoute) -> tuple[ShadowRequest, ...] | None:
+    def start(self, ex: MirroredRequest, route: CompiledRoute) -> tuple[ShadowRequest, ...] | None:
         """Draw and start the route's mirrors for exchange ``ex``, whose
         upstream head is built. Returns the live shadows (to receive body
         chunks) or None. Never raises."""
@@ -119,7 +139,7 @@ class Mirror:
             log.exception("mirror start failed")
             return None
 
-    def _start(self, ex: Any, route: CompiledRoute) -> tuple[ShadowRequest, ...] | None:
+    def _start(self, ex: MirroredRequest, route: CompiledRoute) -> tuple[ShadowRequest, ...] | None:
         live: list[ShadowRequest] = []
         head = b""
         stats = self.stats

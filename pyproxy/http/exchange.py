@@ -1360,3 +1360,15 @@ class Exchange:
             except Exception:  # observability must never break the data path
                 log.exception("observer failed")
         self.conn.exchange_done(self)
+
+
+if TYPE_CHECKING:
+    from ..filters.mirror import MirroredRequest
+    from ..observability.view import ExchangeView
+
+    def _worker_parts_read_an_exchange(ex: Exchange) -> tuple[ExchangeView, MirroredRequest]:
+        """For mypy only (never defined at run time): the Exchange is what the
+        observers and the mirror are typed against. They are reached through
+        ``worker.observer`` and ``worker.mirror``, which this layer cannot
+        type without importing the worker, so the check is stated here."""
+        return ex, ex

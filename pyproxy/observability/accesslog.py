@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..http.exchange import Exchange
+    from .view import ExchangeView
 
 log = logging.getLogger("pyproxy.accesslog")
 
@@ -102,7 +102,7 @@ class WallClock:
         return "%s.%03dZ" % (self.prefix, int((wall - sec) * 1000))
 
 
-def original_path(ex: Exchange) -> bytes:
+def original_path(ex: ExchangeView) -> bytes:
     p = ex.hdict.get(b"x-envoy-original-path")
     if p is not None:
         return p
@@ -144,7 +144,7 @@ class AccessLog:
 
     # -- request path ---------------------------------------------------------
 
-    def log(self, ex: Exchange) -> None:
+    def log(self, ex: ExchangeView) -> None:
         lines = self.lines
         lines.append(self.format(ex))
         if len(lines) >= FLUSH_LINES:
@@ -152,7 +152,7 @@ class AccessLog:
         elif self.timer is None:
             self.timer = self.loop.call_later(FLUSH_INTERVAL, self._on_timer)
 
-    def format_text(self, ex: Exchange) -> str:
+    def format_text(self, ex: ExchangeView) -> str:
         hd = ex.hdict
         ust = ex.upstream_latency
         up = ex.upstream_host
@@ -187,7 +187,7 @@ class AccessLog:
             up.address if up is not None else "-",
         )
 
-    def format_json(self, ex: Exchange) -> str:
+    def format_json(self, ex: ExchangeView) -> str:
         hd = ex.hdict
         ust = ex.upstream_latency
         up = ex.upstream_host
@@ -308,6 +308,6 @@ def open_access_log(target: str, fmt: str, loop: asyncio.AbstractEventLoop) -> A
     return AccessLog(target, fmt, loop)
 
 
-def _downstream_peer(ex: Exchange) -> str | None:
+def _downstream_peer(ex: ExchangeView) -> str | None:
     peer = getattr(ex.conn, "tls_peer", None)  # inbound mTLS (security/inbound.py TLSPeer)
     return peer.uri if peer is not None else None

@@ -53,9 +53,9 @@ from ..upstream.cluster import ClusterStats
 from .peer import UNKNOWN, UNKNOWN_PEER, PeerInfo, peer_from_labels
 
 if TYPE_CHECKING:
-    from ..http.exchange import Exchange
     from ..snapshot import ProxyIdentity
     from ..upstream.cluster import Cluster, ClusterEndpoint
+    from .view import ExchangeView
 
 # Envoy's default histogram buckets (HistogramSettingsImpl::defaultBuckets);
 # Istio uses them for all three request histograms.
@@ -277,7 +277,7 @@ class IstioMetrics:
 
     # -- request path ---------------------------------------------------------
 
-    def record(self, ex: Exchange) -> None:
+    def record(self, ex: ExchangeView) -> None:
         status = ex.status
         flags = ex.flag_string if ex.flags else "-"
         if ex.grpc is not None:
@@ -305,7 +305,7 @@ class IstioMetrics:
                 s = self._bind_other(key, ex)
         s.record((ex.end_time - ex.start_time) * 1000.0, ex.request_bytes, ex.response_bytes)
 
-    def _record_grpc(self, ex: Exchange, status: int, flags: str) -> None:
+    def _record_grpc(self, ex: ExchangeView, status: int, flags: str) -> None:
         """``record`` for a gRPC call: request_protocol "grpc", its
         grpc_response_status (part of the key), and its message counts."""
         call = ex.grpc
@@ -401,7 +401,7 @@ class IstioMetrics:
         cache[key] = s
         return s
 
-    def _bind_inbound(self, key: tuple, ex: Exchange, grpc: str | None = None) -> Series:
+    def _bind_inbound(self, key: tuple, ex: ExchangeView, grpc: str | None = None) -> Series:
         src = ex.peer or UNKNOWN_PEER
         svc = self._service_for_host(ex.host)
         if src.principal != UNKNOWN:  # set only from a verified client certificate
@@ -414,7 +414,7 @@ class IstioMetrics:
         self.inbound_cache[key] = s
         return s
 
-    def _bind_other(self, key: tuple, ex: Exchange, grpc: str | None = None) -> Series:
+    def _bind_other(self, key: tuple, ex: ExchangeView, grpc: str | None = None) -> Series:
         # Passthrough (destination outside the registry) or a local reply
         # before any cluster was chosen.
         cluster = ex.cluster

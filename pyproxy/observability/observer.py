@@ -29,36 +29,36 @@ from typing import TYPE_CHECKING
 from .peer import PEER_HEADERS, PEER_METADATA, PEER_METADATA_ID, PeerCache, peer_header_lines
 
 if TYPE_CHECKING:
-    from ..http.exchange import Exchange
     from .accesslog import AccessLog
     from .metrics import IstioMetrics
     from .peer import PeerInfo
     from .tracing import Tracer
+    from .view import ExchangeView
 
 log = logging.getLogger("pyproxy.observability")
 
 
 class Observer:
-    def on_request_start(self, ex: Exchange) -> None:
+    def on_request_start(self, ex: ExchangeView) -> None:
         """Headers parsed, before routing (extract trace context, peer identity)."""
 
-    def attempt_headers(self, ex: Exchange) -> bytes:
+    def attempt_headers(self, ex: ExchangeView) -> bytes:
         """Extra header lines (``name: value\\r\\n``...) for one upstream attempt."""
         return b""
 
-    def on_attempt_end(self, ex: Exchange) -> None:
+    def on_attempt_end(self, ex: ExchangeView) -> None:
         """One upstream attempt ended (``ex.endpoint`` still set)."""
 
     def on_upstream_response(
-        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
+        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
         """Upstream response headers before they go downstream (may strip some)."""
         return headers
 
-    def on_request_done(self, ex: Exchange) -> None:
+    def on_request_done(self, ex: ExchangeView) -> None:
         """The exchange finished: record metrics, finish spans, write the log line."""
 
-    def on_request_refused(self, ex: Exchange) -> None:
+    def on_request_refused(self, ex: ExchangeView) -> None:
         """A request refused before its head was complete (malformed, or over
         a header limit): ``ex`` holds what was parsed, status and flag DPE."""
 
@@ -86,7 +86,7 @@ class TelemetryObserver(Observer):
         ident = rest.partition(b": ")[2].rstrip(b"\r\n")
         self.peer_pairs = [(PEER_METADATA, value), (PEER_METADATA_ID, ident)]
 
-    def on_request_start(self, ex: Exchange) -> None:
+    def on_request_start(self, ex: ExchangeView) -> None:
         if ex.direction:  # inbound: who is calling?
             raw = ex.hdict.get(PEER_METADATA)
             conn = ex.conn
@@ -101,7 +101,7 @@ class TelemetryObserver(Observer):
         if tracer is not None:
             tracer.start(ex)
 
-    def attempt_headers(self, ex: Exchange) -> bytes:
+    def attempt_headers(self, ex: ExchangeView) -> bytes:
         tracer = self.tracer
         cluster = ex.cluster
         if not ex.direction and cluster is not None and cluster.kind == "outbound":
@@ -114,13 +114,13 @@ class TelemetryObserver(Observer):
             return b""
         return tracer.attempt_headers(ex)
 
-    def on_attempt_end(self, ex: Exchange) -> None:
+    def on_attempt_end(self, ex: ExchangeView) -> None:
         st = ex.obs
         if st is not None and st.record:  # spans are recorded (sampled, exporter set)
             self.tracer.attempt_end(ex)  # type: ignore[union-attr]  # ex.obs is set only by a tracer
 
     def on_upstream_response(
-        self, ex: Exchange, headers: list[tuple[bytes, bytes]]
+        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
         if ex.direction:
             if ex.peer is None:
@@ -148,7 +148,7 @@ class TelemetryObserver(Observer):
                 break
         return [h for h in headers if h[0] not in PEER_HEADERS]
 
-    def on_request_done(self, ex: Exchange) -> None:
+    def on_request_done(self, ex: ExchangeView) -> None:
         self.metrics.record(ex)
         st = ex.obs
         if st is not None and st.record:
@@ -157,7 +157,7 @@ class TelemetryObserver(Observer):
         if access_log is not None:
             access_log.log(ex)
 
-    def on_request_refused(self, ex: Exchange) -> None:
+    def on_request_refused(self, ex: ExchangeView) -> None:
         # As Envoy: an access log line (flag DPE) for a request its codec
         # refused. No span and no istio_requests_total sample: it never
         # became a routed request (it is in the listener's rejection counters).

@@ -43,7 +43,8 @@ from opentelemetry.trace.status import Status, StatusCode
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
 
-    from ..http.exchange import Exchange
+    from .view import ExchangeView
+
 
 log = logging.getLogger("pyproxy.tracing")
 
@@ -262,7 +263,7 @@ class Tracer:
 
     # -- request path ---------------------------------------------------------
 
-    def start(self, ex: Exchange) -> None:
+    def start(self, ex: ExchangeView) -> None:
         hd = ex.hdict
         if hd.keys().isdisjoint(TRACE_HEADERS):
             ctx = None
@@ -292,7 +293,7 @@ class Tracer:
             ctx.trace_hex, ctx.parent, decision, decision and self.exporting, ctx.tracestate, ctx.b3_single
         )
 
-    def attempt_headers(self, ex: Exchange) -> bytes:
+    def attempt_headers(self, ex: ExchangeView) -> bytes:
         st: TraceState | None = ex.obs
         if st is None:
             return b""
@@ -313,7 +314,7 @@ class Tracer:
             out += f"b3: {th}-{sid_hex}-{s}-{st.span_hex}\r\n"
         return out.encode("latin-1")
 
-    def attempt_end(self, ex: Exchange) -> None:
+    def attempt_end(self, ex: ExchangeView) -> None:
         st: TraceState | None = ex.obs
         if st is None or not st.record:
             return
@@ -329,7 +330,7 @@ class Tracer:
         rec[3] = ex.endpoint
         rec[4] = ex.attempt_status
 
-    def finish(self, ex: Exchange) -> None:
+    def finish(self, ex: ExchangeView) -> None:
         st: TraceState | None = ex.obs
         if st is None or not st.record:
             return
@@ -340,7 +341,7 @@ class Tracer:
 
     # -- spans (sampled requests, exporter configured) -------------------------
 
-    def _export(self, ex: Exchange, st: TraceState) -> None:
+    def _export(self, ex: ExchangeView, st: TraceState) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
 
         loop_now = time.monotonic()
@@ -443,7 +444,7 @@ class Tracer:
                 log.exception("span processor shutdown failed")
 
 
-def _add_attempt(st: TraceState, ex: Exchange, sid: int, end: float) -> None:
+def _add_attempt(st: TraceState, ex: ExchangeView, sid: int, end: float) -> None:
     rec = [sid, ex.attempt_started, end, ex.endpoint, ex.attempt_status if end else 0, ex.attempt, ""]
     att = st.attempts
     if att is None:

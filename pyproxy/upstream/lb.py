@@ -12,12 +12,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..http.request import HashContext
     from .cluster import ClusterEndpoint
+    from .settings import ClusterSettings
 
 # Envoy's host_selection_retry_max_attempts as Istio sets it.
 # A consistent-hash key: the request's bytes to hash, or None (no key: any host).
@@ -40,7 +41,7 @@ class LoadBalancer:
     def choose(self, ex: HashContext | None) -> ClusterEndpoint | None:
         raise NotImplementedError
 
-    def pick(self, ex: HashContext | None, exclude: Any = None) -> ClusterEndpoint | None:
+    def pick(self, ex: HashContext | None, exclude: Collection[ClusterEndpoint] | None = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None
         ep = self.choose(ex)
@@ -130,7 +131,7 @@ class LeastRequest(LoadBalancer):
         return b if b.active_requests < a.active_requests else a
 
     @staticmethod
-    def _weighted(hosts: list[ClusterEndpoint], rnd: Any) -> ClusterEndpoint:
+    def _weighted(hosts: list[ClusterEndpoint], rnd: Callable[[], float]) -> ClusterEndpoint:
         effective = [max(1, h.weight) / (h.active_requests + 1) for h in hosts]
         point = rnd() * sum(effective)
         for h, w in zip(hosts, effective):
@@ -198,7 +199,7 @@ class RingHash(LoadBalancer):
         i = bisect.bisect_left(self.ring, h)
         return 0 if i == len(self.ring) else i
 
-    def pick(self, ex: HashContext | None, exclude: Any = None) -> ClusterEndpoint | None:
+    def pick(self, ex: HashContext | None, exclude: Collection[ClusterEndpoint] | None = None) -> ClusterEndpoint | None:
         if not self.hosts:
             return None
         key = self.key_fn(ex) if ex is not None else None
@@ -251,7 +252,7 @@ def _cookie_key(name: str, generate: bool) -> KeyFn:
     return key_fn
 
 
-def make_balancer(settings: Any, hosts: list[ClusterEndpoint], rng: random.Random) -> LoadBalancer:
+def make_balancer(settings: ClusterSettings, hosts: list[ClusterEndpoint], rng: random.Random) -> LoadBalancer:
     policy = settings.lb_policy
     if policy == "CONSISTENT_HASH" and settings.consistent_hash is not None:
         ch = settings.consistent_hash
