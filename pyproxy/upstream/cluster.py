@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..security.upstream import UpstreamTLS, tls_failed, tls_verified
 from ..security.upstream import connect as tls_connect
 from .connection import UpstreamConnection, UpstreamStream
+from .dial import Dial, numeric_address
 from .settings import ClusterSettings
 
 if TYPE_CHECKING:
@@ -249,7 +250,32 @@ class ClusterEndpoint:
         self.connections += 1
         stats.upstream_cx_active += 1
         stats.upstream_cx_total += 1
-        cluster.loop.create_task(self._connect())
+        loop = cluster.loop
+        if self.tls is None and isinstance(loop, asyncio.AbstractEventLoop):
+            # A plaintext connect to an IP address starts now, in this call,
+            # as in Envoy (see dial.py: the circuit-breaking task's 503s).
+            try:
+                address = numeric_address(cluster.resolve(self.host), self.port)
+            except OSError:
+                address = None  # (_connect reports it)
+            if address is not None:
+                conn = UpstreamConnection(self)
+                conn.created = loop.time()
+                conn.on_made = self._connect_done
+                Dial(loop, conn, lambda reason: self._dial_failed(conn, reason)).start(
+                    address[0], address[1], cluster.settings.connect_timeout)
+                return
+        loop.create_task(self._connect())
+
+    def _dial_failed(self, conn: UpstreamConnection, reason: str) -> None:
+        if conn.transport is not None:
+            return  # connection_made ran: already handed over, its stream owns it
+        conn.on_made = None
+        if reason == "connection timeout":
+            self.cluster.stats.upstream_cx_connect_timeout += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect to %s for %s failed: %s", self.address, self.cluster.name, reason)
+        self._connect_done(None, reason)
 
     async def _connect(self) -> None:
         cluster = self.cluster

@@ -385,7 +385,14 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
     """Istio's circuit-breaking task, its DestinationRule loaded from the
     reference file unchanged (maxConnections 1, http1MaxPendingRequests 1,
     maxRequestsPerConnection 1): fortio-like clients, each sending requests
-    back to back, get both 200s and immediate 503s with x-envoy-overloaded."""
+    back to back, get 200s and immediate 503s with x-envoy-overloaded.
+
+    With 3 clients a request always finds one on the connection and one
+    queued while it waits, so some must overflow. With 2, as on Envoy 1.40
+    (0 or 1 503 of 16 in 5 runs of this load), the queued request has its
+    new connection before the other client's next request arrives, so there
+    may be none: only the clients' first two requests, arriving together,
+    can collide."""
 
     async def httpbin_get(request: web.Request) -> web.Response:
         await asyncio.sleep(0.2)  # service time, long enough to tell "immediate" apart
@@ -402,14 +409,17 @@ async def test_istio_circuit_breaking_task(clients: int) -> None:
             ok = [r for r in results if r[0] == 200]
             over = [r for r in results if r[0] == 503]
             assert len(ok) + len(over) == 8 * clients
-            assert ok and over, f"{len(ok)} x 200, {len(over)} x 503"
+            assert ok, f"{len(ok)} x 200, {len(over)} x 503"
+            if clients == 3:
+                assert over, f"{len(ok)} x 200, {len(over)} x 503"
             assert all(h.get("x-envoy-overloaded") == "true" for _, h, _, _ in over)
             # Immediate: an overflow answer does not wait for the upstream's
             # 200 ms (half of it is a wide margin for a loaded CI machine).
-            assert statistics.median(e for *_, e in over) < 0.1
+            if over:
+                assert statistics.median(e for *_, e in over) < 0.1
             # As in the task's `pilot-agent request GET stats | grep pending`.
             assert cluster_stat(px, "httpbin", "upstream_rq_pending_overflow_total", port=8000) == len(over)
-            assert sorted(set(await flags(px, "httpbin:8000", len(results)))) == ["-", "UO"]
+            assert sorted(set(await flags(px, "httpbin:8000", len(results)))) == ["-", "UO"][:1 + bool(over)]
             # UO replies are local: they never count towards the DR's consecutive5xxErrors: 1.
             assert cluster_stat(px, "httpbin", "outlier_detection_ejections_total", port=8000) == 0
 

@@ -113,8 +113,9 @@ class FakeLoop:
                 return endpoint
         raise AssertionError(f"no connect in progress to {ep}")
 
-    def connect(self, ep: ClusterEndpoint | None = None) -> FakeUpstream:
-        """Complete the oldest connect in progress (to ``ep``) successfully."""
+    def connect(self, ep: ClusterEndpoint | None = None, settle: bool = True) -> FakeUpstream:
+        """Complete the oldest connect in progress (to ``ep``) successfully;
+        ``settle=False``: return without running the callbacks it queued."""
         endpoint = self._next_connect(ep)
         conn = UpstreamConnection(endpoint)
         conn.created = self.now
@@ -122,7 +123,8 @@ class FakeLoop:
         conn.connection_made(transport)
         up = self.upstreams[id(conn)] = FakeUpstream(conn, transport)
         endpoint._connect_done(conn)
-        self.run_ready()
+        if settle:
+            self.run_ready()
         return up
 
     def upstream_of(self, ex: Exchange) -> FakeUpstream:
@@ -188,18 +190,23 @@ class FakeUpstream:
                 return v.strip()
         return None
 
-    def respond(self, status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def respond(self, status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = (),
+                settle: bool = True) -> None:
+        """Send a whole response; ``settle=False``: return without running
+        the callbacks it queued (what happened within the read itself)."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
         self.conn.data_received(
             f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
         )
-        self.transport.loop.run_ready()
+        if settle:
+            self.transport.loop.run_ready()
 
-    def reset(self) -> None:
+    def reset(self, settle: bool = True) -> None:
         """The upstream closes the connection (before or during a response)."""
         self.transport.closing = True
         self.conn.connection_lost(None)
-        self.transport.loop.run_ready()
+        if settle:
+            self.transport.loop.run_ready()
 
 
 class FakeWorker:

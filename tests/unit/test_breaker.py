@@ -117,6 +117,73 @@ def test_max_requests_per_connection_one_means_no_keepalive() -> None:
     gauges_idle(m.cluster("svc"))
 
 
+TASK_POOL = "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}"
+
+
+def test_istio_task_queued_request_gets_the_replacement_connect_within_the_release() -> None:
+    """Istio's circuit-breaking task, Envoy's pool accounting step by step
+    (ConnPoolImplBase: a stream is pending from newStream until the
+    Connected event attaches it; a DRAINING client closes when its last
+    stream ends and, in that same close event, tryCreateNewConnections
+    opens a replacement for the pending streams)."""
+    m = mesh(TASK_POOL)
+    s = m.cluster("svc").stats
+    _ex1, down1 = m.request("svc")
+    up1 = m.loop.connect()
+    ex2, down2 = m.request("svc")
+    # maxConnections reached by a busy connection: queued, no connect.
+    assert ex2.waiting_pending and not m.loop.connects
+    assert (s.upstream_rq_pending_active, s.upstream_cx_overflow) == (1, 1)
+    # The response ends: within that read (no loop pass in between) the
+    # spent connection is closed, its slot freed and the replacement connect
+    # started, before the response is flushed to the client.
+    up1.respond(200, settle=False)
+    assert down1.status == 200 and up1.transport.closing
+    assert len(m.loop.connects) == 1
+    assert (s.upstream_cx_total, s.upstream_cx_active, s.upstream_cx_max_requests) == (2, 1, 1)
+    # Pending until its connection is up: a request arriving meanwhile
+    # overflows (the only 503 of this sequence).
+    assert ex2.waiting_pending and s.upstream_rq_pending_active == 1
+    _ex3, down3 = m.request("svc")
+    assert down3.status == 503 and s.upstream_rq_pending_overflow == 1
+    # Attached in the call that reports the connection up, and written.
+    up2 = m.loop.connect(settle=False)
+    assert ex2.upconn is up2.conn and up2.sent.startswith(b"GET / HTTP/1.1")
+    assert (s.upstream_rq_pending_active, s.upstream_rq_active) == (0, 1)
+    # Once attached, the next request is queued, not refused (maxConnections
+    # is reached, so it waits for the next replacement).
+    ex4, down4 = m.request("svc")
+    assert ex4.waiting_pending and down4.status is None
+    assert s.upstream_rq_pending_overflow == 1 and not m.loop.connects
+    up2.respond(200, settle=False)
+    assert down2.status == 200 and len(m.loop.connects) == 1
+    up3 = m.loop.connect(settle=False)
+    assert ex4.upconn is up3.conn
+    up3.respond(200)
+    assert down4.status == 200
+    assert (s.upstream_cx_total, s.upstream_rq_pending_overflow, s.upstream_rq_pending_total) == (3, 1, 3)
+    gauges_idle(m.cluster("svc"))
+
+
+def test_max_connections_counts_only_connecting_and_open_connections() -> None:
+    """A connection the upstream closed frees its maxConnections slot in the
+    event that reports the close, which also opens one for the queued
+    request; a failed connect frees its slot too."""
+    m = mesh("{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}")
+    s = m.cluster("svc").stats
+    ex1, down1 = m.request("svc")
+    up1 = m.loop.connect()
+    ex2, _down2 = m.request("svc")
+    assert ex2.waiting_pending and not m.loop.connects and s.upstream_cx_active == 1
+    up1.reset(settle=False)
+    assert down1.status == 503 and ex1.flags == ["UC"]
+    assert (s.upstream_cx_active, s.upstream_cx_total) == (1, 2) and len(m.loop.connects) == 1
+    assert ex2.waiting_pending
+    m.loop.refuse()
+    assert s.upstream_cx_active == 0 and s.upstream_cx_connect_fail == 1
+    gauges_idle(m.cluster("svc"))
+
+
 def test_http2_max_requests_bounds_concurrent_requests_for_http1_too() -> None:
     m = mesh("{http: {http2MaxRequests: 1}}")
     s = m.cluster("svc").stats
