@@ -83,6 +83,10 @@ MAX_UNREAD_OUTPUT = 8 << 20
 # big request: connection error (the library's HPACK bomb guard). Lists
 # between --max-header-bytes and this get a 431 on their stream.
 HPACK_BOMB_FACTOR = 4
+# After a GOAWAY with an error: how long and how much input is read and
+# discarded before the connection is reset (DownstreamConnection's numbers).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 8 << 20
 
 # RFC 9113 8.2.2: connection-specific fields are malformed in HTTP/2.
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -394,7 +398,7 @@ class H2Downstream:
     __slots__ = (
         "listener", "worker", "direction", "listen_port", "transport", "conn", "streams",
         "peer_ip", "peer_ip_bytes", "original_dst", "tls_peer", "closed", "draining", "last_activity",
-        "write_paused", "corked", "flush_pending", "reset_tokens", "reset_stamp", "control_tokens", "control_stamp",
+        "write_paused", "corked", "flush_pending", "discarded", "reset_tokens", "reset_stamp", "control_tokens", "control_stamp",
         "empty_data", "limits", "pipeline", "tunnel", "headers_started", "requests",
     )
 
@@ -417,6 +421,7 @@ class H2Downstream:
         self.write_paused = False
         self.corked = False
         self.flush_pending = False
+        self.discarded = 0
         self.streams: dict[int, H2Stream] = {}
         now = self.last_activity
         self.reset_tokens = float(RESET_BURST)
@@ -500,6 +505,10 @@ class H2Downstream:
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            # Lingering after a GOAWAY: input is read and discarded (bounded).
+            self.discarded += len(data)
+            if self.discarded > LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
             return
         self.last_activity = self.worker.loop.time()
         try:
@@ -508,8 +517,7 @@ class H2Downstream:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("HTTP/2 protocol error from %s: %s", self.peer_ip, exc)
             self.worker.stats.reject(400)
-            self.flush()  # the library's GOAWAY
-            self._close()
+            self._close(linger=True)  # after the library's GOAWAY
             return
         self.corked = True
         try:
@@ -527,12 +535,7 @@ class H2Downstream:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.on_connection_lost(self)
-        streams = list(self.streams.values())
-        self.streams.clear()
-        for s in streams:
-            s.reset = True
-            if s.ex is not None:
-                s.ex.on_downstream_closed()
+        self._end_streams()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -699,8 +702,7 @@ class H2Downstream:
         log.warning("HTTP/2 connection from %s closed: %s", self.peer_ip, why)
         self.worker.stats.downstream_cx_h2_flood += 1
         self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self.flush()
-        self._close()
+        self._close(linger=True)
 
     def _on_window(self, sid: int) -> None:
         if sid:
@@ -843,13 +845,44 @@ class H2Downstream:
         if data:
             self.transport.write(data)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = False) -> None:
+        """Close after the queued frames. ``linger`` (a GOAWAY with an error,
+        the client probably still sending): half-close and keep reading and
+        discarding for up to LINGER_SECONDS or LINGER_BYTES, as Envoy's
+        delayed close. Closing a socket with unread input makes the kernel
+        send a reset at once, and a reset can destroy the GOAWAY before the
+        client reads it (RFC 9112 9.6 explains the same for HTTP/1.1)."""
         if self.closed:
             return
-        if self.transport is not None:
+        t = self.transport
+        if t is not None:
             data = self.conn.data_to_send()  # (at once: the transport closes next)
             if data:
-                self.transport.write(data)
+                t.write(data)
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        if t is None:
+            return
+        if linger:
+            self._end_streams()
+            try:
+                t.write_eof()
+            except (OSError, RuntimeError, NotImplementedError):  # (TLS transports cannot half-close)
+                t.close()
+                return
+            self.worker.loop.call_later(LINGER_SECONDS, self._linger_over)
+            return
+        t.close()
+
+    def _linger_over(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.abort()
+
+    def _end_streams(self) -> None:
+        """The connection is done: every stream's exchange stops now."""
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for s in streams:
+            s.reset = True
+            if s.ex is not None:
+                s.ex.on_downstream_closed()

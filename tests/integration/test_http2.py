@@ -345,21 +345,16 @@ async def test_rapid_reset_bounded(upstream: Upstream) -> None:
                 sid = c.request("/rr")
                 c.conn.reset_stream(sid, 8)  # CANCEL
                 c.flush()
-                if c.closed:
-                    break
             evs = await asyncio.to_thread(c.events, lambda g: any(
                 isinstance(e, h2.events.ConnectionTerminated) for e in g), 10.0)
-            term = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
-            # The proxy sends GOAWAY(ENHANCE_YOUR_CALM) and closes; with the
-            # flood's frames still unread the kernel may reset the connection
-            # and the client then never reads the GOAWAY (seen in about half
-            # the runs). The bound itself is checked below: the proxy counted
-            # one flood and another client is served.
-            assert not term or term[0].error_code == 11
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # closed by the proxy while we were still sending
         finally:
             c.close()
+        # GOAWAY(ENHANCE_YOUR_CALM) arrives although the flood's frames were
+        # still coming: the proxy half-closes and discards input for a while
+        # (a close with unread input would reset the connection, and the
+        # reset destroys the GOAWAY before the client reads it).
+        term = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+        assert term and term[0].error_code == 11, (evs[-3:], c.error)
         assert _stats(px)["http.downstream_cx_h2_flood"] == 1
         other = await asyncio.to_thread(H2Client, px.outbound)
         try:
