@@ -34,7 +34,6 @@ from .http.h2downstream import H2Downstream
 from .options import RunOptions
 from .snapshot import BuildContext, ProxyIdentity, Snapshot, build_snapshot_async, retire
 from .upstream.cluster import Cluster
-from .upstream.connection import UpstreamConnection
 from .upstream.dns import Resolver
 
 if TYPE_CHECKING:
@@ -442,8 +441,8 @@ class Worker:
         return out
 
     async def _sweep_loop(self) -> None:
-        """Once a second: idle upstream connections, slow or idle clients.
-        One coarse timer for everything instead of a timer per request."""
+        """The worker's one housekeeping timer (once a second) for what has
+        no timer of its own: see ``sweep``."""
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -454,48 +453,17 @@ class Worker:
                 log.exception("sweep failed")
 
     def sweep(self) -> None:
+        """One tick: each cluster closes pooled connections idle past its
+        idleTimeout; each downstream connection runs its own idle rules
+        (``on_tick``: header, idle and stream idle timeouts; it asks its
+        exchange for the last). One coarse timer for all of it instead of a
+        timer per request or connection."""
         now = self.loop.time()
         for c in self.snapshot.all_clusters():
             c.sweep(now)
-        limits = self.limits
-        stream_idle = limits.stream_idle_timeout
+        stream_idle = self.limits.stream_idle_timeout
         for conn in self.all_connections():
-            if isinstance(conn, H2Downstream):
-                conn.sweep(now, stream_idle)
-                continue
-            ex = conn.current
-            if ex is not None:
-                if stream_idle and ex.started and not ex.finished:
-                    # Stream idle timeout without a timer per request: the
-                    # request's progress (bytes both ways, the response
-                    # status) must move at least once per stream_idle seconds.
-                    mark = ex.request_bytes + ex.response_bytes + ex.status
-                    if mark != ex.idle_mark:
-                        ex.idle_mark = mark
-                        ex.idle_since = now
-                    elif now - ex.idle_since >= stream_idle:
-                        ex.on_stream_idle_timeout()
-                continue
-            tunnel = conn.tunnel
-            if tunnel is not None and stream_idle and isinstance(tunnel, UpstreamConnection):
-                # An upgraded (WebSocket) tunnel: Envoy's stream idle timeout
-                # still applies; bytes either way count as progress.
-                if conn.tunnel_bytes != conn.tunnel_mark:
-                    conn.tunnel_mark = conn.tunnel_bytes
-                    conn.tunnel_since = now
-                elif now - conn.tunnel_since >= stream_idle:
-                    self.stats.downstream_rq_idle_timeout += 1
-                    conn.close()
-                continue
-            if conn.headers_started and now - conn.headers_started > limits.header_timeout:
-                self.stats.downstream_cx_header_timeout += 1
-                conn.pending_error = (408, b"Request Timeout")
-                conn._protocol_error()
-            elif conn.tunnel is None and not conn.stopped and now - conn.last_activity > limits.idle_timeout:
-                # (current is None here: idle, or requests queued behind a
-                # client that has not read its responses for that long)
-                self.stats.downstream_cx_idle_timeout += 1
-                conn.close()
+            conn.on_tick(now, stream_idle)
 
     async def drain(self, timeout: float, grace: float | None = None) -> None:
         """Graceful drain (SIGTERM, /quitquitquit, /drain_listeners): not

@@ -95,9 +95,6 @@ class DownstreamStream(Protocol):
     response_bytes: int
     start_time: float
     end_time: float
-    # The worker's once-a-second stream idle check (worker.py sweep).
-    idle_mark: int
-    idle_since: float
 
     def start(self) -> None: ...
     def on_request_body(self, data: bytes) -> None: ...
@@ -105,7 +102,7 @@ class DownstreamStream(Protocol):
     def on_downstream_write_paused(self) -> None: ...
     def on_downstream_write_resumed(self) -> None: ...
     def on_downstream_closed(self) -> None: ...
-    def on_stream_idle_timeout(self) -> None: ...
+    def on_tick(self, now: float, stream_idle: float) -> None: ...  # the stream idle timeout
     def reject(self, status: int, body: bytes, counted: bool = False) -> None: ...
     def _finish(self, force: bool = False) -> None: ...  # idempotent teardown (after a 101)
 
@@ -847,6 +844,38 @@ class DownstreamConnection:
     def _abort_if_open(self) -> None:
         if not self.closed and self.transport is not None:
             self.transport.abort()
+
+    def on_tick(self, now: float, stream_idle: float) -> None:
+        """The worker's once-a-second housekeeping (worker.py ``sweep``): the
+        request in progress checks its own stream idle timeout; an upgraded
+        tunnel's bytes must move within ``stream_idle`` (Envoy's stream idle
+        timeout still applies to it); otherwise the header timeout of a
+        request being received and the connection's idle timeout."""
+        ex = self.current
+        if ex is not None:
+            if stream_idle:
+                ex.on_tick(now, stream_idle)
+            return
+        tunnel = self.tunnel
+        if tunnel is not None and stream_idle and not isinstance(tunnel, _Discard):
+            # An upgraded (WebSocket) tunnel: bytes either way count as progress.
+            if self.tunnel_bytes != self.tunnel_mark:
+                self.tunnel_mark = self.tunnel_bytes
+                self.tunnel_since = now
+            elif now - self.tunnel_since >= stream_idle:
+                self.worker.stats.downstream_rq_idle_timeout += 1
+                self.close()
+            return
+        limits = self.limits
+        if self.headers_started and now - self.headers_started > limits.header_timeout:
+            self.worker.stats.downstream_cx_header_timeout += 1
+            self.pending_error = (408, b"Request Timeout")
+            self._protocol_error()
+        elif tunnel is None and not self.stopped and now - self.last_activity > limits.idle_timeout:
+            # (current is None here: idle, or requests queued behind a
+            # client that has not read its responses for that long)
+            self.worker.stats.downstream_cx_idle_timeout += 1
+            self.close()
 
     def start_drain(self, close_idle: bool = True) -> None:
         """Graceful drain: the next response carries Connection: close and

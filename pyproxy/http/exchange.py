@@ -152,7 +152,7 @@ class Exchange:
         # telemetry: the endpoint of the last attempt, the peer's identity
         # (metadata exchange), the current attempt's response status
         "upstream_host", "peer", "attempt_status",
-        # stream idle timeout (the worker's sweep): progress seen last, and since when
+        # stream idle timeout (on_tick): progress seen last, and since when
         "idle_mark", "idle_since",
         # a defect found while indexing the headers (refused by request.validate)
         "malformed",
@@ -494,6 +494,20 @@ class Exchange:
         # Envoy marks codec-level refusals DPE; its 413 (buffer limit) and the
         # 404 for an absolute URL without a path have no flag.
         self.send_local_reply(status, body, flag=refusal_flag(status))
+
+    def on_tick(self, now: float, stream_idle: float) -> None:
+        """The worker's once-a-second housekeeping, through the connection
+        (``stream_idle`` > 0): Envoy's stream idle timeout without a timer
+        per request. The request's progress (bytes both ways, the response
+        status) must move at least once per ``stream_idle`` seconds."""
+        if not self.started or self.finished:
+            return
+        mark = self.request_bytes + self.response_bytes + self.status
+        if mark != self.idle_mark:
+            self.idle_mark = mark
+            self.idle_since = now
+        elif now - self.idle_since >= stream_idle:
+            self.on_stream_idle_timeout()
 
     def on_stream_idle_timeout(self) -> None:
         """Nothing moved either way for ``--stream-idle-timeout`` (Envoy's

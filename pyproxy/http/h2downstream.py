@@ -478,21 +478,16 @@ class H2Downstream:
         if close_idle and not self.streams:
             self._close()
 
-    def sweep(self, now: float, stream_idle: float) -> None:
-        """The worker's once-a-second look: each stream's idle timeout, the
-        connection's idle timeout."""
+    def on_tick(self, now: float, stream_idle: float) -> None:
+        """The worker's once-a-second housekeeping (worker.py ``sweep``):
+        each stream's exchange checks its own idle timeout; the connection's
+        idle timeout."""
         if self.streams:
             if stream_idle:
                 for s in list(self.streams.values()):
                     ex = s.ex
-                    if ex is None or not ex.started or ex.finished:
-                        continue
-                    mark = ex.request_bytes + ex.response_bytes + ex.status
-                    if mark != ex.idle_mark:
-                        ex.idle_mark = mark
-                        ex.idle_since = now
-                    elif now - ex.idle_since >= stream_idle:
-                        ex.on_stream_idle_timeout()
+                    if ex is not None:
+                        ex.on_tick(now, stream_idle)
             return
         if now - self.last_activity > self.limits.idle_timeout:
             self.worker.stats.downstream_cx_idle_timeout += 1
