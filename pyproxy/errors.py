@@ -82,6 +82,10 @@ UF_503 = LocalReply(503, CONNECT_FAILURE_BODY, UPSTREAM_CONNECT_FAILURE)
 UF_TIMEOUT_503 = LocalReply(503, reset_body(b"connection timeout"), UPSTREAM_CONNECT_FAILURE)
 UC_503 = LocalReply(503, RESET_BEFORE_HEADERS_BODY, UPSTREAM_CONNECTION_TERMINATION)
 UPE_502 = LocalReply(502, reset_body(b"protocol error"), UPSTREAM_PROTOCOL_ERROR)
+# An HTTP/2 upstream reset the stream (Envoy's RemoteReset and
+# RemoteRefusedStreamReset; resetReasonToString's words).
+UR_503 = LocalReply(503, reset_body(b"remote reset"), UPSTREAM_RESET)
+UR_REFUSED_503 = LocalReply(503, reset_body(b"remote refused stream reset"), UPSTREAM_RESET)
 UO_503 = LocalReply(503, reset_body(b"overflow"), UPSTREAM_OVERFLOW,
                     extra_headers=((b"x-envoy-overloaded", b"true"),))
 
@@ -90,7 +94,7 @@ UO_503 = LocalReply(503, reset_body(b"overflow"), UPSTREAM_OVERFLOW,
 RETRIED: dict[LocalReply, LocalReply] = {
     r: LocalReply(r.status, reset_body(r.body.rpartition(b"reset reason: ")[2], retried=True), r.flag,
                   r.extra_headers, r.content_type)
-    for r in (UF_503, UF_TIMEOUT_503, UC_503, UPE_502, UO_503)
+    for r in (UF_503, UF_TIMEOUT_503, UC_503, UPE_502, UO_503, UR_503, UR_REFUSED_503)
 }
 UT_504 = LocalReply(504, b"upstream request timeout", UPSTREAM_REQUEST_TIMEOUT)
 # Stream idle timeout: 504 once the request is complete, else 408 (Envoy).

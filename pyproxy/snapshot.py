@@ -62,6 +62,7 @@ from .routing.table import (
 from .security.authn import PeerAuthIndex, PeerPolicy, auto_mtls, client_tls_for, endpoint_tls_mode, istio_sni
 from .security.upstream import UpstreamTLS
 from .upstream.cluster import Cluster, ClusterEndpoint, PassthroughCluster
+from .upstream.h2pool import H2Endpoint
 from .upstream.lb import make_balancer
 from .upstream.outlier import NULL_OUTLIER, OutlierDetector, can_ever_eject
 from .upstream.registry import (
@@ -75,7 +76,7 @@ from .upstream.registry import (
     labels_match,
 )
 from .upstream.retry import INBOUND_DEFAULT, compile_retry
-from .upstream.settings import ClusterSettings, cluster_settings
+from .upstream.settings import HTTP1, ClusterSettings, cluster_settings, inbound_protocol
 
 log = logging.getLogger("pyproxy.config")
 
@@ -380,7 +381,9 @@ class _Builder:
         cluster = cls(name, settings, fingerprint, ctx.loop, ctx.rng, ctx.resolver,
                       kind=kind, service=service, service_port=port, subset=subset)
         cluster.certs = ctx.certs
-        eps = [ClusterEndpoint(cluster, *spec) for spec in endpoints]
+        # HTTP/2 (or the client's protocol): the multiplexed pool (upstream/h2pool.py).
+        ep_cls = ClusterEndpoint if settings.upstream_protocol == HTTP1 else H2Endpoint
+        eps = [ep_cls(cluster, *spec) for spec in endpoints]
         cluster.lb = make_balancer(settings, [], ctx.rng)
         cluster.set_endpoints(eps)
         if settings.outlier is not None:
@@ -410,7 +413,8 @@ class _Builder:
                 for subset in subsets:
                     sname = subset.name if subset else ""
                     name = f"outbound|{port.number}|{sname}|{svc.hostname}"
-                    settings = cluster_settings(top, subset.traffic_policy if subset else None, port.number)
+                    settings = cluster_settings(top, subset.traffic_policy if subset else None, port.number,
+                                                port.protocol, sidecar=not self.identity.gateway)
                     dr_tls = client_tls_for(top, subset.traffic_policy if subset else None, port.number)
                     if svc.resolution == "NONE" and not svc.endpoints:
                         cluster = self.make_cluster(name, settings, [], service=svc, port=port.number,
@@ -428,6 +432,25 @@ class _Builder:
                                                     port=port.number, subset=sname)
                     self.clusters[name] = cluster
             yield  # a point where a cooperative build lets the event loop run
+
+    def app_port_protocols(self) -> list[str]:
+        """The protocols of the ServiceEntry ports whose endpoints are this
+        workload's application port (an endpoint whose labels this proxy's
+        labels include, or its workload name): Istio builds the inbound
+        cluster from them."""
+        ident = self.identity
+        mine = ident.label_dict
+        found = []
+        for svc in self.registry.values():
+            for ep in svc.endpoints:
+                ours = (ep.workload == ident.workload != "unknown" and ep.namespace == ident.namespace) or (
+                    ep.labels and all(mine.get(k) == v for k, v in ep.labels))
+                if not ours:
+                    continue
+                for port in svc.ports:
+                    if ep.port_for(port) == ident.app_port:
+                        found.append(port.protocol)
+        return found
 
     def endpoint_tls(self, svc: Service, port: int, subset: str, dr_tls: ClientTLSSettings | None,
                      ep: ServiceEndpoint) -> UpstreamTLS | None:
@@ -908,7 +931,8 @@ class _Builder:
         hosts = yield from self.build_hosts()
         ident = self.identity
         inbound = self.make_cluster(
-            f"inbound|{ident.app_port}||", ClusterSettings(),
+            f"inbound|{ident.app_port}||",
+            ClusterSettings(upstream_protocol=inbound_protocol(self.app_port_protocols())),
             [(ident.app_host, ident.app_port, ident.labels, 1, ident.workload, ident.namespace)],
             kind="inbound", port=ident.app_port,
         )

@@ -76,8 +76,7 @@ TCP_SETTINGS = message(
 HTTP_SETTINGS = message(
     "ConnectionPoolSettings.HTTPSettings",
     "http1MaxPendingRequests http2MaxRequests maxRequestsPerConnection maxRetries idleTimeout "
-    "maxConcurrentStreams",
-    ignored="h2UpgradePolicy useClientProtocol",
+    "maxConcurrentStreams h2UpgradePolicy useClientProtocol",
 )
 # Also the shape of Sidecar's inboundConnectionPool and ingress[].connectionPool.
 CONNECTION_POOL = message("ConnectionPoolSettings", "tcp http", tcp=TCP_SETTINGS, http=HTTP_SETTINGS)
@@ -103,6 +102,7 @@ TRAFFIC_POLICY = message(
 )
 SUBSET = message("Subset", "name labels trafficPolicy")
 
+H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 SIMPLE_LB = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
 MAGLEV_MAX_TABLE = 5000011  # Envoy's limit (exclusive)
 
@@ -371,6 +371,8 @@ def _http_settings(parent: Node) -> HTTPSettings | None:
         max_retries=node.integer("maxRetries", lo=0),
         idle_timeout=node.duration("idleTimeout"),
         max_concurrent_streams=node.integer("maxConcurrentStreams", lo=0),
+        h2_upgrade_policy=node.enum("h2UpgradePolicy", H2_UPGRADE_POLICIES) or "DEFAULT",
+        use_client_protocol=bool(node.boolean("useClientProtocol")),
     )
 
 

@@ -41,8 +41,9 @@ PROTOCOLS = frozenset(
     ]
 )
 _HTTP_OR_TLS = frozenset(["HTTP", "HTTPS", "HTTP2", "HTTP_PROXY", "GRPC", "GRPC-WEB", "TLS"])
-# What pyproxy can carry on a port: plain HTTP/1.1 (gRPC-Web runs over it).
-_HTTP1 = frozenset(["", "HTTP", "HTTP_PROXY", "GRPC-WEB"])
+# What pyproxy can carry on a port: HTTP/1.1 and HTTP/2 (h2c to HTTP2, GRPC
+# and GRPC-Web ports; docs/http2.md).
+_HTTP1 = frozenset(["", "HTTP", "HTTP_PROXY", "HTTP2", "GRPC", "GRPC-WEB"])
 _LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 UNIX_PREFIX = "unix://"
@@ -120,7 +121,7 @@ def _ports(spec: Node) -> tuple[ServicePort, ...]:
         elif protocol.upper() not in _HTTP1:
             node.warn(
                 "protocol",
-                f"{protocol}: pyproxy carries plain HTTP/1.1 only; other traffic to this port fails "
+                f"{protocol}: pyproxy carries HTTP/1.1 and HTTP/2 only; other traffic to this port fails "
                 f"(keep it out of capture with pyproxy iptables --exclude-outbound-ports {number or 'PORT'})",
             )
         target = node.integer("targetPort", lo=0, hi=65535) or None

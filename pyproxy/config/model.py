@@ -270,6 +270,8 @@ class HTTPSettings:
     max_retries: int | None = None
     idle_timeout: float | None = None
     max_concurrent_streams: int | None = None
+    h2_upgrade_policy: str = "DEFAULT"  # DEFAULT | DO_NOT_UPGRADE | UPGRADE
+    use_client_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from ..observability.peer import PEER_METADATA, UNKNOWN_PEER, decode_peer
 from ..routing.matchers import parse_query
 from ..routing.table import DIRECT_RESPONSE, REDIRECT
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
-from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
+from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, REFUSED_STREAM, RESET
 from .grpc import call_for, is_grpc
 from .headers import (
     HTTP_DATE,
@@ -86,6 +86,9 @@ _SERVER_ISTIO_ENVOY = b"server: istio-envoy\r\n"
 _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
 # Connection values that name no field beyond the hop-by-hop ones (the common case).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+# Reset reasons of an HTTP/2 upstream stream (upstream/h2pool.py).
+_STREAM_RESETS = frozenset({"remote_reset", "refused_stream"})
 
 # Envoy's Grpc::Utility::httpToGrpcStatus (source/common/grpc/status.cc), from
 # the gRPC spec's HTTP-to-gRPC table; anything else is 2 (UNKNOWN).
@@ -860,7 +863,7 @@ class Exchange:
         else:
             data = head
         if self.request_complete and self.chunked_in:
-            data += LAST_CHUNK
+            data += LAST_CHUNK if self.version != "2" else self._last_request_chunk()
         conn.write(data)
         self.head_sent = True
         if self.unsent:
@@ -888,6 +891,12 @@ class Exchange:
     def on_upstream_connect_failed(self, ep: ClusterEndpoint, reason: str) -> None:
         self.waiting_pending = False
         if self.finished:
+            return
+        if reason == "overflow":
+            # http2MaxRequests reached when the pool could attach it (an
+            # HTTP/2 pool serving its waiting streams): 503 UO, never retried.
+            self._end_attempt_counters()
+            self._give_up(errors.UO_503)
             return
         cluster = ep.cluster
         cluster.outlier.on_local_failure(ep)
@@ -1106,6 +1115,29 @@ class Exchange:
         else:
             self.conn.write(data)
 
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Response trailers from an HTTP/2 upstream (gRPC's grpc-status),
+        just before its on_upstream_complete. An HTTP/2 client gets them: they
+        are written as the last chunk's trailer fields, which its stream
+        (http/h2downstream.py) sends as a trailers HEADERS frame. An HTTP/1.1
+        client does not (spec §1.5): Envoy's HTTP/1.1 codec encodes trailers
+        only with enable_trailers, which Istio leaves off."""
+        if self.grpc is not None:
+            self.grpc.on_trailers(trailers)  # grpc_response_status (http/grpc.py)
+        if self.version != "2" or not self.response_chunked or self.finished:
+            return
+        self.response_chunked = False  # (the last chunk goes here, not in on_upstream_complete)
+        self.conn.write(b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n")
+
+    def _last_request_chunk(self) -> bytes:
+        """The request body's last chunk, for an HTTP/2 client's request: with
+        its trailers when the upstream speaks HTTP/2 too (an HTTP/1.1
+        upstream gets none, as from Envoy)."""
+        trailers = getattr(self.conn, "request_trailers", None)
+        if trailers and getattr(self.upconn, "h2", False):
+            return b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n"
+        return LAST_CHUNK
+
     def on_upstream_complete(self, conn: UpstreamConnection) -> None:
         if self.upconn is not conn:
             return
@@ -1133,6 +1165,13 @@ class Exchange:
                 self.response_complete = True
                 self._finish()
                 return
+            if reason in _STREAM_RESETS:
+                # An HTTP/2 upstream reset its stream mid-response (Envoy: UR).
+                self.flags.append(errors.UPSTREAM_RESET)
+                if cluster is not None:
+                    cluster.stats.upstream_rq_rx_reset += 1
+                self._fail_downstream()
+                return
             # A response cut short (closed before its length or last chunk,
             # or malformed) is a codec protocol error to Envoy: flag UPE,
             # upstream_cx_protocol_error, and no upstream_rq_rx_reset
@@ -1151,6 +1190,15 @@ class Exchange:
         reply = errors.UPE_502 if reason == "protocol_error" else errors.UC_503
         if reason == "protocol_error":
             self._give_up(reply)
+            return
+        if reason in _STREAM_RESETS:
+            # An HTTP/2 upstream's RST_STREAM (or a GOAWAY that left this
+            # stream unprocessed): REFUSED_STREAM is Envoy's
+            # RemoteRefusedStreamReset, retried under refused-stream.
+            if reason == "refused_stream":
+                self._on_attempt_failed(REFUSED_STREAM, errors.UR_REFUSED_503)
+            else:
+                self._on_attempt_failed(RESET, errors.UR_503)
             return
         # The request was written: the upstream may have processed it, even
         # on a reused connection that closed without a byte back. Only a
@@ -1243,7 +1291,7 @@ class Exchange:
                 shadow.on_request_complete()
         conn = self.upconn
         if conn is not None and self.head_sent and self.chunked_in:
-            conn.write(LAST_CHUNK)
+            conn.write(LAST_CHUNK if self.version != "2" else self._last_request_chunk())
         if self.response_complete and not self.finished:
             self._finish()
             return

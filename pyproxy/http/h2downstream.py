@@ -192,7 +192,7 @@ class H2Stream:
         "h2c", "sid", "ex", "current", "parser", "status", "out", "out_bytes", "end_pending",
         "response_ended", "request_ended", "reset", "paused", "unacked", "upstream_paused",
         "content_length", "received", "head_only", "informational",
-        "resp_headers", "stopped",
+        "resp_headers", "stopped", "request_trailers", "trailers", "in_body",
     )
 
     def __init__(self, h2c: H2Downstream, sid: int, head_only: bool) -> None:
@@ -217,6 +217,11 @@ class H2Stream:
         self.head_only = head_only
         self.informational = False
         self.stopped = False  # set by Exchange.reject (the stream is reset anyway)
+        self.request_trailers: list[tuple[bytes, bytes]] | None = None
+        # Response trailers (an HTTP/2 upstream's, as the last chunk's
+        # trailer fields): sent as a trailers HEADERS frame.
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.in_body = False
 
     # -- what an Exchange reads of its connection --------------------------
 
@@ -345,7 +350,13 @@ class H2Stream:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name not in _RESPONSE_DROP:
+        if self.in_body:
+            # Chunked trailer fields: the upstream's HTTP/2 trailers.
+            if name not in _RESPONSE_DROP:
+                if self.trailers is None:
+                    self.trailers = []
+                self.trailers.append((name, value))
+        elif name not in _RESPONSE_DROP:
             self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -357,6 +368,7 @@ class H2Stream:
             h2c.send_headers(self, headers, False)
             return
         self.status = status
+        self.in_body = True
         # An empty body ends with the headers: a gRPC trailers-only response
         # must be one HEADERS frame with END_STREAM.
         end = self.head_only or status in (204, 304) or (b"content-length", b"0") in self.resp_headers
@@ -562,9 +574,14 @@ class H2Downstream:
             self._control()
             self._on_window(ev.stream_id)
         elif t is h2.events.TrailersReceived:
-            # Request trailers cannot go over HTTP/1.1 upstream (Envoy drops
-            # them there too); the stream's end follows as StreamEnded.
-            pass
+            # Kept for an HTTP/2 upstream (Exchange._last_request_chunk); an
+            # HTTP/1.1 upstream gets none (Envoy drops them there too). The
+            # stream's end follows as StreamEnded.
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.request_trailers = [(n, v) for n, v in ev.headers
+                                      if n[:1] != b":" and n not in _CONNECTION_SPECIFIC
+                                      and _BAD_NAME(n) is None and _BAD_VALUE(v) is None]
         elif t is h2.events.ConnectionTerminated:
             self.draining = True
             if not self.streams:
@@ -784,7 +801,10 @@ class H2Downstream:
         if self.closed or s.reset:
             return
         try:
-            self.conn.end_stream(s.sid)
+            if s.trailers:
+                self.conn.send_headers(s.sid, s.trailers, end_stream=True)
+            else:
+                self.conn.end_stream(s.sid)
         except h2.exceptions.StreamClosedError:
             s.reset = True
             return

@@ -89,6 +89,8 @@ class Credentials:
     not_after: float
     server_context: ssl.SSLContext = field(repr=False)  # inbound mTLS (client cert required)
     client_context: ssl.SSLContext = field(repr=False)  # outbound ISTIO_MUTUAL
+    # outbound ISTIO_MUTUAL to an HTTP/2 cluster (ALPN istio-h2, istio, h2)
+    client_context_h2: ssl.SSLContext = field(repr=False)
     root_pem: bytes = field(repr=False)
     # sha256 of the leaf's DER, lower-case hex (XFCC's Hash is the peer's).
     leaf_sha256: str = ""
@@ -139,7 +141,7 @@ def server_context(chain: str, key: str, root: str) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(chain: str, key: str, root: str) -> ssl.SSLContext:
+def client_context(chain: str, key: str, root: str, alpn: list[str] = ISTIO_CLIENT_ALPN) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -151,7 +153,7 @@ def client_context(chain: str, key: str, root: str) -> ssl.SSLContext:
     # match_subject_alt_names).
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(ISTIO_CLIENT_ALPN)
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 
@@ -197,6 +199,8 @@ def load_credentials(directory: str) -> Credentials:
     try:
         server = server_context(paths["cert-chain.pem"], paths["key.pem"], paths["root-cert.pem"])
         client = client_context(paths["cert-chain.pem"], paths["key.pem"], paths["root-cert.pem"])
+        client_h2 = client_context(paths["cert-chain.pem"], paths["key.pem"], paths["root-cert.pem"],
+                                   ISTIO_CLIENT_ALPN_H2)
     except (ssl.SSLError, OSError) as exc:
         raise CredentialError(f"{directory}: TLS cannot use these files: {exc}") from None
     from cryptography.hazmat.primitives import hashes
@@ -208,6 +212,7 @@ def load_credentials(directory: str) -> Credentials:
         not_after=leaf.not_valid_after_utc.timestamp(),
         server_context=server,
         client_context=client,
+        client_context_h2=client_h2,
         root_pem=b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots),
         leaf_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
         signature=signature,

@@ -44,9 +44,9 @@ log = logging.getLogger("pyproxy.security")
 _contexts: dict[tuple, ssl.SSLContext] = {}
 
 
-def _origination_context(tls: UpstreamTLS) -> ssl.SSLContext:
+def _origination_context(tls: UpstreamTLS, h2: bool = False) -> ssl.SSLContext:
     key = (tls.mode, tls.ca_certificates, tls.client_certificate, tls.private_key, tls.insecure_skip_verify,
-           bool(tls.sans))
+           bool(tls.sans), h2)
     ctx = _contexts.get(key)
     if ctx is not None:
         return ctx
@@ -64,6 +64,10 @@ def _origination_context(tls: UpstreamTLS) -> ssl.SSLContext:
             ctx.check_hostname = False
         if tls.mode == "MUTUAL":
             ctx.load_cert_chain(tls.client_certificate, tls.private_key)
+        if h2:
+            # Istio's ALPN for an HTTP/2 cluster with DestinationRule TLS
+            # (cluster_tls.go: util.ALPNH2Only).
+            ctx.set_alpn_protocols(["h2"])
     except (OSError, ssl.SSLError) as exc:
         raise TLSSetupError(f"DestinationRule tls {tls.mode}: {exc}") from None
     _contexts[key] = ctx
@@ -71,15 +75,16 @@ def _origination_context(tls: UpstreamTLS) -> ssl.SSLContext:
 
 
 def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], Any], host: str, port: int,
-            tls: UpstreamTLS, certs: CertStore | None, timeout: float) -> Any:
-    """The ``create_connection`` coroutine for a TLS endpoint."""
+            tls: UpstreamTLS, certs: CertStore | None, timeout: float, h2: bool = False) -> Any:
+    """The ``create_connection`` coroutine for a TLS endpoint; ``h2``: the
+    connection will speak HTTP/2 (its ALPN offers it)."""
     if tls.mode == "ISTIO_MUTUAL":
         creds = certs.current if certs is not None else None
         if creds is None:
             raise TLSSetupError("ISTIO_MUTUAL needs a workload certificate (pyproxy run --certs DIR)")
-        ctx = creds.client_context
+        ctx = creds.client_context_h2 if h2 else creds.client_context
     else:
-        ctx = _origination_context(tls)
+        ctx = _origination_context(tls, h2)
     return loop.create_connection(factory, host, port, ssl=ctx, server_hostname=tls.sni or host,
                                   ssl_handshake_timeout=timeout)
 

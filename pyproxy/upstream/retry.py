@@ -22,7 +22,8 @@ Semantics follow Envoy's router as Istio (>= 1.24) programs it:
   ``connect-failure``       connect failure (and connect timeout)
   ``retriable-4xx``         409
   ``retriable-status-codes`` the configured codes
-  ``refused-stream``        HTTP/2 REFUSED_STREAM: never on HTTP/1.1
+  ``refused-stream``        an HTTP/2 upstream's REFUSED_STREAM (or a
+                            stream above its GOAWAY's last stream id)
   ``retriable-headers``     response headers named by retriable_headers;
                             Istio has no field for them, so nothing
   gRPC conditions           a ``grpc-status`` response header with the
@@ -98,6 +99,9 @@ MAX_INTERVAL_FACTOR = 10  # Envoy's default max interval: 10 x base
 CONNECT_FAILURE = "connect_failure"
 RESET = "reset"
 PER_TRY_TIMEOUT = "per_try_timeout"
+# An HTTP/2 upstream refused the stream (RST_STREAM REFUSED_STREAM, or above
+# a GOAWAY's last stream id): not processed, safe to retry.
+REFUSED_STREAM = "refused_stream"
 
 _RESPONSE_LESS = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
 _CONNECT = _RESPONSE_LESS | RETRY_CONNECT_FAILURE | RETRY_RESET_BEFORE_REQUEST
@@ -183,6 +187,10 @@ class RetryPolicy:
         """Would an attempt that ended without a response be retried?"""
         if kind == CONNECT_FAILURE:
             return bool(self.flags & _CONNECT)
+        if kind == REFUSED_STREAM:
+            # Envoy's wouldRetryFromReset: reset, 5xx, gateway-error, or
+            # refused-stream for RemoteRefusedStreamReset.
+            return bool(self.flags & (_RESPONSE_LESS | RETRY_REFUSED_STREAM))
         # Resets after the request went out, and per-try timeouts.
         return bool(self.flags & _RESPONSE_LESS)
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..config.model import (
     ConnectionPoolSettings,
     ConsistentHashLB,
+    HTTPSettings,
     LoadBalancerSettings,
     OutlierDetection,
     TrafficPolicy,
@@ -25,6 +26,13 @@ from ..config.model import (
 UNLIMITED = 2**32 - 1
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+
+# The protocol spoken to a cluster's endpoints (``upstream_protocol``).
+HTTP1 = "http1"
+H2 = "h2"
+DOWNSTREAM = "downstream"  # the client's: HTTP/2 for HTTP/2 clients, else HTTP/1.1
+# Port protocols Istio speaks HTTP/2 to (protocol.Instance.IsHTTP2).
+HTTP2_PORT_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
 DEFAULT_IDLE_TIMEOUT = 3600.0
 
 
@@ -78,6 +86,8 @@ class ClusterSettings:
     max_retries: int = UNLIMITED
     max_connection_duration: float | None = None
     outlier: OutlierSettings | None = None
+    upstream_protocol: str = HTTP1
+    max_concurrent_streams: int = 0  # per HTTP/2 connection; 0 = the peer's and pyproxy's bounds only
 
 
 def _pick_blocks(
@@ -111,7 +121,51 @@ def merge_policy(
     return s_lb or lb, s_pool or pool, s_od or od
 
 
-def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> ClusterSettings:
+def upstream_protocol(port_protocol: str, http: HTTPSettings | None, outbound: bool = True,
+                      sidecar: bool = True) -> str:
+    """The protocol to a cluster's endpoints, as istiod's cluster builder
+    decides it (pilot/pkg/networking/core: applyConnectionPool, then
+    applyH2Upgrade/shouldH2Upgrade for outbound clusters, then
+    setUpstreamProtocol, each overriding the one before):
+
+    - an HTTP2, GRPC or GRPC-Web port: HTTP/2 (setUpstreamProtocol, last);
+    - a port of unknown protocol (auto-detected) on a sidecar: the client's
+      protocol (setUseDownstreamProtocol, last; a gateway does not);
+    - outbound, DestinationRule ``h2UpgradePolicy: UPGRADE``: HTTP/2 (it
+      replaces ``useClientProtocol``'s setting, applied before it);
+    - ``useClientProtocol: true``: the client's protocol;
+    - otherwise HTTP/1.1 (MeshConfig's h2UpgradePolicy defaults to
+      DO_NOT_UPGRADE; pyproxy has no MeshConfig).
+
+    ``port_protocol`` is the ServiceEntry port's ``protocol`` upper-cased,
+    "" when unset (Istio's protocol.Parse: Unsupported, sniffed)."""
+    if port_protocol in HTTP2_PORT_PROTOCOLS:
+        return H2
+    if not port_protocol and sidecar:
+        return DOWNSTREAM
+    if http is not None:
+        if outbound and http.h2_upgrade_policy == "UPGRADE":
+            return H2
+        if http.use_client_protocol:
+            return DOWNSTREAM
+    return HTTP1
+
+
+def inbound_protocol(port_protocols: list[str]) -> str:
+    """The protocol to the local application (the inbound cluster; Istio's
+    setUpstreamProtocol runs for inbound clusters too): HTTP/2 (h2c) when a
+    service port it serves is HTTP2/GRPC/GRPC-Web, the client's protocol
+    when that port's protocol is unset (sniffed). pyproxy often has no
+    ServiceEntry for its own workload: none found, HTTP/1.1."""
+    if any(p in HTTP2_PORT_PROTOCOLS for p in port_protocols):
+        return H2
+    if any(not p for p in port_protocols):
+        return DOWNSTREAM
+    return HTTP1
+
+
+def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int,
+                     port_protocol: str = "HTTP", sidecar: bool = True) -> ClusterSettings:
     lb, pool, od = merge_policy(top, subset, port)
     kwargs: dict[str, Any] = {}
     if lb is not None:
@@ -142,8 +196,12 @@ def cluster_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, po
                 kwargs["max_retries"] = h.max_retries
             if h.idle_timeout is not None:
                 kwargs["idle_timeout"] = h.idle_timeout
+            if h.max_concurrent_streams:
+                kwargs["max_concurrent_streams"] = h.max_concurrent_streams
         if "idle_timeout" not in kwargs and pool.tcp is not None and pool.tcp.idle_timeout is not None:
             # Istio uses tcp.idleTimeout for HTTP connections when http.idleTimeout is unset.
             kwargs["idle_timeout"] = pool.tcp.idle_timeout
     kwargs["outlier"] = outlier_settings(od)
+    kwargs["upstream_protocol"] = upstream_protocol(port_protocol, pool.http if pool is not None else None,
+                                                    sidecar=sidecar)
     return ClusterSettings(**kwargs)

@@ -1194,8 +1194,6 @@ UNIMPLEMENTED = [
     (policy("{loadBalancer: {simple: RANDOM, warmupDurationSecs: 10s}}"), f"{TP}.loadBalancer.warmupDurationSecs"),
     (policy("{loadBalancer: {consistentHash: {httpHeaderName: x, httpHeaderRegexRewrite: {match: a, rewrite: b}}}}"),
      f"{TP}.loadBalancer.consistentHash.httpHeaderRegexRewrite"),
-    (policy("{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}"), f"{TP}.connectionPool.http.h2UpgradePolicy"),
-    (policy("{connectionPool: {http: {useClientProtocol: true}}}"), f"{TP}.connectionPool.http.useClientProtocol"),
     (policy("{connectionPool: {tcp: {tcpKeepalive: {time: 10s}}}}"), f"{TP}.connectionPool.tcp.tcpKeepalive"),
     (doc("Sidecar", "egress: [{hosts: ['./*']}]"), "spec.egress"),
     (doc("Sidecar", "ingress: [{port: {number: 80}}]"), "spec.ingress"),

@@ -361,17 +361,17 @@ def warnings_of(text: str) -> list[str]:
     return [str(w) for w in loaded.warnings]
 
 
-@pytest.mark.parametrize("protocol", ["HTTP", "http", "HTTP_PROXY", "GRPC-WEB", None])
-def test_http1_port_protocols_load_without_warning(protocol: str | None) -> None:
+@pytest.mark.parametrize("protocol", ["HTTP", "http", "HTTP_PROXY", "GRPC-WEB", "HTTP2", "grpc", None])
+def test_http_port_protocols_load_without_warning(protocol: str | None) -> None:
     port = "{number: 80, name: web" + (f", protocol: {protocol}" if protocol else "") + "}"
     assert warnings_of(doc("ServiceEntry", f"hosts: [a.example.com]\nports: [{port}]\nresolution: DNS")) == []
 
 
-@pytest.mark.parametrize("protocol", ["HTTPS", "TLS", "TCP", "HTTP2", "GRPC", "MONGO"])
+@pytest.mark.parametrize("protocol", ["HTTPS", "TLS", "TCP", "MONGO"])
 def test_other_port_protocols_warn(protocol: str) -> None:
     ws = warnings_of(doc("ServiceEntry", f"hosts: [a.example.com]\nports: [{{number: 443, name: p, protocol: {protocol}}}]\n"
                                          "resolution: DNS"))
-    assert ws == [(f"w.yaml#0: spec.ports[0].protocol: {protocol}: pyproxy carries plain HTTP/1.1 only; other traffic "
+    assert ws == [(f"w.yaml#0: spec.ports[0].protocol: {protocol}: pyproxy carries HTTP/1.1 and HTTP/2 only; other traffic "
                    "to this port fails (keep it out of capture with pyproxy iptables --exclude-outbound-ports 443)")]
 
 
