@@ -76,7 +76,7 @@ from .upstream.registry import (
     labels_match,
 )
 from .upstream.retry import INBOUND_DEFAULT, compile_retry
-from .upstream.settings import HTTP1, ClusterSettings, cluster_settings, inbound_protocol
+from .upstream.settings import DOWNSTREAM, HTTP1, ClusterSettings, cluster_settings, inbound_protocol
 
 log = logging.getLogger("pyproxy.config")
 
@@ -384,6 +384,8 @@ class _Builder:
         # HTTP/2 (or the client's protocol): the multiplexed pool (upstream/h2pool.py).
         ep_cls = ClusterEndpoint if settings.upstream_protocol == HTTP1 else H2Endpoint
         eps = [ep_cls(cluster, *spec) for spec in endpoints]
+        if isinstance(cluster, PassthroughCluster):
+            cluster.endpoint_class = ep_cls
         cluster.lb = make_balancer(settings, [], ctx.rng)
         cluster.set_endpoints(eps)
         if settings.outlier is not None:
@@ -944,8 +946,10 @@ class _Builder:
         # Istio >= 1.24: retry a request that never reached the app (reset-before-request, 2 retries).
         inbound_route.retry = INBOUND_DEFAULT
         inbound_route.filters = route_filters(inbound_route, self.proxy_filters)
-        passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(), [], kind="passthrough",
-                                        cls=PassthroughCluster)
+        # Istio's PassthroughCluster speaks the client's protocol
+        # (cluster_builder.go passthroughHttpProtocolOptions: use_downstream_protocol).
+        passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(upstream_protocol=DOWNSTREAM), [],
+                                        kind="passthrough", cls=PassthroughCluster)
         assert isinstance(passthrough, PassthroughCluster)
         authz, authn = self.security()
         return Snapshot(

@@ -551,13 +551,15 @@ class PassthroughCluster(Cluster):
     address (SO_ORIGINAL_DST or the authority). Endpoints are created on
     demand and kept while they have connections."""
 
-    __slots__ = ("by_address",)
+    __slots__ = ("by_address", "endpoint_class")
 
     MAX_ENDPOINTS = 4096
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.by_address: dict[tuple[str, int], ClusterEndpoint] = {}
+        # upstream/h2pool.py's H2Endpoint when HTTP/2 may be spoken (set by the snapshot builder).
+        self.endpoint_class: type[ClusterEndpoint] = ClusterEndpoint
 
     def endpoint_for(self, host: str, port: int) -> ClusterEndpoint:
         key = (host, port)
@@ -565,7 +567,7 @@ class PassthroughCluster(Cluster):
         if ep is None:
             if len(self.by_address) >= self.MAX_ENDPOINTS:
                 self._forget_unused()
-            ep = ClusterEndpoint(self, host, port)
+            ep = self.endpoint_class(self, host, port)
             self.by_address[key] = ep
         return ep
 

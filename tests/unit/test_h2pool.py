@@ -335,3 +335,25 @@ def test_response_trailers_reach_an_http2_client_and_not_an_http1_one() -> None:
     peer.respond(sid2, body=b"data", trailers=[(b"grpc-status", b"7"), (b"grpc-message", b"no")])
     assert bytes(down2.out).endswith(b"4\r\ndata\r\n0\r\ngrpc-status: 7\r\ngrpc-message: no\r\n\r\n")
     assert H2Stream  # (its parsing of those bytes is covered by test_h2_upstream's h2 client)
+
+
+def test_request_trailers_of_an_http2_client_reach_an_http2_upstream() -> None:
+    m = mesh()
+    ep = endpoint(m)
+    down = FakeDownstream(m.worker)
+    down.request_trailers = [(b"x-checksum", b"abc")]  # type: ignore[attr-defined]  # (H2Stream's field)
+    ex = Exchange(down, b"POST", b"/up", [(b"host", b"svc"), (b"transfer-encoding", b"chunked")],  # type: ignore[arg-type]
+                  "2", True, False)
+    ex.start()
+    ex.on_request_body(b"part1")
+    peer = connect(m, ep)
+    ex.on_request_body(b"part2")
+    ex.on_request_complete()
+    peer.pump()
+    (sid,) = peer.requests()
+    got = [e for e in peer.events if getattr(e, "stream_id", None) == sid]
+    assert b"".join(e.data for e in got if isinstance(e, h2.events.DataReceived)) == b"part1part2"
+    (trailers,) = [e for e in got if isinstance(e, h2.events.TrailersReceived)]
+    assert trailers.headers == [(b"x-checksum", b"abc")]
+    assert any(isinstance(e, h2.events.StreamEnded) for e in got)
+    assert b"transfer-encoding" not in peer.requests()[sid]
