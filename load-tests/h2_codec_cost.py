@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU per request of the HTTP/2 codec libraries on the server side, as
 pyproxy's downstream codec uses them: ``h2`` and ``jh2`` (its fork with a
-Rust core, same API), header validation/normalisation on and off.
+Rust core, same API), header validation/normalisation on and off, and
+``h2`` with pyproxy's cache-friendly HPACK encoder (http/hpack_static.py).
 
     python load-tests/h2_codec_cost.py            # jh2 is measured when installed (pip install jh2)
 
@@ -21,20 +22,20 @@ import importlib
 import statistics
 import sys
 import time
+from pathlib import Path
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"reviews:9080"), (b":path", b"/reviews/0"),
            (b"user-agent", b"grpc-python/1.85"), (b"accept", b"*/*"), (b"x-request-id", b"8f2a-4c1d"),
            (b"x-b3-traceid", b"463ac35c9f6413ad")]
 RESPONSE = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"100"),
             (b"date", b"Fri, 04 Dec 2026 18:00:00 GMT"), (b"server", b"envoy"),
-            (b"x-envoy-upstream-service-time", b"1"), (b"x-bench-config", b"1"),
-            (b"x-request-id", b"8f2a-4c1d"), (b"cache-control", b"no-cache"), (b"vary", b"accept-encoding")]
+            (b"x-bench-config", b"1"), (b"cache-control", b"no-cache"), (b"vary", b"accept-encoding")]
 BODY = b"x" * 100
 
 
 class Variant:
-    def __init__(self, lib: str, validate: bool) -> None:
-        self.name = f"{lib}, validation {'on' if validate else 'off'}"
+    def __init__(self, lib: str, validate: bool, static: bool = False) -> None:
+        self.name = f"{lib}, validation {'on' if validate else 'off'}" + (", StaticEncoder" if static else "")
         config = importlib.import_module(f"{lib}.config")
         connection = importlib.import_module(f"{lib}.connection")
         flags = {"validate_inbound_headers": validate, "normalize_inbound_headers": validate,
@@ -42,6 +43,11 @@ class Variant:
         self.client = connection.H2Connection(config.H2Configuration(client_side=True, header_encoding=None))
         self.server = connection.H2Connection(config.H2Configuration(client_side=False, header_encoding=None,
                                                                      **flags))
+        if static:  # pyproxy's cache-friendly HPACK encoder (http/hpack_static.py)
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from pyproxy.http.hpack_static import StaticEncoder
+
+            self.server.encoder = StaticEncoder()
         self.client.initiate_connection()
         self.server.initiate_connection()
         self._pump()
@@ -64,7 +70,9 @@ class Variant:
             t0 = time.process_time()
             for ev in server.receive_data(wire):
                 if type(ev) is received:
-                    server.send_headers(ev.stream_id, RESPONSE)
+                    # (a request id and a service time that change per request, as a proxy's do)
+                    server.send_headers(ev.stream_id, [*RESPONSE, (b"x-request-id", b"%016x" % sid),
+                                                       (b"x-envoy-upstream-service-time", b"%d" % (sid % 7))])
                     server.send_data(ev.stream_id, BODY, end_stream=True)
             out = server.data_to_send()
             spent += time.process_time() - t0
@@ -86,12 +94,12 @@ def main(argv: list[str]) -> int:
         libs.append("jh2")
     except ImportError:
         print("jh2 not installed (pip install jh2): measuring h2 only", file=sys.stderr)
-    variants = [(lib, v) for lib in libs for v in (True, False)]
+    variants = [(lib, v, False) for lib in libs for v in (True, False)] + [("h2", False, True)]
     times: dict[str, list[float]] = {}
     versions = {lib: importlib.import_module(lib).__version__ for lib in libs}
     for _ in range(args.rounds):
-        for lib, v in variants:
-            var = Variant(lib, v)  # fresh connections: windows and stream ids do not run out
+        for lib, v, static in variants:
+            var = Variant(lib, v, static)  # fresh connections: windows and stream ids do not run out
             times.setdefault(var.name, []).append(var.run(args.requests) / args.requests * 1e6)
     base = statistics.median(times["h2, validation on"])
     print(f"server-side codec CPU per request ({args.rounds} rounds x {args.requests}, median; "
