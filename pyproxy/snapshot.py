@@ -208,10 +208,6 @@ class Snapshot:
         JWKS.want(self.authn.uris() if self.authn is not None else {})
 
 
-def vs_applies_to_mesh(vs: VirtualService) -> bool:
-    return not vs.gateways or "mesh" in vs.gateways
-
-
 def binds_to(gateways: tuple[str, ...], namespace: str, gateway: str) -> bool:
     """Whether a VirtualService's (or match entry's) ``gateways`` list selects
     this proxy. ``gateway`` is "" for a sidecar (the reserved name ``mesh``,

@@ -138,9 +138,6 @@ class WorkerPool:
         self.children[index] = subprocess.Popen(self.argv, env=env)
         log.info("started worker %d (pid %d)", index, self.children[index].pid)
 
-    def pids(self) -> dict[int, int]:
-        return {i: p.pid for i, p in self.children.items()}
-
     async def watch(self) -> None:
         """Restart a secondary that died while the primary is running."""
         while not self.stopping:

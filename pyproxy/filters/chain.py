@@ -48,8 +48,6 @@ RATE_LIMIT = 40  # local, then global
 FAULT = 50
 CORS = 60
 STATS = 70
-PHASE_NAMES = {METADATA_EXCHANGE: "metadata exchange", AUTHN: "authn", AUTHZ: "authz", RATE_LIMIT: "rate limit",
-               FAULT: "fault", CORS: "cors", STATS: "stats"}
 
 
 class WorkerView(Protocol):

@@ -37,7 +37,6 @@ DEFAULT_TTL = datetime.timedelta(hours=24)  # SECRET_TTL / DEFAULT_WORKLOAD_CERT
 MAX_TTL = datetime.timedelta(days=90)  # MAX_WORKLOAD_CERT_TTL
 
 PLUGIN_FILES = ("root-cert.pem", "ca-cert.pem", "ca-key.pem", "cert-chain.pem")
-WORKLOAD_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
