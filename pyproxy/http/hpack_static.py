@@ -41,6 +41,10 @@ MAX_CACHED = 4096
 # to ~4 MiB; the peer-metadata header, ~300 bytes, fits).
 MAX_CACHED_VALUE = 1024
 _CACHE: dict[tuple[bytes, bytes], bytes] = {}
+# Encoded names of fields outside the static table, kept apart: a field whose
+# value is new each time (a request id echoed back) still reuses its name.
+_NAMES: dict[bytes, bytes] = {}
+MAX_NAMES = 1024
 
 
 def _string(data: bytes) -> bytes:
@@ -67,7 +71,14 @@ def encode_field(name: bytes, value: bytes) -> bytes:
         head = encode_integer(static[0], 4)
         head[0] |= flag
         return bytes(head) + _string(value)
-    return bytes((flag,)) + _string(name) + _string(value)
+    encoded = _NAMES.get(name)
+    if encoded is None:
+        encoded = _string(name)
+        if len(name) <= MAX_CACHED_VALUE:
+            if len(_NAMES) >= MAX_NAMES:
+                _NAMES.clear()
+            _NAMES[name] = encoded
+    return bytes((flag,)) + encoded + _string(value)
 
 
 class StaticEncoder:
