@@ -94,6 +94,23 @@ _STREAM_RESETS = frozenset({"remote_reset", "refused_stream"})
 # the gRPC spec's HTTP-to-gRPC table; anything else is 2 (UNKNOWN).
 _HTTP_TO_GRPC = {400: b"13", 401: b"16", 403: b"7", 404: b"12", 429: b"14", 502: b"14", 503: b"14",
                  504: b"14"}
+# Envoy's Grpc::Utility::grpcToHttpStatus; any other code is 500.
+_GRPC_TO_HTTP = {b"0": 200, b"1": 499, b"2": 500, b"3": 400, b"4": 504, b"5": 404, b"6": 409, b"7": 403,
+                 b"8": 429, b"9": 400, b"10": 409, b"11": 400, b"12": 501, b"13": 500, b"14": 503, b"15": 500,
+                 b"16": 401}
+
+
+def _grpc_outlier_status(status: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """What Envoy's router reports to outlier detection for a gRPC
+    request's response: a ``grpc-status`` in the response headers (a
+    trailers-only response) mapped to HTTP, else the HTTP status; a status
+    in trailers after a body never counts (spec §2.6, router.cc)."""
+    for name, value in headers:
+        if name == b"grpc-status":
+            return _GRPC_TO_HTTP.get(value.strip(), 500)
+    return status
+
+
 _GRPC_CONTENT_TYPE = b"application/grpc"
 # grpc-message is percent-encoded: bytes outside printable ASCII, and "%".
 _GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {0x25}
@@ -981,9 +998,10 @@ class Exchange:
         ep = self.endpoint
         assert cluster is not None
         self.attempt_status = status
-        if ep is not None and (status >= 500 or ep.consecutive_5xx or ep.consecutive_gateway):
+        seen = status if self.grpc is None else _grpc_outlier_status(status, headers)
+        if ep is not None and (seen >= 500 or ep.consecutive_5xx or ep.consecutive_gateway):
             # (a success below 500 only resets these counters: no call when they are 0)
-            cluster.outlier.on_response(ep, status)
+            cluster.outlier.on_response(ep, seen)
         route = self.route
         retriable = route is not None and route.retry.any_response and route.retry.retries_response(status, headers)
         if retriable and self._retry_allowed():

@@ -357,3 +357,42 @@ def test_request_trailers_of_an_http2_client_reach_an_http2_upstream() -> None:
     assert trailers.headers == [(b"x-checksum", b"abc")]
     assert any(isinstance(e, h2.events.StreamEnded) for e in got)
     assert b"transfer-encoding" not in peer.requests()[sid]
+
+
+def test_grpc_status_in_response_headers_feeds_outlier_detection() -> None:
+    od = ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc}\n"
+          "spec:\n  host: svc\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 5, interval: 10s}\n")
+    vs = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: svc}\nspec:\n  hosts: [svc]\n"
+          "  http:\n  - route: [{destination: {host: svc}}]\n    retries: {attempts: 0}\n")
+    m = mesh(od, vs)
+    ep = endpoint(m)
+
+    def grpc_call(headers: list[tuple[bytes, bytes]], trailers: list[tuple[bytes, bytes]] | None) -> None:
+        down = FakeDownstream(m.worker)
+        ex = Exchange(down, b"POST", b"/pkg.S/M", [(b"host", b"svc"), (b"content-type", b"application/grpc"),  # type: ignore[arg-type]
+                                                   (b"content-length", b"5")], "1.1", True, False)
+        ex.start()
+        ex.on_request_body(b"\0\0\0\0\0")
+        ex.on_request_complete()
+        peer = peers[0] if peers else connect(m, ep)
+        if not peers:
+            peers.append(peer)
+        peer.pump()
+        sid = max(peer.requests())
+        peer.server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"), *headers],
+                                 end_stream=trailers is None)
+        if trailers is not None:
+            peer.server.send_data(sid, b"\0\0\0\0\0")
+            peer.server.send_headers(sid, trailers, end_stream=True)
+        peer.pump()
+        assert down.status == 200
+
+    peers: list[Peer] = []
+    # Trailers-only UNAVAILABLE: Envoy counts it as a 503.
+    grpc_call([(b"grpc-status", b"14")], None)
+    assert (ep.consecutive_5xx, ep.consecutive_gateway) == (1, 1)
+    grpc_call([(b"grpc-status", b"13")], None)  # INTERNAL -> 500
+    assert (ep.consecutive_5xx, ep.consecutive_gateway) == (2, 0)
+    # UNAVAILABLE in trailers after a body: not seen by outlier detection (HTTP 200 resets).
+    grpc_call([], [(b"grpc-status", b"14")])
+    assert (ep.consecutive_5xx, ep.consecutive_gateway) == (0, 0)
