@@ -92,6 +92,20 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
                                   b"upgrade", b"host"})
 
 
+class _ClientState(h2.connection.H2Connection):
+    """The h2 library's state machine, but a graceful GOAWAY (NO_ERROR) does
+    not close it: the library moves to CLOSED on any GOAWAY and would then
+    refuse every later frame, including those of the streams the upstream
+    still answers (and the PING grpc-core sends with its GOAWAY). No stream
+    is opened on a connection after its GOAWAY (H2Connection.draining)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == 0:
+            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return result
+
+
 def _h2_state() -> h2.connection.H2Connection:
     config = h2.config.H2Configuration(
         client_side=True, header_encoding=None,
@@ -100,7 +114,7 @@ def _h2_state() -> h2.connection.H2Connection:
         # protocol error).
         validate_outbound_headers=False, normalize_outbound_headers=False,
     )
-    conn = h2.connection.H2Connection(config)
+    conn = _ClientState(config)
     # Applied at once (the library would wait for the peer's ACK): the
     # peer reads our SETTINGS before any stream, and what it may send only
     # grows with them.
@@ -557,12 +571,6 @@ class H2Connection(asyncio.Protocol):
                 for s in list(streams.values()):
                     s.drain()
         elif t is h2.events.ConnectionTerminated:
-            if ev.error_code == ErrorCodes.NO_ERROR:
-                # The h2 library closes its state machine on any GOAWAY and
-                # would then refuse the frames of the streams the upstream
-                # still answers (a graceful drain): reopen it. No stream is
-                # opened on this connection again (draining).
-                self.h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
             self._on_goaway(ev.last_stream_id)
 
     def _on_goaway(self, last_stream_id: int | None) -> None:

@@ -459,3 +459,34 @@ async def test_passthrough_speaks_the_clients_protocol() -> None:
             assert _stats(px)["cluster.PassthroughCluster.upstream_cx_total"] == 2
     assert len(srv.peers) == 1
     assert [r.path for r in plain.seen] == ["/h1"]
+
+
+def test_upstream_goaway_lets_calls_in_flight_finish() -> None:
+    """A grpcio server shutting down with a grace period sends GOAWAY: the
+    calls already on the connection are answered through pyproxy, and the
+    connection takes no new stream (the next call needs a new connection,
+    which the stopped server refuses: UNAVAILABLE)."""
+    vs = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo]
+  http:
+  - route: [{destination: {host: echo}}]
+    retries: {attempts: 0}
+"""
+    with EchoServer() as srv, running_proxy({"10-se.yaml": grpc_entry(srv.port), "20-vs.yaml": vs}) as px, \
+            channel(px) as ch:
+        assert m(ch, "Unary")(b"warm", timeout=10) == b"echo:warm"
+        futures = [m(ch, "Hold").future(b"%d" % i, timeout=30) for i in range(5)]
+        deadline = time.monotonic() + 10
+        while srv.active < 5:  # all five are being served
+            assert time.monotonic() < deadline, srv.active
+            time.sleep(0.01)
+        stopped = srv.server.stop(grace=10)
+        assert sorted(f.result() for f in futures) == sorted(b"%d" % i for i in range(5))
+        stopped.wait(10)
+        with pytest.raises(grpc.RpcError) as err:
+            m(ch, "Unary")(b"after", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert upstream_cx(px) >= 2  # the drained connection was not reused

@@ -396,3 +396,34 @@ def test_grpc_status_in_response_headers_feeds_outlier_detection() -> None:
     # UNAVAILABLE in trailers after a body: not seen by outlier detection (HTTP 200 resets).
     grpc_call([], [(b"grpc-status", b"14")])
     assert (ep.consecutive_5xx, ep.consecutive_gateway) == (0, 0)
+
+
+def test_inbound_protocol_from_the_service_port_of_this_workload() -> None:
+    import random
+
+    from pyproxy.config.loader import load_text
+    from pyproxy.snapshot import BuildContext, ProxyIdentity, build_snapshot
+    from tests.unit.fakes import FakeLoop
+
+    def inbound(protocol: str | None, labels: str = "{app: echo}") -> str:
+        port = "{number: 9080, name: p" + (f", protocol: {protocol}" if protocol is not None else "") + "}"
+        loaded = load_text(f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo}}
+spec:
+  hosts: [echo]
+  ports: [{port}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{p: 7000}}, labels: {labels}}}]
+""", "mesh.yaml")
+        assert loaded.ok, [str(e) for e in loaded.errors]
+        loop = FakeLoop()
+        ident = ProxyIdentity(labels=(("app", "echo"), ("version", "v1")), app_port=7000)
+        snap = build_snapshot(loaded, ident, BuildContext(loop, random.Random(1), None, loop.time))  # type: ignore[arg-type]
+        return snap.inbound_cluster.settings.upstream_protocol
+
+    assert inbound("GRPC") == H2
+    assert inbound("HTTP2") == H2
+    assert inbound("HTTP") == HTTP1
+    assert inbound(None) == DOWNSTREAM  # sniffed: the client's protocol
+    assert inbound("GRPC", labels="{app: other}") == HTTP1  # not this workload's endpoint
