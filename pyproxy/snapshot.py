@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .authz.guard import security_filters
+from .authz.guard import SecurityFilters, security_filters
 from .authz.jwt import JWKS, Authenticator
 from .authz.policy import Engine, applies
 from .config.model import (
@@ -43,7 +43,7 @@ from .config.model import (
     VirtualService,
     WorkloadEntry,
 )
-from .filters.chain import HttpFilter
+from .filters.chain import RouteFilter
 from .filters.cors import CorsFilter, compile_cors
 from .filters.fault import FaultFilter, compile_fault
 from .filters.mirror import MirrorPolicy
@@ -190,7 +190,7 @@ class Snapshot:
     authn: Authenticator | None = None
     # Their filters (authz/guard.py), run before the route lookup, by
     # direction (OUTBOUND, INBOUND); () where nothing applies.
-    security_filters: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
+    security_filters: tuple[SecurityFilters, SecurityFilters] = ((), ())
     # EnvoyFilter rate limiting (ratelimit/filter.py RateLimitTable); None
     # when no rate-limit filter selects this proxy: nothing runs per request.
     ratelimit: Any = None
@@ -243,13 +243,13 @@ def intersect_hosts(vs_host: str, gw_host: str) -> str | None:
     return None
 
 
-def route_filters(route: CompiledRoute, proxy_filters: tuple[HttpFilter, ...] = ()) -> tuple[HttpFilter, ...]:
+def route_filters(route: CompiledRoute, proxy_filters: tuple[RouteFilter, ...] = ()) -> tuple[RouteFilter, ...]:
     """The filter chain of one compiled route (filters/chain.py), in phase
     order; ``()`` when no filter has anything to do for it. A new filter is
     compiled here from the route's config. ``proxy_filters`` apply to every
     route of this proxy (EnvoyFilter rate limits: their policy per route,
     virtual host and port is looked up by the filter)."""
-    filters: list[HttpFilter] = list(proxy_filters)
+    filters: list[RouteFilter] = list(proxy_filters)
     # Fault applies to routes that forward (redirect and direct-response
     # routes never injected faults here).
     if route.fault is not None and route.kind == ROUTE:
@@ -914,7 +914,7 @@ class _Builder:
         # EnvoyFilter rate limits: the table first, every route's chain then
         # gets the rate-limit filter (nothing when none selects this proxy).
         self.ratelimit = None
-        self.proxy_filters: tuple[HttpFilter, ...] = ()
+        self.proxy_filters: tuple[RouteFilter, ...] = ()
         if self.envoy_filters:
             from .ratelimit.filter import RATE_LIMIT_FILTER, compile_table
 

@@ -19,13 +19,62 @@ denied`` for a denied request. Neither sets a response flag.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..filters.chain import AUTHN, AUTHZ
+from ..filters.chain import AUTHN, AUTHZ, FilterContext, HttpFilter
 from .jwt import Authenticator, JwtError, www_authenticate
 from .policy import Engine, Request
 
+if TYPE_CHECKING:
+    import asyncio
+
 log = logging.getLogger("pyproxy.authz")
+
+
+class _Identity(Protocol):
+    @property
+    def app_port(self) -> int: ...
+
+
+class _Snapshot(Protocol):
+    @property
+    def identity(self) -> _Identity: ...
+
+
+class SecurityConnection(Protocol):
+    """The downstream connection as a policy sees it (its source and
+    destination; an mTLS connection adds ``peer_principal`` and ``sni``)."""
+
+    @property
+    def peer_ip(self) -> str: ...
+    @property
+    def original_dst(self) -> tuple[str, int] | None: ...
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+    @property
+    def listen_port(self) -> int: ...
+
+
+class SecurityContext(FilterContext, Protocol):
+    """What jwt_authn and RBAC read of a request beyond a route filter's
+    ``FilterContext``: the scheme, query and cookies (token locations), the
+    connection's addresses, the workload port; and what they write: the
+    verified identity (``auth``), the deciding policy (``authz_policy``),
+    the request headers (forwarded-token and claim headers, in place)."""
+
+    @property
+    def scheme(self) -> bytes: ...
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+    @property
+    def conn(self) -> SecurityConnection: ...
+    @property
+    def snapshot(self) -> _Snapshot: ...
+    auth: Any  # the verified JWT identity (authz/jwt.py), None without one
+    authz_policy: str
+
+    def query_params(self) -> dict[str, str]: ...
+    def cookie(self, name: str) -> str | None: ...
 
 RBAC_DENIED = b"RBAC: access denied"
 
@@ -51,7 +100,7 @@ class SecurityStats:
 STATS = SecurityStats()  # one per worker process
 
 
-def _preflight(ex: Any) -> bool:
+def _preflight(ex: SecurityContext) -> bool:
     # Istio sets bypass_cors_preflight: OPTIONS with Origin and
     # Access-Control-Request-Method skips JWT checks.
     h = ex.hdict
@@ -68,7 +117,7 @@ class JwtAuthnFilter:
         self.authn = authn
         self.stats = stats
 
-    def on_request(self, ex: Any) -> bool:
+    def on_request(self, ex: SecurityContext) -> bool:
         if _preflight(ex):
             self.stats.jwt["cors_preflight_bypassed"] += 1
             return False
@@ -97,7 +146,7 @@ class RbacFilter:
         self.engine = engine
         self.stats = stats
 
-    def on_request(self, ex: Any) -> bool:
+    def on_request(self, ex: SecurityContext) -> bool:
         decision = self.engine.check(request_of(ex))
         for policy, result in decision.shadow:
             self.stats.count(policy, result)
@@ -112,17 +161,21 @@ class RbacFilter:
         return True
 
 
-def _refuse(ex: Any, status: int, body: bytes, extra: tuple = ()) -> None:
+def _refuse(ex: SecurityContext, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     # A gRPC request's refusal becomes Envoy's gRPC local reply (HTTP 200,
     # grpc-status 7 for 403, 16 for 401) in send_local_reply.
     ex.send_local_reply(status, body, extra=extra, route_ops=False)
 
 
+# The pre-routing chain of one direction.
+SecurityFilters = tuple[HttpFilter[SecurityContext], ...]
+
+
 def security_filters(engine: Engine | None, authn: Authenticator | None,
-                     gateway: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+                     gateway: bool) -> tuple[SecurityFilters, SecurityFilters]:
     """The pre-routing filters by direction (OUTBOUND, INBOUND): on a sidecar
     only inbound; at a gateway every request. ``()`` when nothing applies."""
-    chain: list[Any] = []
+    chain: list[HttpFilter[SecurityContext]] = []
     if authn is not None:
         chain.append(JwtAuthnFilter(authn))
     if engine is not None:
@@ -131,7 +184,7 @@ def security_filters(engine: Engine | None, authn: Authenticator | None,
     return (filters if gateway else (), filters)
 
 
-def request_of(ex: Any) -> Request:
+def request_of(ex: SecurityContext) -> Request:
     """What a policy sees of the request."""
     conn = ex.conn
     peer = conn.peer_ip
@@ -159,7 +212,7 @@ def request_of(ex: Any) -> Request:
     )
 
 
-def _rewrite(ex: Any, remove: tuple[bytes, ...], add: tuple[tuple[bytes, bytes], ...]) -> None:
+def _rewrite(ex: SecurityContext, remove: tuple[bytes, ...], add: tuple[tuple[bytes, bytes], ...]) -> None:
     """Drop forwarded-token headers and set the payload/claim headers
     (overwriting any the client sent)."""
     drop = set(remove) | {name for name, _ in add}

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 # Phases in Istio's filter order (istiod's HTTP connection manager:
 # istio.metadata_exchange, jwt_authn, rbac, local_ratelimit/ratelimit,
@@ -88,10 +88,17 @@ class FilterContext(Protocol):
     def add_encoder(self, f: ResponseFilter) -> None: ...
 
 
-class HttpFilter(Protocol):
+# What a filter reads the request through: FilterContext for the route's
+# chain; the security filters before the route lookup read more
+# (authz/guard.py SecurityContext). Contravariant: a filter that needs less
+# serves wherever more is offered, and mypy checks the Exchange against each.
+Ctx_contra = TypeVar("Ctx_contra", contravariant=True)
+
+
+class HttpFilter(Protocol[Ctx_contra]):
     phase: int
 
-    def on_request(self, ex: FilterContext) -> bool:
+    def on_request(self, ex: Ctx_contra) -> bool:
         """The request head is parsed and routed. False: continue; True: the
         filter answered or will ``ex.resume_chain()`` later."""
         ...
@@ -102,3 +109,7 @@ class ResponseFilter(Protocol):
 
     def on_response_headers(self, ex: FilterContext, headers: list[tuple[bytes, bytes]]
                             ) -> list[tuple[bytes, bytes]]: ...
+
+
+# A filter of a route's chain (CompiledRoute.filters).
+RouteFilter = HttpFilter[FilterContext]

@@ -421,7 +421,7 @@ class Exchange:
     # ------------------------------------------------------------------
     # the filter chain (filters/chain.py)
 
-    def _run_filters(self, filters: tuple[HttpFilter, ...], first: int) -> bool:
+    def _run_filters(self, filters: tuple[HttpFilter[Exchange], ...], first: int) -> bool:
         """Run ``filters[first:]``; True when one stopped the chain."""
         for i in range(first, len(filters)):
             self.filter_pos = i
@@ -1443,12 +1443,15 @@ class Exchange:
 
 
 if TYPE_CHECKING:
+    from ..authz.guard import SecurityContext
+    from ..filters.chain import FilterContext
     from ..filters.mirror import MirroredRequest
     from ..observability.view import ExchangeView
 
-    def _worker_parts_read_an_exchange(ex: Exchange) -> tuple[ExchangeView, MirroredRequest]:
+    def _views_of_an_exchange(ex: Exchange) -> tuple[ExchangeView, MirroredRequest, FilterContext, SecurityContext]:
         """For mypy only (never defined at run time): the Exchange is what the
-        observers and the mirror are typed against. They are reached through
-        ``worker.observer`` and ``worker.mirror``, which this layer cannot
-        type without importing the worker, so the check is stated here."""
-        return ex, ex
+        observers, the mirror and the filters are typed against. They reach
+        it through ``worker.observer``, ``worker.mirror`` and the snapshot's
+        filter tuples, which this layer cannot type without importing the
+        worker, so the check is stated here."""
+        return ex, ex, ex, ex

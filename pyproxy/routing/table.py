@@ -17,7 +17,7 @@ from ..http.headers import RESPONSE_DROP
 from .matchers import Check
 
 if TYPE_CHECKING:
-    from ..filters.chain import HttpFilter
+    from ..filters.chain import RouteFilter
     from ..filters.fault import FaultPolicy
     from ..http.request import RequestView
     from ..upstream.cluster import Cluster
@@ -236,7 +236,7 @@ class CompiledRoute:
         self.mirrors: tuple[Any, ...] = ()
         self.cors: Any = None
         # The filter chain (filters/chain.py): () when no filter has work here.
-        self.filters: tuple[HttpFilter, ...] = ()
+        self.filters: tuple[RouteFilter, ...] = ()
         self.request_ops: HeaderOps | None = None
         self.response_ops: HeaderOps | None = None
         self.rewrite: Any = None
