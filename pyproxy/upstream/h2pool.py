@@ -87,6 +87,9 @@ CONNECTION_WINDOW = MAX_STREAMS * STREAM_WINDOW
 # Exchange stops reading the client.
 STREAM_BUFFER = 64 << 10
 _DEFAULT_WINDOW = 65535
+# Output an upstream leaves unread (our acknowledgements of its frames
+# included) before the connection is cut (as the downstream side's bound).
+MAX_UNREAD_OUTPUT = 8 << 20
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade", b"host"})
@@ -497,6 +500,12 @@ class H2Connection(asyncio.Protocol):
         finally:
             self.corked = False
         self.flush()
+        if self.transport.get_write_buffer_size() > MAX_UNREAD_OUTPUT:
+            # An upstream that sends (PINGs, SETTINGS) but does not read our
+            # answers: cut it before their acknowledgements pile up.
+            log.warning("HTTP/2 upstream %s does not read: connection closed", self.endpoint.address)
+            self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
+            self.abort()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost resets what is left

@@ -152,6 +152,9 @@ class FakeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)  # (what the fake peer has not taken yet)
+
     def write(self, data: bytes) -> None:
         assert not self.closing, "write after close"
         self.written += data

@@ -427,3 +427,49 @@ spec:
     assert inbound("HTTP") == HTTP1
     assert inbound(None) == DOWNSTREAM  # sniffed: the client's protocol
     assert inbound("GRPC", labels="{app: other}") == HTTP1  # not this workload's endpoint
+
+
+def test_per_try_timeout_cancels_the_stream_and_retries_on_a_new_one() -> None:
+    vs = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: svc}\nspec:\n  hosts: [svc]\n"
+          "  http:\n  - route: [{destination: {host: svc}}]\n"
+          "    retries: {attempts: 2, perTryTimeout: 1s, retryOn: reset}\n")
+    m = mesh(vs)
+    ep = endpoint(m)
+    ex, down = m.request("svc", "/slow")
+    peer = connect(m, ep)
+    (first,) = peer.requests()
+    m.loop.advance(1.0)  # the per-try timeout
+    peer.pump()
+    resets = [e for e in peer.events if isinstance(e, h2.events.StreamReset)]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(first, ErrorCodes.CANCEL)]
+    m.loop.advance(0.5)  # the back-off
+    peer.pump()
+    (second,) = [sid for sid in peer.requests() if sid != first]
+    assert second > first  # a new stream, on the same connection
+    peer.respond(second, body=b"late but fine")
+    assert down.status == 200 and down.body == b"late but fine"
+    s = m.cluster("svc").stats
+    assert (s.upstream_rq_per_try_timeout, s.upstream_rq_retry, s.upstream_cx_total) == (1, 1, 1)
+    assert ex.finished and not peer.conn.streams
+
+
+def test_an_upstream_that_does_not_read_its_acknowledgements_is_cut(monkeypatch: Any) -> None:
+    from pyproxy.upstream import h2pool
+
+    monkeypatch.setattr(h2pool, "MAX_UNREAD_OUTPUT", 64 << 10)  # (8 MiB: the same, 130 times longer)
+    m = mesh()
+    ep = endpoint(m)
+    ex, down = m.request("svc", "/x")
+    peer = connect(m, ep)
+    ping = hyperframe.frame.PingFrame(0)
+    ping.opaque_data = b"12345678"
+    flood = ping.serialize() * 1000  # 17 bytes of PING ACK each
+    peer.transport.written.clear()
+    for _ in range(600):  # the peer never reads: the ACKs pile up past the bound
+        if peer.conn.closed:
+            break
+        peer.conn.data_received(flood)
+    assert peer.conn.closed
+    m.loop.run_ready()
+    assert m.cluster("svc").stats.upstream_cx_protocol_error == 1
+    assert down.status == 503 and ex.flag_string == "UC"  # its stream was reset with the connection
