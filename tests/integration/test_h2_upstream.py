@@ -490,3 +490,29 @@ spec:
             m(ch, "Unary")(b"after", timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert upstream_cx(px) >= 2  # the drained connection was not reused
+
+
+async def test_h2load_through_two_sidecars_over_one_upstream_connection() -> None:
+    """h2load (4 connections x 20 streams, 400 requests) -> client sidecar
+    -> h2c (an HTTP2 port) -> server sidecar's inbound -> HTTP/1.1 app: the
+    client sidecar multiplexes everything on one upstream connection."""
+    import shutil
+    import subprocess
+
+    from tests.harness import Upstream
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        pytest.skip("h2load (Debian nghttp2-client) is not installed (.ci/run installs it)")
+    async with Upstream("app") as app:
+        with running_proxy({"10-se.yaml": grpc_entry(free_port(), name="nothing")}, app_port=app.port) as server:
+            with running_proxy({"10-se.yaml": grpc_entry(server.inbound, protocol="HTTP2")}) as client:
+                out = await asyncio.to_thread(subprocess.run, [
+                    h2load, "-n", "400", "-c", "4", "-m", "20", "-H", ":authority: echo:9090",
+                    f"http://127.0.0.1:{client.outbound}/load"], capture_output=True, timeout=120)
+                text = out.stdout.decode()
+                assert out.returncode == 0, text + out.stderr.decode()
+                assert "400 succeeded, 0 failed, 0 errored" in text, text
+                assert "status codes: 400 2xx" in text, text
+                assert upstream_cx(client) == 1
+                assert _stats(server)["http.downstream_cx_http2_total"] == 1
+    assert len(app.seen) == 400
