@@ -86,9 +86,10 @@ def shadow_head(head: bytes) -> bytes:
     before, sep, rest = head.partition(b"\r\nhost: ")
     authority, crlf, after = rest.partition(b"\r\n")
     host, port = split_authority(authority)
-    if port is None:
-        # No well-formed port (a rewrite.authority can say anything): the
-        # whole authority is the host, as Envoy's parseAuthority falls back.
+    if not port:
+        # No port, an empty one ("host:") or a malformed one (a
+        # rewrite.authority can say anything): the whole authority is the
+        # host, as Envoy's parseAuthority falls back.
         host, port = authority, b""
     return (before + sep + host + b"-shadow" + (b":" + port if port else b"") + crlf
             + b"x-envoy-attempt-count: 1\r\nx-envoy-internal: true\r\n" + after + b"\r\n")

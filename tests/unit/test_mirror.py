@@ -107,6 +107,10 @@ def test_shadow_head_suffixes_the_host_part() -> None:
                                  b"x-a: 1\r\ncontent-length: 0\r\n\r\n")
     assert b"host: reviews-shadow\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: reviews\r\n")
     assert b"host: [::1]-shadow:80\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: [::1]:80\r\n")
+    # Without a well-formed port the whole authority is the host (Envoy's parseAuthority).
+    assert b"host: reviews:-shadow\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: reviews:\r\n")
+    assert b"host: reviews:http-shadow\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: reviews:http\r\n")
+    assert b"host: [::1]-shadow\r\n" in shadow_head(b"GET / HTTP/1.1\r\nhost: [::1]\r\n")
 
 
 def test_mirror_copies_the_upstream_request_to_the_mirror_cluster() -> None:
