@@ -5,6 +5,7 @@
     python load-tests/instructions.py --tree /tmp/before --tree .
     python load-tests/instructions.py -- --tracing off         # pyproxy flags after --
     python load-tests/instructions.py --mtls                   # the TLS path: ISTIO_MUTUAL to mTLS upstreams
+    python load-tests/instructions.py --h2                     # HTTP/2 clients (h2c, 10 streams per connection)
 
 Why: on a shared or virtualised 2-CPU machine, wrk rounds of the same
 build differ by ±15% (see load-tests/README.md), which hides most single
@@ -59,8 +60,46 @@ async def _client(port: int, conns: int, per_conn: int) -> None:
     await asyncio.gather(*(one() for _ in range(conns)))
 
 
+async def _h2_client(port: int, conns: int, per_conn: int, streams: int = 10) -> None:
+    """The same GETs over HTTP/2 (h2c prior knowledge, the ``h2`` library):
+    each connection keeps ``streams`` requests in flight."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(ADDR, port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"bench"), (b":path", b"/")]
+        sent = done = 0
+        try:
+            while done < per_conn:
+                while sent < per_conn and sent - done < streams:
+                    conn.send_headers(conn.get_next_available_stream_id(), headers, end_stream=True)
+                    sent += 1
+                writer.write(conn.data_to_send())
+                data = await reader.read(65536)
+                if not data:
+                    raise RuntimeError("connection closed")
+                for ev in conn.receive_data(data):
+                    kind = type(ev)
+                    if kind is h2.events.ResponseReceived and dict(ev.headers)[b":status"] != b"200":
+                        raise RuntimeError(f"unexpected response: {ev.headers}")
+                    if kind is h2.events.DataReceived:
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif kind is h2.events.StreamEnded:
+                        done += 1
+                    elif kind is h2.events.StreamReset:
+                        raise RuntimeError(f"stream reset: {ev}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(conns)))
+
+
 def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = False,
-          ratelimit: str = "none") -> int:
+          ratelimit: str = "none", http2: bool = False) -> int:
     """Instructions the proxy process executed for start-up + ``requests``.
     ``mtls``: the upstreams serve mutual TLS and the proxy reaches them by
     ISTIO_MUTUAL (auto mTLS), as bench.py's pyproxy-mtls target.
@@ -105,7 +144,8 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
         procs.append(proxy)
         bench.wait_until(lambda: bench.http_probe(out)[0] == 200, 300,
                          "pyproxy under valgrind", proxy, log)
-        asyncio.run(_client(out, CONNS, max(1, requests // CONNS)))
+        client = _h2_client if http2 else _client
+        asyncio.run(client(out, CONNS, max(1, requests // CONNS)))
         proxy.send_signal(2)
         proxy.wait(timeout=300)
         m = re.search(r"Collected : (\d+)", log.read_text())
@@ -135,6 +175,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=1000, help="N: the runs send N and 5N requests")
     p.add_argument("--mtls", action="store_true",
                    help="the upstreams serve mutual TLS, the proxy originates ISTIO_MUTUAL (the TLS path)")
+    p.add_argument("--h2", action="store_true",
+                   help="HTTP/2 clients (h2c prior knowledge, 10 streams in flight per connection)")
     p.add_argument("--ratelimit", choices=("none", "local", "global"), default="none",
                    help="add a rate limit that never triggers (bench.py's pyproxy-localrl/-globalrl config)")
     p.add_argument("--trace-sampling", default="0",
@@ -151,11 +193,12 @@ def main(argv: list[str]) -> int:
         wd = Path(tempfile.mkdtemp(prefix="pyproxy-instr-"))
         try:
             t0 = time.monotonic()
-            small = count(tree.resolve(), args.requests, flags, wd, args.mtls, args.ratelimit)
-            large = count(tree.resolve(), args.requests * 5, flags, wd, args.mtls, args.ratelimit)
+            small = count(tree.resolve(), args.requests, flags, wd, args.mtls, args.ratelimit, args.h2)
+            large = count(tree.resolve(), args.requests * 5, flags, wd, args.mtls, args.ratelimit, args.h2)
             per = (large - small) / (args.requests * 4)
             limit = f"; rate limit: {args.ratelimit}" if args.ratelimit != "none" else ""
-            print(f"{tree}: {per:,.0f} instructions per request{' (mTLS upstreams)' if args.mtls else ''} "
+            print(f"{tree}: {per:,.0f} instructions per request{' (mTLS upstreams)' if args.mtls else ''}"
+                  f"{' (HTTP/2 clients)' if args.h2 else ''} "
                   f"(flags: {' '.join(flags) or '-'}{limit}; {time.monotonic() - t0:.0f} s)", flush=True)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
