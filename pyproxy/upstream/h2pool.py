@@ -70,6 +70,7 @@ from ..security.upstream import connect as tls_connect
 from ..security.upstream import tls_failed, tls_verified
 from .cluster import OVERFLOW, ClusterEndpoint
 from .connection import MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS
+from .dial import Dial, numeric_address
 from .settings import DOWNSTREAM
 
 log = logging.getLogger("pyproxy.upstream.h2")
@@ -836,7 +837,32 @@ class H2Endpoint(ClusterEndpoint):
         self.connections += 1
         stats.upstream_cx_active += 1
         stats.upstream_cx_total += 1
-        cluster.loop.create_task(self._h2_connect())
+        loop = cluster.loop
+        if self.tls is None and isinstance(loop, asyncio.AbstractEventLoop):
+            # A plaintext connect to an IP address starts in this call, as
+            # the HTTP/1.1 pool's (dial.py).
+            try:
+                address = numeric_address(cluster.resolve(self.host), self.port)
+            except OSError:
+                address = None  # (_h2_connect reports it)
+            if address is not None:
+                conn = H2Connection(self)
+                conn.created = loop.time()
+                conn.on_made = self._h2_connect_done
+                Dial(loop, conn, lambda reason: self._h2_dial_failed(conn, reason)).start(
+                    address[0], address[1], cluster.settings.connect_timeout)
+                return
+        loop.create_task(self._h2_connect())
+
+    def _h2_dial_failed(self, conn: H2Connection, reason: str) -> None:
+        if conn.transport is not None:
+            return  # connection_made ran: already handed over
+        conn.on_made = None
+        if reason == "connection timeout":
+            self.cluster.stats.upstream_cx_connect_timeout += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect to %s for %s failed: %s", self.address, self.cluster.name, reason)
+        self._h2_connect_failed(conn, reason)
 
     async def _h2_connect(self) -> None:
         cluster = self.cluster

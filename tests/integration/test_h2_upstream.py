@@ -516,3 +516,14 @@ async def test_h2load_through_two_sidecars_over_one_upstream_connection() -> Non
                 assert upstream_cx(client) == 1
                 assert _stats(server)["http.downstream_cx_http2_total"] == 1
     assert len(app.seen) == 400
+
+
+def test_connect_failure_to_an_http2_upstream_is_unavailable_uf() -> None:
+    with running_proxy({"10-se.yaml": grpc_entry(free_port())}) as px, channel(px) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            m(ch, "Unary")(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "remote connection failure" in err.value.details(), err.value.details()
+        # the mesh default policy retried the connect failure twice
+        assert cluster_stat(px, "upstream_cx_connect_fail") == 3
+        assert cluster_stat(px, "upstream_cx_active") == 0
