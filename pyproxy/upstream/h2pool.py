@@ -724,10 +724,13 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         if self.transport is not None:
-            try:
-                self.h2.close_connection(ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
+            # (After a protocol error the library has queued its GOAWAY with
+            # the error code and closed: a second, NO_ERROR one would hide it.)
+            if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                try:
+                    self.h2.close_connection(ErrorCodes.NO_ERROR)
+                except h2.exceptions.ProtocolError:
+                    pass
             self.corked = False  # (closing inside data_received: the GOAWAY goes now)
             self.flush()
         self.closed = True
