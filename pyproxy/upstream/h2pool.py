@@ -91,6 +91,16 @@ _DEFAULT_WINDOW = 65535
 # Output an upstream leaves unread (our acknowledgements of its frames
 # included) before the connection is cut (as the downstream side's bound).
 MAX_UNREAD_OUTPUT = 8 << 20
+# Flood budgets, the client side's numbers (http/h2downstream.py): PING,
+# SETTINGS, PRIORITY and unknown frames, a token bucket of CONTROL_BURST
+# refilled at CONTROL_RATE per second; empty DATA frames without END_STREAM
+# in a row. (WINDOW_UPDATE is not counted: a peer reading a large request
+# body legitimately sends many.) Over either: GOAWAY(ENHANCE_YOUR_CALM).
+CONTROL_BURST = 1000
+CONTROL_RATE = 500.0
+MAX_EMPTY_DATA = 10
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.RemoteSettingsChanged,
+                   h2.events.SettingsAcknowledged, h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade", b"host"})
@@ -412,6 +422,7 @@ class H2Connection(asyncio.Protocol):
     __slots__ = (
         "endpoint", "transport", "h2", "streams", "active", "requests", "closed", "draining", "counted",
         "created", "idle_since", "idle_timer", "on_made", "write_paused", "peer_settings", "corked",
+        "control_tokens", "control_stamp", "empty_data",
     )
 
     def __init__(self, endpoint: H2Endpoint) -> None:
@@ -431,6 +442,9 @@ class H2Connection(asyncio.Protocol):
         self.write_paused = False
         self.peer_settings = False
         self.corked = False
+        self.control_tokens = float(CONTROL_BURST)
+        self.control_stamp = 0.0
+        self.empty_data = 0
 
     def __repr__(self) -> str:
         return f"<H2Connection {self.endpoint.address} streams={self.active}>"
@@ -542,6 +556,13 @@ class H2Connection(asyncio.Protocol):
         t = type(ev)
         streams = self.streams
         if t is h2.events.DataReceived:
+            if not ev.flow_controlled_length and ev.stream_ended is None:
+                self.empty_data += 1
+                if self.empty_data > MAX_EMPTY_DATA:
+                    self._calm("empty DATA flood")
+                    return
+            else:
+                self.empty_data = 0
             s = streams.get(ev.stream_id)
             if s is None:
                 self.ack(ev.stream_id, ev.flow_controlled_length)
@@ -575,6 +596,9 @@ class H2Connection(asyncio.Protocol):
                 # process the request, safe to retry (refused-stream).
                 s._fail("refused_stream" if ev.error_code == ErrorCodes.REFUSED_STREAM else "remote_reset", None)
         elif t is h2.events.RemoteSettingsChanged:
+            self._control()
+            if self.closed:
+                return
             self.peer_settings = True
             self.endpoint.serve_pending(self)
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
@@ -582,6 +606,31 @@ class H2Connection(asyncio.Protocol):
                     s.drain()
         elif t is h2.events.ConnectionTerminated:
             self._on_goaway(ev.last_stream_id)
+        elif t in _CONTROL_EVENTS:
+            self._control()
+
+    def _control(self) -> None:
+        now = self.endpoint.cluster.loop.time()
+        self.control_tokens = min(CONTROL_BURST,
+                                  self.control_tokens + (now - self.control_stamp) * CONTROL_RATE) - 1
+        self.control_stamp = now
+        if self.control_tokens < 0:
+            self._calm("control frame flood")
+
+    def _calm(self, why: str) -> None:
+        """A flood (Envoy's upstream codec has the same budgets): GOAWAY
+        (ENHANCE_YOUR_CALM), the streams fail as on a protocol error (502 UPE
+        before their response, a reset after)."""
+        log.warning("HTTP/2 upstream %s: connection closed: %s", self.endpoint.address, why)
+        self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
+        try:
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.corked = False
+        self.flush()
+        self._fail_all("protocol_error")
+        self.close()
 
     def _on_goaway(self, last_stream_id: int | None) -> None:
         """The upstream drains this connection: no new streams. Streams

@@ -457,6 +457,9 @@ def test_an_upstream_that_does_not_read_its_acknowledgements_is_cut(monkeypatch:
     from pyproxy.upstream import h2pool
 
     monkeypatch.setattr(h2pool, "MAX_UNREAD_OUTPUT", 64 << 10)  # (8 MiB: the same, 130 times longer)
+    # (The PING budget would end this flood first; its own test is
+    # tests/integration/test_h2_upstream_hostile.py.)
+    monkeypatch.setattr(h2pool, "CONTROL_BURST", 10 ** 9)
     m = mesh()
     ep = endpoint(m)
     ex, down = m.request("svc", "/x")
