@@ -66,6 +66,7 @@ import h2.settings
 import httptools
 from h2.errors import ErrorCodes
 
+from ..http.hpack_static import StaticEncoder
 from ..security.upstream import connect as tls_connect
 from ..security.upstream import tls_failed, tls_verified
 from .cluster import OVERFLOW, ClusterEndpoint
@@ -140,6 +141,9 @@ def _h2_state() -> h2.connection.H2Connection:
     # An HPACK bomb ends the connection; lists over 60 KiB below this are a
     # protocol error of their stream only (H2Attempt._on_response).
     conn.decoder.max_header_list_size = 4 * MAX_RESPONSE_HEADER_BYTES
+    # Request headers without HPACK's dynamic table, each field's bytes
+    # cached per process (http/hpack_static.py, as the downstream codec).
+    conn.encoder = StaticEncoder()  # type: ignore[assignment]
     return conn
 
 
