@@ -122,6 +122,11 @@ class _Stopped(Exception):
     are never parsed."""
 
 
+# What feed_data() stops on (``_parse_failed`` tells them apart; a callback's
+# exception arrives as HttpParserCallbackError, an HttpParserError).
+_PARSE_STOPS = (httptools.HttpParserError, httptools.HttpParserUpgrade, _ParseLimit)
+
+
 class _Discard:
     """Stands in for a tunnel while a closing connection drains the client's
     unread bytes: ``data_received`` hands them here, at no cost to the
@@ -360,9 +365,17 @@ class DownstreamConnection:
         end = n if n <= WHOLE_READ else data.find(_HEAD_END) + 4
         if end == 3 or end == n:
             # A small read, or no head ends in it, or it ends with the
-            # only one: parsed whole.
-            if not self._feed(data, data):
+            # only one: parsed whole (``_feed``, inlined: one call less per request).
+            self.feeding = True
+            try:
+                self.parser.feed_data(data)
+            except _PARSE_STOPS as exc:
+                try:
+                    self._parse_failed(exc, data, data, 0)
+                finally:
+                    self.feeding = False
                 return
+            self.feeding = False
         elif not self._feed_pieces(data, end):
             return
         if watch_trailers:
@@ -438,33 +451,38 @@ class DownstreamConnection:
         self.feeding = True
         try:
             self.parser.feed_data(piece)
-        except httptools.HttpParserUpgrade as exc:
+        except _PARSE_STOPS as exc:
+            try:
+                self._parse_failed(exc, piece, data, start)
+            finally:
+                self.feeding = False
+            return False
+        self.feeding = False
+        return True
+
+    def _parse_failed(self, exc: Exception, piece: Any, data: bytes, start: int) -> None:
+        """``feed_data`` stopped on ``exc`` (while still ``feeding``): an
+        upgrade, a limit, a refusal, or malformed input."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
             offset = exc.args[0] if exc.args else len(piece)
             self._on_upgrade_data(data[start + offset:])
-            return False
-        except _ParseLimit:
+        elif isinstance(exc, _ParseLimit):
             self._protocol_error()
-            return False
-        except httptools.HttpParserCallbackError as exc:
+        elif isinstance(exc, httptools.HttpParserCallbackError):
             if isinstance(exc.__context__, _Stopped):
-                return False  # the refusal was already answered (or is queued)
+                return  # the refusal was already answered (or is queued)
             if not (isinstance(exc.__context__, _ParseLimit) or self.pending_error is not None):
                 log.exception("internal error while handling a request")
                 self.pending_error = (500, b"internal error")
             self._protocol_error()
-            return False
-        except httptools.HttpParserError as exc:
+        elif isinstance(exc, httptools.HttpParserError):
             if not self.requests and self.url == b"*" and self._to_http2(data):
-                return False
+                return
             if self.pending_error is None:
                 self.pending_error = (400, b"Bad Request")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed request from %s: %s", self.peer_ip, exc)
             self._protocol_error()
-            return False
-        finally:
-            self.feeding = False
-        return True
 
     def _input_blocked(self) -> bool:
         """No further request may be parsed now: the queue is full, or the

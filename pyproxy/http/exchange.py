@@ -37,7 +37,7 @@ from .. import errors
 from ..errors import STATUS_LINES, LocalReply
 from ..observability.peer import PEER_METADATA, UNKNOWN_PEER, decode_peer
 from ..routing.matchers import parse_query
-from ..routing.table import DIRECT_RESPONSE, REDIRECT
+from ..routing.table import DIRECT_RESPONSE, REDIRECT, ROUTE
 from ..upstream.cluster import OVERFLOW, PassthroughCluster
 from ..upstream.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, REFUSED_STREAM, RESET
 from .grpc import call_for, is_grpc
@@ -390,13 +390,39 @@ class Exchange:
                 self.conn.write(CONTINUE_100)
         # jwt_authn and RBAC (authz/guard.py): before the route lookup;
         # inbound, or every request at a gateway; never a sidecar's outbound.
-        security = self.snapshot.security_filters[self.direction]
-        if security and self._run_filters(security, 0):
+        snap = self.snapshot
+        security = snap.security_filters[self.direction]
+        if security:
+            if not self._run_filters(security, 0):
+                self._route_and_filter()
             return
-        self._route_and_filter()
+        # _route_and_filter and the router's forward branch, inlined: this
+        # runs per request, and a route without filters runs no chain code.
+        if self.direction == INBOUND:
+            route = snap.inbound_route
+        else:
+            hosts = snap.hosts
+            vh = hosts.exact.get(self.host) or hosts.lookup(self.host)
+            if vh is None:
+                self._passthrough()
+                return
+            self.port = self.service_port(vh)
+            route = vh.match(self)
+            if route is None:
+                self.send_reply(errors.NR_404)
+                return
+        self.route = route
+        filters = route.filters
+        if filters and self._run_filters(filters, 0):
+            return
+        if route.kind == ROUTE:
+            self._forward()
+        else:
+            self._route_action()
 
     def _route_and_filter(self) -> None:
-        """Route lookup, the route's filter chain, then the router."""
+        """Route lookup, the route's filter chain, then the router (after
+        the security filters; ``start`` has the same steps inlined)."""
         snap = self.snapshot
         if self.direction == INBOUND:
             route = snap.inbound_route
@@ -562,7 +588,8 @@ class Exchange:
         # (a rate-limit destination_cluster action may have picked it already)
         target = self.target_choice or route.pick(self.worker.rng)
         self.target_choice = target
-        cluster = target.cluster_for(self.port)
+        by_port = target.by_port  # RouteTarget.cluster_for, inlined
+        cluster = by_port.get(self.port, target.cluster) if by_port else target.cluster
         if cluster is None:
             # Envoy still applies the route's (and this destination's)
             # response header operations to the cluster_not_found reply.
@@ -1074,7 +1101,9 @@ class Exchange:
         append = parts.append
         if added:
             append(added)
-        append(self._server_line())  # (the upstream's own ``server`` is in RESPONSE_DROP)
+        # (_server_line, inlined; the upstream's own ``server`` is in RESPONSE_DROP)
+        append(_SERVER_ISTIO_ENVOY if self.direction == INBOUND or self.snapshot.identity.gateway
+               else _SERVER_ENVOY)
         if self.upstream_latency >= 0:
             append(b"x-envoy-upstream-service-time: " + str(int(self.upstream_latency * 1000)).encode() + b"\r\n")
         if self.hash_cookie is not None:

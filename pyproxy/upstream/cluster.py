@@ -210,7 +210,9 @@ class ClusterEndpoint:
                     cluster.stats.upstream_cx_max_duration_reached += 1
                     conn.close()
                     continue
-                if conn.stale():
+                # (stale() is the check; its poll(0) inlined: no call when idle was quiet)
+                poller = conn.poller
+                if poller is not None and poller.poll(0) and conn.stale():
                     continue
                 return conn
         stats = cluster.stats
