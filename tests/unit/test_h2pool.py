@@ -476,3 +476,18 @@ def test_an_upstream_that_does_not_read_its_acknowledgements_is_cut(monkeypatch:
     m.loop.run_ready()
     assert m.cluster("svc").stats.upstream_cx_protocol_error == 1
     assert down.status == 503 and ex.flag_string == "UC"  # its stream was reset with the connection
+
+
+def test_a_replaced_cluster_drains_its_http2_connections() -> None:
+    m = mesh()
+    ep = endpoint(m)
+    cluster = m.cluster("svc")
+    _ex, down = m.request("svc", "/in-flight")
+    peer = connect(m, ep)
+    (sid,) = peer.requests()
+    cluster.drain()  # a reload replaced it: no new streams on its connections
+    assert not peer.conn.closed and peer.conn.draining
+    peer.respond(sid, body=b"finished")
+    assert down.status == 200 and down.body == b"finished"
+    assert peer.conn.closed and peer.server_closed  # GOAWAY once its last stream ended
+    assert cluster.stats.upstream_cx_active == 0
