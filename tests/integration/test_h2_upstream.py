@@ -50,6 +50,7 @@ class EchoServer:
         self.fail_first = fail_first
         self.lock = threading.Lock()
         self.cancelled = threading.Event()
+        self.opened = threading.Event()
         self.max_active = 0
         self.active = 0
         self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=80),
@@ -60,6 +61,7 @@ class EchoServer:
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
             "Flaky": grpc.unary_unary_rpc_method_handler(self.flaky),
             "Hold": grpc.unary_unary_rpc_method_handler(self.hold),
+            "Gate": grpc.unary_unary_rpc_method_handler(self.gate),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
@@ -88,6 +90,25 @@ class EchoServer:
         with self.lock:
             self.active -= 1
         return req
+
+    def gate(self, req: bytes, ctx: grpc.ServicerContext) -> bytes:
+        """Held until the test opens the gate (no timing involved)."""
+        self._seen(ctx)
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.opened.wait(30)
+        finally:
+            with self.lock:
+                self.active -= 1
+        return req
+
+    def wait_active(self, n: int) -> None:
+        deadline = time.monotonic() + 20
+        while self.active < n:
+            assert time.monotonic() < deadline, (self.active, n)
+            time.sleep(0.01)
 
     def slow(self, req: bytes, ctx: grpc.ServicerContext) -> bytes:
         self._seen(ctx)
@@ -184,10 +205,12 @@ def test_grpc_call_shapes_statuses_and_trailers() -> None:
 
 def test_fifty_concurrent_calls_share_one_upstream_connection() -> None:
     with EchoServer() as srv, running_proxy({"10-se.yaml": grpc_entry(srv.port)}) as px, channel(px) as ch:
-        call = m(ch, "Hold")
+        call = m(ch, "Gate")
         futures = [call.future(b"%d" % i, timeout=30) for i in range(50)]
+        srv.wait_active(50)  # all fifty in progress at the server at once
+        assert upstream_cx(px) == 1
+        srv.opened.set()
         assert sorted(f.result() for f in futures) == sorted(b"%d" % i for i in range(50))
-        assert srv.max_active > 1  # they overlapped upstream
         assert upstream_cx(px) == 1
         assert len(srv.peers) == 1
 
@@ -237,22 +260,25 @@ spec:
 """
     with EchoServer() as srv, running_proxy({"10-se.yaml": grpc_entry(srv.port), "20-dr.yaml": dr}) as px, \
             channel(px) as ch:
-        call = m(ch, "Hold")
+        call = m(ch, "Gate")
         futures = [call.future(b"x", timeout=30) for _ in range(6)]
-        codes = []
-        for f in futures:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
-                assert exc.details().startswith("upstream connect error or disconnect/reset before headers"), \
-                    exc.details()
-        assert codes.count(grpc.StatusCode.OK) >= 2
-        assert grpc.StatusCode.UNAVAILABLE in codes
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
-        assert cluster_stat(px, "upstream_rq_active_overflow") == codes.count(grpc.StatusCode.UNAVAILABLE)
-        assert srv.max_active <= 2
+        srv.wait_active(2)
+        # Two are held at the server; the other four were refused at once.
+        deadline = time.monotonic() + 20
+        while sum(f.done() for f in futures) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = [f for f in futures if f.done()]
+        assert len(refused) == 4
+        for f in refused:
+            exc = f.exception()
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert exc.details().startswith("upstream connect error or disconnect/reset before headers"), \
+                exc.details()
+        srv.opened.set()
+        assert [f.result() for f in futures if f not in refused] == [b"x", b"x"]
+        assert cluster_stat(px, "upstream_rq_active_overflow") == 4
+        assert srv.max_active == 2
 
 
 def grpc_frame(payload: bytes) -> bytes:
@@ -478,12 +504,11 @@ spec:
     with EchoServer() as srv, running_proxy({"10-se.yaml": grpc_entry(srv.port), "20-vs.yaml": vs}) as px, \
             channel(px) as ch:
         assert m(ch, "Unary")(b"warm", timeout=10) == b"echo:warm"
-        futures = [m(ch, "Hold").future(b"%d" % i, timeout=30) for i in range(5)]
-        deadline = time.monotonic() + 10
-        while srv.active < 5:  # all five are being served
-            assert time.monotonic() < deadline, srv.active
-            time.sleep(0.01)
+        futures = [m(ch, "Gate").future(b"%d" % i, timeout=30) for i in range(5)]
+        srv.wait_active(5)  # all five are being served
         stopped = srv.server.stop(grace=10)
+        time.sleep(0.2)  # (let the GOAWAY reach pyproxy before the answers; the assertions do not depend on it)
+        srv.opened.set()
         assert sorted(f.result() for f in futures) == sorted(b"%d" % i for i in range(5))
         stopped.wait(10)
         with pytest.raises(grpc.RpcError) as err:
