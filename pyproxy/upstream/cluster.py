@@ -53,6 +53,8 @@ class ClusterStats:
     """
 
     upstream_cx_total: int
+    upstream_cx_http1_total: int
+    upstream_cx_http2_total: int
     upstream_cx_active: int
     upstream_cx_connect_fail: int
     upstream_cx_connect_timeout: int
@@ -252,6 +254,7 @@ class ClusterEndpoint:
         self.connections += 1
         stats.upstream_cx_active += 1
         stats.upstream_cx_total += 1
+        stats.upstream_cx_http1_total += 1
         loop = cluster.loop
         if self.tls is None and isinstance(loop, asyncio.AbstractEventLoop):
             # A plaintext connect to an IP address starts now, in this call,

@@ -893,6 +893,7 @@ class H2Endpoint(ClusterEndpoint):
         self.connections += 1
         stats.upstream_cx_active += 1
         stats.upstream_cx_total += 1
+        stats.upstream_cx_http2_total += 1
         loop = cluster.loop
         if self.tls is None and isinstance(loop, asyncio.AbstractEventLoop):
             # A plaintext connect to an IP address starts in this call, as

@@ -482,7 +482,10 @@ async def test_passthrough_speaks_the_clients_protocol() -> None:
             assert await asyncio.to_thread(grpc_direct, px, srv.port) == b"echo:direct"
             raw = await raw_request(px.outbound, f"GET /h1 HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode())
             assert raw.startswith(b"HTTP/1.1 200"), raw
-            assert _stats(px)["cluster.PassthroughCluster.upstream_cx_total"] == 2
+            stats = _stats(px)
+            assert stats["cluster.PassthroughCluster.upstream_cx_total"] == 2
+            assert stats["cluster.PassthroughCluster.upstream_cx_http2_total"] == 1
+            assert stats["cluster.PassthroughCluster.upstream_cx_http1_total"] == 1
     assert len(srv.peers) == 1
     assert [r.path for r in plain.seen] == ["/h1"]
 

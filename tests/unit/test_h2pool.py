@@ -146,6 +146,7 @@ def test_requests_share_one_connection_and_get_their_responses() -> None:
         assert ex.finished
     s = m.cluster("svc").stats
     assert (s.upstream_cx_total, s.upstream_rq_total, s.upstream_rq_active, s.upstream_rq_pending_active) == (1, 3, 0, 0)
+    assert (s.upstream_cx_http2_total, s.upstream_cx_http1_total) == (1, 0)
     # the next request takes a stream on the same connection at once
     ex, down = m.request("svc", "/again")
     assert not m.loop.connects and isinstance(ex.upconn, H2Attempt)
