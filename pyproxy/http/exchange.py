@@ -1030,7 +1030,12 @@ class Exchange:
             # (a success below 500 only resets these counters: no call when they are 0)
             cluster.outlier.on_response(ep, seen)
         route = self.route
-        retriable = route is not None and route.retry.any_response and route.retry.retries_response(status, headers)
+        # The response's header map, built once: the retry check, the observer
+        # and the framing in _commit_response look names up in it instead of
+        # a pass over the fields each.
+        hd = dict(headers)
+        retriable = route is not None and route.retry.any_response and route.retry.retries_response(status, headers,
+                                                                                                    hd)
         if retriable and self._retry_allowed():
             # Discard this response: the connection cannot be reused with an
             # unread body, exactly as Envoy resets the upstream stream.
@@ -1050,11 +1055,12 @@ class Exchange:
         self.upstream_latency = monotonic() - self.attempt_started
         self.status = status
         if status == 101 and self.upgrade:
-            self._commit_response(status, headers, keep_alive=True, upgraded=True)
+            self._commit_response(status, headers, keep_alive=True, upgraded=True, hd=hd)
             return
-        self._commit_response(status, headers, keep_alive)
+        self._commit_response(status, headers, keep_alive, hd=hd)
 
-    def _commit_response(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, upgraded: bool = False) -> None:
+    def _commit_response(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, upgraded: bool = False,
+                         hd: dict[bytes, bytes] | None = None) -> None:
         self.response_started = True
         if self.upgrade and not upgraded:
             self.close_after = True  # the parser is in upgrade mode: no further requests
@@ -1062,9 +1068,10 @@ class Exchange:
             self.global_timer.cancel()
             self.global_timer = None
         conn = self.conn
+        received = headers
         obs = self.worker.observer
         if obs is not None:
-            headers = obs.on_upstream_response(self, headers)
+            headers = obs.on_upstream_response(self, headers, hd)
         ops = self.response_ops
         drop = RESPONSE_DROP
         added = b""
@@ -1079,8 +1086,10 @@ class Exchange:
                 headers = f.on_response_headers(self, headers)
         http10 = self.version == "1.0"
         # Framing and hop-by-hop fields, found with one C-level dict() (last
-        # value wins, as the loop this replaced did) instead of a Python loop.
-        hd = dict(headers)
+        # value wins, as the loop this replaced did) instead of a Python loop;
+        # the one on_upstream_headers built, unless a step changed the fields.
+        if hd is None or headers is not received:
+            hd = dict(headers)
         content_length = hd.get(b"content-length")
         if self.grpc is not None:
             self.grpc.header_status = hd.get(b"grpc-status")

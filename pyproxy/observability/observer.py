@@ -26,7 +26,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .peer import PEER_HEADERS, PEER_METADATA, PEER_METADATA_ID, PeerCache, peer_header_lines
+from .peer import (
+    ISTIO_PEER_METADATA,
+    ISTIO_PEER_METADATA_ID,
+    PEER_HEADERS,
+    PEER_METADATA,
+    PEER_METADATA_ID,
+    PeerCache,
+    peer_header_lines,
+)
 
 if TYPE_CHECKING:
     from .accesslog import AccessLog
@@ -50,9 +58,10 @@ class Observer:
         """One upstream attempt ended (``ex.endpoint`` still set)."""
 
     def on_upstream_response(
-        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]]
+        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]], hd: dict[bytes, bytes] | None = None
     ) -> list[tuple[bytes, bytes]]:
-        """Upstream response headers before they go downstream (may strip some)."""
+        """Upstream response headers before they go downstream (may strip
+        some); ``hd``: the same fields as a dict, when the exchange has one."""
         return headers
 
     def on_request_done(self, ex: ExchangeView) -> None:
@@ -120,7 +129,7 @@ class TelemetryObserver(Observer):
             self.tracer.attempt_end(ex)  # type: ignore[union-attr]  # ex.obs is set only by a tracer
 
     def on_upstream_response(
-        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]]
+        self, ex: ExchangeView, headers: list[tuple[bytes, bytes]], hd: dict[bytes, bytes] | None = None
     ) -> list[tuple[bytes, bytes]]:
         if ex.direction:
             if ex.peer is None:
@@ -129,16 +138,16 @@ class TelemetryObserver(Observer):
                 return headers
             # Tell the calling sidecar who answered; the application's own
             # copy (if any) is never passed on.
-            for name, _ in headers:
-                if name in PEER_HEADERS:
-                    headers = [h for h in headers if h[0] not in PEER_HEADERS]
-                    break
+            if _has_peer_headers(headers, hd):
+                headers = [h for h in headers if h[0] not in PEER_HEADERS]
             return headers + self.peer_pairs
-        for name, _ in headers:
-            if name in PEER_HEADERS:
-                break
-        else:
-            return headers  # the destination has no sidecar (or is not pyproxy)
+        if hd is not None:
+            # (four dict lookups: much cheaper than a pass over the fields)
+            if (PEER_METADATA not in hd and PEER_METADATA_ID not in hd and ISTIO_PEER_METADATA not in hd
+                    and ISTIO_PEER_METADATA_ID not in hd):
+                return headers  # the destination has no sidecar (or is not pyproxy)
+        elif not _has_peer_headers(headers, None):
+            return headers
         for name, value in headers:
             if name == PEER_METADATA:
                 ep = ex.endpoint  # the attempt in progress
@@ -170,3 +179,11 @@ class TelemetryObserver(Observer):
             self.tracer.shutdown()
         if self.access_log is not None:
             self.access_log.close()
+
+
+def _has_peer_headers(headers: list[tuple[bytes, bytes]], hd: dict[bytes, bytes] | None) -> bool:
+    """Does the response carry a peer metadata field (any of PEER_HEADERS)?"""
+    if hd is not None:
+        return (PEER_METADATA in hd or PEER_METADATA_ID in hd or ISTIO_PEER_METADATA in hd
+                or ISTIO_PEER_METADATA_ID in hd)
+    return any(name in PEER_HEADERS for name, _ in headers)

@@ -159,17 +159,23 @@ class RetryPolicy:
             return True
         return bool(f & RETRY_RETRIABLE_STATUS_CODES) and status in self.status_codes
 
-    def retries_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    def retries_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                         hd: dict[bytes, bytes] | None = None) -> bool:
         """Would this response be retried (limits aside)? The header scan
         runs only when the status alone would retry, under envoy-ratelimited,
-        or to find grpc-status for the gRPC conditions."""
+        or to find grpc-status for the gRPC conditions. ``hd``: the fields
+        as a dict, when the caller has one (saves the scan when it holds no
+        grpc-status)."""
         f = self.flags
         if not f:
             return False
         grpc = self.grpc_statuses
         if self.grpc_only:
             # Istio's default policy: only gRPC conditions look at responses
-            # (the common case, so one plain scan for grpc-status).
+            # (the common case, so one plain scan for grpc-status, the first
+            # one counting; none when the dict says there is none).
+            if hd is not None and b"grpc-status" not in hd:
+                return False
             for name, value in headers:
                 if name == b"grpc-status":
                     return value.strip() in grpc
