@@ -914,7 +914,8 @@ class _Builder:
         # EnvoyFilter rate limits: the table first, every route's chain then
         # gets the rate-limit filter (nothing when none selects this proxy).
         self.ratelimit = None
-        self.proxy_filters: tuple[RouteFilter, ...] = ()
+        self.proxy_filters: tuple[RouteFilter, ...] = ()  # outbound (or gateway) routes
+        self.inbound_proxy_filters: tuple[RouteFilter, ...] = ()
         if self.envoy_filters:
             from .ratelimit.filter import RATE_LIMIT_FILTER, compile_table
 
@@ -922,7 +923,13 @@ class _Builder:
             self.ratelimit = compile_table(self.envoy_filters, self.identity, runtime, self.gateway_ports(),
                                            self.warnings)
             if self.ratelimit is not None:
-                self.proxy_filters = (RATE_LIMIT_FILTER,)
+                # Only the listeners a rate-limit filter patch can reach: the
+                # others' routes keep no filter (and run no chain).
+                outbound = "GATEWAY" if self.identity.gateway else "SIDECAR_OUTBOUND"
+                if self.ratelimit.may_apply(outbound):
+                    self.proxy_filters = (RATE_LIMIT_FILTER,)
+                if self.ratelimit.may_apply("SIDECAR_INBOUND"):
+                    self.inbound_proxy_filters = (RATE_LIMIT_FILTER,)
         self.index_destination_rules()
         self.check_references()
         yield from self.build_service_clusters()
@@ -941,7 +948,7 @@ class _Builder:
         inbound_route.set_targets([t])
         # Istio >= 1.24: retry a request that never reached the app (reset-before-request, 2 retries).
         inbound_route.retry = INBOUND_DEFAULT
-        inbound_route.filters = route_filters(inbound_route, self.proxy_filters)
+        inbound_route.filters = route_filters(inbound_route, self.inbound_proxy_filters)
         # Istio's PassthroughCluster speaks the client's protocol
         # (cluster_builder.go passthroughHttpProtocolOptions: use_downstream_protocol).
         passthrough = self.make_cluster("PassthroughCluster", ClusterSettings(upstream_protocol=DOWNSTREAM), [],

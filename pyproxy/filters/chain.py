@@ -59,7 +59,7 @@ class FilterContext(Protocol):
 
     Read: the parsed request (``method``, ``path``, ``authority``, ``host``,
     ``port``, ``hdict``: lower-case name -> value, repeated fields joined with
-    ``,``), ``direction``, the matched ``route`` and ``match_index``, and
+    ``,``), ``direction``, the matched ``route``, ``vhost`` and ``match_index``, and
     ``worker.rng`` (seeded in tests). Write: ``flags`` (Envoy response flags,
     appended), a local reply, the chain's pause/resume, response encoders.
     Anything else of the Exchange is the router's."""
@@ -71,8 +71,10 @@ class FilterContext(Protocol):
     port: int
     hdict: dict[bytes, bytes]
     direction: int
-    # The matched CompiledRoute (typed loosely: routing/ imports this module).
+    # The matched CompiledRoute (typed loosely: routing/ imports this module),
+    # and its VirtualHost (None on the inbound listener).
     route: Any
+    vhost: Any
     match_index: int
     flags: list[str]
     finished: bool

@@ -169,6 +169,9 @@ class Exchange:
         "filter_pos", "encoders", "cors_origin", "shadows",
         # the rate-limit filter's x-ratelimit-* response headers (set only by it)
         "rl_headers",
+        # the matched virtual host (None inbound): set only when the route
+        # has filters, before they run (the rate-limit filter reads it)
+        "vhost",
         # telemetry: the endpoint of the last attempt, the peer's identity
         # (metadata exchange), the current attempt's response status
         "upstream_host", "peer", "attempt_status",
@@ -400,6 +403,7 @@ class Exchange:
         # runs per request, and a route without filters runs no chain code.
         if self.direction == INBOUND:
             route = snap.inbound_route
+            vh = None
         else:
             hosts = snap.hosts
             vh = hosts.exact.get(self.host) or hosts.lookup(self.host)
@@ -413,8 +417,13 @@ class Exchange:
                 return
         self.route = route
         filters = route.filters
-        if filters and self._run_filters(filters, 0):
-            return
+        if filters:
+            # (_run_filters, inlined)
+            self.vhost = vh
+            for i, f in enumerate(filters):
+                self.filter_pos = i
+                if f.on_request(self):
+                    return
         if route.kind == ROUTE:
             self._forward()
         else:
@@ -427,6 +436,7 @@ class Exchange:
         if self.direction == INBOUND:
             route = snap.inbound_route
             self.match_index = 0
+            vh = None
         else:
             hosts = snap.hosts
             vh = hosts.exact.get(self.host) or hosts.lookup(self.host)
@@ -440,8 +450,10 @@ class Exchange:
                 return
         self.route = route
         filters = route.filters
-        if filters and self._run_filters(filters, 0):
-            return
+        if filters:
+            self.vhost = vh
+            if self._run_filters(filters, 0):
+                return
         self._route_action()
 
     # ------------------------------------------------------------------

@@ -270,6 +270,14 @@ class RateLimitTable:
         self.warnings = warnings
         self.has_global = any(p.global_ is not None for p in patches)
 
+    def may_apply(self, context: str) -> bool:
+        """Can a request on a listener of this patch context (SIDECAR_OUTBOUND,
+        SIDECAR_INBOUND, GATEWAY) meet a rate-limit filter at all? Every
+        policy there is None when not (``_compile`` keeps only the filters
+        whose patch matches the context), so its routes go without one."""
+        return any(p.apply_to == "HTTP_FILTER" and (p.local is not None or p.global_ is not None)
+                   and p.context in ("ANY", context) for p in self.patches)
+
     # -- the request path ----------------------------------------------------------
 
     def policy(self, vh: Any, route: Any, match_index: int, port: int) -> Policy | None:
@@ -385,8 +393,6 @@ def compile_table(envoy_filters: list[EnvoyFilter], identity: Any, runtime: Any,
 
 # -- the request path -------------------------------------------------------------------------
 
-INBOUND = 1  # http/exchange.py's direction
-
 
 class RateLimitFilter:
     """The chain's rate-limit phase (filters/chain.py) on every route of a
@@ -402,10 +408,7 @@ class RateLimitFilter:
         table = snap.ratelimit
         if table is None:
             return False
-        vh = None
-        if ex.direction != INBOUND:
-            hosts = snap.hosts
-            vh = hosts.exact.get(ex.host) or hosts.lookup(ex.host)
+        vh = ex.vhost  # (found by the route lookup)
         route = ex.route
         # RateLimitTable.policy, its memo lookup inlined (this runs per request).
         policy = table.memo.get((vh, route, ex.match_index, ex.port), _MISSING)

@@ -641,6 +641,18 @@ def local_mesh(context: str = "SIDECAR_INBOUND", extra: str = ENABLED, bucket: s
     return RLMesh(text, ProxyIdentity(labels=(("app", "productpage"),)))
 
 
+@pytest.mark.parametrize(("context", "inbound", "outbound"), [
+    ("SIDECAR_INBOUND", True, False), ("SIDECAR_OUTBOUND", False, True), ("ANY", True, True)])
+def test_the_rate_limit_filter_is_only_on_routes_of_listeners_a_patch_can_reach(
+        context: str, inbound: bool, outbound: bool) -> None:
+    # Elsewhere every policy would be None: those routes keep no filter, so
+    # they run no chain at all (nothing per request for an unused feature).
+    snap = local_mesh(context).snapshot
+    assert bool(snap.inbound_route.filters) is inbound
+    routes = [r for vh in snap.hosts.exact.values() for r in vh.routes]
+    assert routes and all(bool(r.filters) is outbound for r in routes)
+
+
 def test_local_limit_answers_429_local_rate_limited_with_flag_rl() -> None:
     m = local_mesh()
     statuses = []
