@@ -133,7 +133,9 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out = bench.free_port()
         log = wd / "proxy.log"
-        env = dict(os.environ, PYTHONPATH=str(tree))
+        # A fixed hash seed: string hashes (attribute and key lookups) collide
+        # the same way in every run, which makes the count repeat more closely.
+        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                sys.executable, "-m", "pyproxy", "run", "--config", str(cfg),
                "--outbound", f"{ADDR}:{out}", "--inbound", f"{ADDR}:{bench.free_port()}",

@@ -362,8 +362,7 @@ class DownstreamConnection:
                 return
         watch_trailers = self.chunk_open
         n = len(data)
-        end = n if n <= WHOLE_READ else data.find(_HEAD_END) + 4
-        if end == 3 or end == n:
+        if n <= WHOLE_READ or (end := data.find(_HEAD_END) + 4) == 3 or end == n:
             # A small read, or no head ends in it, or it ends with the
             # only one: parsed whole (``_feed``, inlined: one call less per request).
             self.feeding = True
@@ -557,7 +556,8 @@ class DownstreamConnection:
         self.headers = []
         self.header_bytes = 0
         self.head_bytes = 0
-        self.headers_started = self.worker.loop.time()
+        # (the loop time data_received took for this read: every parse runs inside it)
+        self.headers_started = self.last_activity
 
     def on_url(self, url: bytes) -> None:
         self.url_len += len(url)

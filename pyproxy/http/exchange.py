@@ -53,6 +53,7 @@ from .headers import (
     new_request_id,
 )
 from .request import (
+    HOST_PORTS,
     PLAIN_PATHS,
     host_and_port,
     index_headers,
@@ -318,7 +319,9 @@ class Exchange:
                 path = normalized
         self.path = path
         self.query = query
-        self.host, self.port = host_and_port(self.authority)
+        # (host_and_port's memo looked up here: no call for an authority seen before)
+        hp = HOST_PORTS.get(self.authority)
+        self.host, self.port = hp if hp is not None else host_and_port(self.authority)
 
     # ------------------------------------------------------------------
     # helpers used by matchers and balancers
@@ -851,9 +854,10 @@ class Exchange:
     def _end_attempt_counters(self) -> None:
         ep = self.endpoint
         if ep is not None:
-            obs = self.worker.observer
-            if obs is not None:
-                obs.on_attempt_end(self)
+            st = self.obs
+            if st is not None and st.record:
+                # (only a tracer sets ex.obs; it needs the call only for recorded spans)
+                self.worker.observer.on_attempt_end(self)
             self.upstream_host = ep
             ep.active_requests -= 1
             self.endpoint = None
@@ -1046,8 +1050,12 @@ class Exchange:
         # and the framing in _commit_response look names up in it instead of
         # a pass over the fields each.
         hd = dict(headers)
-        retriable = route is not None and route.retry.any_response and route.retry.retries_response(status, headers,
-                                                                                                    hd)
+        retriable = False
+        if route is not None:
+            retry = route.retry
+            # (Istio's default policy looks only for grpc-status: no call when the map has none)
+            if retry.any_response and (not retry.grpc_only or b"grpc-status" in hd):
+                retriable = retry.retries_response(status, headers, hd)
         if retriable and self._retry_allowed():
             # Discard this response: the connection cannot be reused with an
             # unread body, exactly as Envoy resets the upstream stream.

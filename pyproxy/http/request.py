@@ -73,21 +73,21 @@ def split_authority(authority: bytes) -> tuple[bytes, bytes | None]:
 
 # Authority -> (lower-cased host, port): 0 none, -1 malformed (refused by
 # validate). A bounded memo: one dict lookup per request instead of a split.
-_HOST_PORTS: dict[bytes, tuple[bytes, int]] = {}
+HOST_PORTS: dict[bytes, tuple[bytes, int]] = {}
 
 
 def host_and_port(authority: bytes) -> tuple[bytes, int]:
     """What the exchange routes on: the lower-cased host and the port
     number (0: none, -1: malformed; a port over 65535 is refused by
     ``validate``)."""
-    hp = _HOST_PORTS.get(authority)
+    hp = HOST_PORTS.get(authority)
     if hp is None:
         host, port = split_authority(authority)
         # Digits only: int() would also take "+80", " 80" and "8_0".
         hp = (host.lower(), -1 if port is None else int(port) if port else 0)
-        if len(_HOST_PORTS) >= 4096:
-            _HOST_PORTS.clear()
-        _HOST_PORTS[authority] = hp
+        if len(HOST_PORTS) >= 4096:
+            HOST_PORTS.clear()
+        HOST_PORTS[authority] = hp
     return hp
 
 

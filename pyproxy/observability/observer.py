@@ -9,7 +9,7 @@ is not None:
   context with the attempt's span id; this sidecar's peer metadata);
 - ``on_attempt_end``: an upstream attempt ended, for whatever reason
   (``ex.endpoint`` is still set; ``ex.attempt_status`` is its response
-  status or 0);
+  status or 0), when its spans are recorded (``ex.obs.record``);
 - ``on_upstream_response``: upstream response headers before they go
   downstream (peer metadata is read and stripped, or added);
 - ``on_request_done``: the exchange finished (metrics, spans, access log).
@@ -55,7 +55,9 @@ class Observer:
         return b""
 
     def on_attempt_end(self, ex: ExchangeView) -> None:
-        """One upstream attempt ended (``ex.endpoint`` still set)."""
+        """One upstream attempt ended (``ex.endpoint`` still set). Called
+        only while the request's trace state records spans (``ex.obs.record``):
+        nothing else needs it, so the exchange skips the call otherwise."""
 
     def on_upstream_response(
         self, ex: ExchangeView, headers: list[tuple[bytes, bytes]], hd: dict[bytes, bytes] | None = None

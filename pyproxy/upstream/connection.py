@@ -175,7 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._feed(stream, data)
 
     def _feed(self, stream: UpstreamStream, data: bytes) -> None:
-        if not self.bytes_received and data[:7] != b"HTTP/1."[:len(data)]:
+        if not self.bytes_received and data[:7] != b"HTTP/1." and data != b"HTTP/1."[:len(data)]:
             # The first bytes of a response: HTTP/1.0 or 1.1 only (llhttp
             # also takes "HTTP/2.0" and "HTTP/0.9" status lines). Checked
             # here, once per response, as get_http_version() is costly.
