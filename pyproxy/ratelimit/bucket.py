@@ -37,9 +37,11 @@ Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """One bucket in this process. ``clock`` is monotonic seconds (injected in tests)."""
+    """One bucket in this process. ``clock`` is monotonic seconds (injected in tests).
+    ``empty_at``: when the bucket was (or would have been) empty; the rate-limit
+    filter's fast path has a copy of ``consume`` (ratelimit/filter.py)."""
 
-    __slots__ = ("clock", "max_tokens", "rate", "reset_seconds", "_empty_at")
+    __slots__ = ("clock", "empty_at", "max_tokens", "rate", "reset_seconds")
 
     def __init__(self, max_tokens: int, tokens_per_fill: int, fill_interval: float,
                  clock: Clock = time.monotonic) -> None:
@@ -49,22 +51,22 @@ class TokenBucket:
         # Envoy's x-ratelimit-reset: the time one token takes to accrue, in
         # whole seconds rounded up (verified on Envoy 1.40: 30 for 2 per 60 s).
         self.reset_seconds = max(1, math.ceil(1.0 / self.rate))
-        self._empty_at = clock() - self.max_tokens / self.rate  # starts full
+        self.empty_at = clock() - self.max_tokens / self.rate  # starts full
 
     def consume(self) -> float:
         """Take one token: the tokens left after it, or -1.0 when none was available."""
         now = self.clock()
-        tokens = (now - self._empty_at) * self.rate
+        tokens = (now - self.empty_at) * self.rate
         if tokens > self.max_tokens:  # noqa: PLR1730 - per request: a comparison costs less than a call to min()
             tokens = self.max_tokens
         if tokens < 1.0:
             return -1.0
         tokens -= 1.0
-        self._empty_at = now - tokens / self.rate
+        self.empty_at = now - tokens / self.rate
         return tokens
 
     def remaining(self) -> float:
-        tokens = (self.clock() - self._empty_at) * self.rate
+        tokens = (self.clock() - self.empty_at) * self.rate
         return min(tokens, self.max_tokens)
 
 
