@@ -25,12 +25,13 @@ Envoy's codec does, never forwarded. Response fields that are
 connection-specific in HTTP/1.1 are dropped.
 
 Bounds (docs/http2.md has the table): 100 concurrent streams, 1 MiB stream
-and connection windows (the client can have at most 1 MiB of request body
-unacknowledged on a connection: DATA is acknowledged only while the
-upstream accepts it), header lists up to ``--max-header-bytes`` (60 KiB),
+windows and a connection window of 100 of them (DATA is acknowledged only
+while the upstream accepts it: a stream whose upstream is slow holds at
+most its own window), header lists up to ``--max-header-bytes`` (60 KiB),
 HPACK bombs and CONTINUATION floods stopped by the library, a budget for
 client resets of live streams (Rapid Reset), for control frames (SETTINGS,
-PING, PRIORITY, WINDOW_UPDATE) and for empty DATA frames, and a bound on
+PING, PRIORITY), for WINDOW_UPDATE relative to the DATA sent (Envoy's rule)
+and for empty DATA frames, and a bound on
 what the peer leaves unread (PING/SETTINGS acknowledgements it does not
 read). A connection over a budget gets GOAWAY(ENHANCE_YOUR_CALM) and closes;
 other connections are not affected.
@@ -63,7 +64,13 @@ _PREFACE_TAIL = b"SM\r\n\r\n"
 # 256 MiB windows; see docs/http2.md).
 MAX_CONCURRENT_STREAMS = 100
 INITIAL_WINDOW = 1 << 20
-CONNECTION_WINDOW = 1 << 20
+# Request body a stream whose upstream does not read stays unacknowledged
+# (up to its stream window), and so holds as much of the connection window:
+# with one stream window for the connection, one or two stalled uploads
+# stopped every other stream of the connection. A window per stream (as the
+# upstream side, upstream/h2pool.py) keeps them independent; what the proxy
+# holds is still bounded by the stream windows (docs/http2.md).
+CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * INITIAL_WINDOW
 # What one stream may hold of response body the client's window does not
 # admit yet before its upstream stops being read.
 STREAM_BUFFER = 64 << 10
@@ -77,6 +84,12 @@ CONTROL_RATE = 500.0
 # Empty DATA frames without END_STREAM in a row (Envoy's
 # max_consecutive_inbound_frames_with_empty_payload is 1).
 MAX_EMPTY_DATA = 10
+# WINDOW_UPDATE frames are answers to our DATA: a client downloading with
+# small windows sends one per few frames, which a per-second budget would
+# cut (a 50 MiB response through 64 KiB windows: ~1600 in a second or two).
+# Envoy's rule instead (source/common/http/http2/protocol_constraints.cc):
+# more than 5 + 2 * (streams opened + 10 * DATA frames sent) is a flood.
+WINDOW_UPDATES_PER_DATA_FRAME = 10
 # Output the client does not read (acknowledgements of its own frames
 # included): beyond this the connection is cut (Envoy's max_outbound_frames).
 MAX_UNREAD_OUTPUT = 8 << 20
@@ -412,6 +425,7 @@ class H2Downstream:
         "listener", "worker", "direction", "listen_port", "transport", "conn", "streams",
         "peer_ip", "peer_ip_bytes", "original_dst", "tls_peer", "closed", "draining", "last_activity",
         "write_paused", "corked", "flush_pending", "discarded", "reset_tokens", "reset_stamp", "control_tokens", "control_stamp",
+        "window_updates", "data_frames",
         "empty_data", "limits", "pipeline", "tunnel", "headers_started", "requests",
     )
 
@@ -443,6 +457,8 @@ class H2Downstream:
         self.control_stamp = now
         self.empty_data = 0
         self.requests = 0
+        self.window_updates = 0
+        self.data_frames = 0  # DATA frames sent
         # What the worker's drain and sweep look at on HTTP/1.1 connections.
         self.pipeline: tuple[()] = ()
         self.tunnel = None
@@ -575,7 +591,10 @@ class H2Downstream:
         elif t is h2.events.StreamReset:
             self._on_client_reset(ev.stream_id)
         elif t is h2.events.WindowUpdated:
-            self._control()
+            self.window_updates += 1
+            if self.window_updates > 5 + 2 * (self.requests + WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames):
+                self._calm("WINDOW_UPDATE flood")
+                return
             self._on_window(ev.stream_id)
         elif t is h2.events.TrailersReceived:
             # Kept for an HTTP/2 upstream (Exchange._last_request_chunk); an
@@ -781,6 +800,7 @@ class H2Downstream:
         while sent < n and window > 0:
             size = min(frame, window, n - sent)
             conn.send_data(s.sid, mv[sent:sent + size].tobytes())
+            self.data_frames += 1
             sent += size
             window -= size
         return data[sent:] if sent < n else b""

@@ -19,11 +19,14 @@ misbehave on purpose.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import h2.events
+import h2.exceptions
 import h2.settings
 import hpack
 import pytest
@@ -278,3 +281,350 @@ def test_data_beyond_the_window_closes_the_connection(tmp_path: Path) -> None:
     assert not peer.errors, peer.errors
 
 
+
+
+# -- flow control end to end ------------------------------------------------------
+
+BIG = 50 << 20
+SMALL = 5 << 20
+PATTERN = bytes(range(256)) * 64  # 16 KiB
+
+
+def body_of(n: int) -> bytes:
+    return (PATTERN * (n // len(PATTERN) + 1))[:n]
+
+
+class Streaming:
+    """An upstream that serves GET /big (50 MiB) and /small (5 MiB) as the
+    windows admit, all streams of a connection multiplexed by one loop;
+    POST /upload is read (acknowledged) at once, POST /slow-upload not
+    until ``release`` is set. It records what it sent and received."""
+
+    def __init__(self) -> None:
+        self.sent: dict[bytes, int] = {}  # by path
+        self.received: dict[bytes, int] = {}
+        self.release = threading.Event()
+        self.big_stalled = threading.Event()  # /big's window is shut
+
+    def script(self, conn: PeerConn) -> None:
+        sending: dict[int, tuple[bytes, bytes]] = {}  # sid -> (path, body)
+        offsets: dict[int, int] = {}
+        paths: dict[int, bytes] = {}
+        held: dict[int, int] = {}
+        # A 64 MiB connection window, as real servers open theirs (grpc-core,
+        # Go): one unread stream must not shut it for the others.
+        conn.h2.increment_flow_control_window((64 << 20) - 65535)
+        conn.flush()
+        while not conn.closed:
+            for ev in conn.pump(timeout=0.002, ack=False):
+                if isinstance(ev, h2.events.RequestReceived):
+                    path = dict(ev.headers)[b":path"]
+                    paths[ev.stream_id] = path
+                    if path in (b"/big", b"/small"):
+                        body = body_of(BIG if path == b"/big" else SMALL)
+                        conn.h2.send_headers(ev.stream_id, [(b":status", b"200"),
+                                                            (b"content-length", str(len(body)).encode())])
+                        sending[ev.stream_id] = (path, body)
+                        offsets[ev.stream_id] = 0
+                    elif ev.stream_ended is not None:
+                        conn.respond(ev.stream_id, b"ok")
+                elif isinstance(ev, h2.events.DataReceived):
+                    path = paths.get(ev.stream_id, b"")
+                    self.received[path] = self.received.get(path, 0) + len(ev.data)
+                    if path.startswith(b"/slow-upload") and not self.release.is_set():
+                        held[ev.stream_id] = held.get(ev.stream_id, 0) + ev.flow_controlled_length
+                    elif ev.flow_controlled_length:
+                        conn.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    path = paths.get(ev.stream_id, b"")
+                    if b"upload" in path:
+                        conn.respond(ev.stream_id, str(self.received.get(path, 0)).encode())
+                elif isinstance(ev, h2.events.StreamReset):
+                    sending.pop(ev.stream_id, None)
+            if self.release.is_set() and held:
+                for sid, n in held.items():
+                    try:
+                        conn.h2.acknowledge_received_data(n, sid)
+                    except h2.exceptions.StreamClosedError:
+                        pass
+                held.clear()
+            for sid, (path, body) in list(sending.items()):
+                try:
+                    window = conn.h2.local_flow_control_window(sid)
+                except (h2.exceptions.StreamClosedError, KeyError):
+                    del sending[sid]
+                    continue
+                if window <= 0 and path == b"/big":
+                    self.big_stalled.set()
+                budget = min(window, 256 << 10)  # (a turn for every stream)
+                while budget > 0 and offsets[sid] < len(body):
+                    n = min(budget, conn.h2.max_outbound_frame_size, len(body) - offsets[sid])
+                    end = offsets[sid] + n == len(body)
+                    conn.h2.send_data(sid, body[offsets[sid]:offsets[sid] + n], end_stream=end)
+                    offsets[sid] += n
+                    budget -= n
+                    self.sent[path] = self.sent.get(path, 0) + n
+                if offsets[sid] == len(body):
+                    del sending[sid]
+            conn.flush()
+
+
+class Client(threading.Thread):
+    """An h2 client in a thread: sends ``requests`` (path, body or None),
+    reads everything, and acknowledges the DATA of every stream except
+    those whose path is in ``hold`` until ``release`` is set. Its
+    connection window is 64 MiB (its stream windows 64 KiB), as a client
+    that reads one stream and not another would set it."""
+
+    def __init__(self, port: int, requests: list[tuple[str, bytes | None]], hold: tuple[str, ...] = (),
+                 release: threading.Event | None = None) -> None:
+        super().__init__(daemon=True)
+        self.c = H2Client(port)
+        self.c.conn.increment_flow_control_window((64 << 20) - 65535)
+        self.c.flush()
+        self.requests = requests
+        self.hold = hold
+        self.release = release or threading.Event()
+        self.bodies: dict[str, bytearray] = {}
+        self.status: dict[str, bytes] = {}
+        self.ended: dict[str, object] = {}
+        self.sids: dict[str, int] = {}
+        self.sent: dict[str, int] = {}  # request body bytes sent per path
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 (the test reads it)
+            self.error = exc
+
+    def _run(self) -> None:
+        c = self.c
+        paths: dict[int, str] = {}
+        uploads: dict[int, bytes] = {}
+        for path, body in self.requests:
+            sid = c.conn.get_next_available_stream_id()
+            method = b"GET" if body is None else b"POST"
+            headers = [(b":method", method), (b":scheme", b"http"), (b":authority", AUTHORITY),
+                       (b":path", path.encode())]
+            if body is not None:
+                headers.append((b"content-length", str(len(body)).encode()))
+                uploads[sid] = body
+            c.conn.send_headers(sid, headers, end_stream=body is None)
+            paths[sid] = path
+            self.sids[path] = sid
+        c.flush()
+        held: dict[int, int] = {}
+        c.sock.settimeout(0.005)
+        while len(self.ended) < len(paths):
+            for sid, body in list(uploads.items()):  # send what the windows admit
+                window = min(c.conn.local_flow_control_window(sid), 256 << 10)
+                if window > 0:
+                    n = min(window, len(body))
+                    frame = c.conn.max_outbound_frame_size
+                    for at in range(0, n, frame):
+                        piece = body[at:min(n, at + frame)]
+                        c.conn.send_data(sid, piece, end_stream=at + len(piece) == len(body))
+                    uploads[sid] = body[n:]
+                    self.sent[paths[sid]] = self.sent.get(paths[sid], 0) + n
+                    if not uploads[sid]:
+                        del uploads[sid]
+            c.flush()
+            try:
+                data = c.sock.recv(1 << 20)
+            except TimeoutError:
+                data = None
+            if data == b"":
+                raise ConnectionError(f"closed by the proxy; ended: {self.ended}")
+            events = c.conn.receive_data(data) if data else []
+            for ev in events:
+                path = paths.get(getattr(ev, "stream_id", 0), "")
+                if isinstance(ev, h2.events.ResponseReceived):
+                    self.status[path] = dict(ev.headers)[b":status"]
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.bodies.setdefault(path, bytearray()).extend(ev.data)
+                    if path in self.hold and not self.release.is_set():
+                        held[ev.stream_id] = held.get(ev.stream_id, 0) + ev.flow_controlled_length
+                    else:
+                        c.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    self.ended[path] = "end"
+                elif isinstance(ev, h2.events.StreamReset):
+                    self.ended[path] = ev
+            if self.release.is_set() and held:
+                for sid, n in held.items():
+                    c.conn.acknowledge_received_data(n, sid)
+                held.clear()
+            c.flush()
+        c.close()
+
+
+def proxy_rss(px: Proxy) -> int:
+    with open(f"/proc/{px.process.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for(cond: Any, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# What the proxy may hold of one stalled stream: the stream window (1 MiB)
+# and the stream buffer (64 KiB) of the side that reads, plus one socket
+# read (256 KiB) of slack.
+STALL_BOUND = (1 << 20) + (64 << 10) + (256 << 10)
+
+
+def test_a_client_not_reading_one_stream_stalls_only_that_stream() -> None:
+    """Client X asks for 50 MiB and 5 MiB on one connection and reads only
+    the 5 MiB; client Y (another connection) gets 5 MiB meanwhile, all
+    over one upstream connection. The upstream sees /big's window shut
+    after at most one stream window plus what the proxy passed on (X's
+    64 KiB window) and buffers; the proxy's RSS does not grow by anything
+    near 50 MiB. When X reads, /big resumes and arrives whole."""
+    up = Streaming()
+    with H2Peer(up.script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        assert h2_get(px, "/warm")[1] == b"ok"
+        base = proxy_rss(px)
+        x = Client(px.outbound, [("/big", None), ("/small", None)], hold=("/big",))
+        x.start()
+        wait_for(up.big_stalled.is_set)
+        y = Client(px.outbound, [("/small", None)])
+        y.start()
+        wait_for(lambda: "/small" in x.ended and "/small" in y.ended)
+        assert x.bodies["/small"] == body_of(SMALL) and y.bodies["/small"] == body_of(SMALL)
+        assert len(peer.conns) == 1  # one upstream connection carried all four streams
+        stalled = up.sent[b"/big"]
+        assert stalled <= STALL_BOUND + (64 << 10), stalled  # (+ X's window)
+        grown = proxy_rss(px) - base
+        assert grown < 16 << 20, grown
+        x.release.set()
+        x.join(120)
+        assert not x.is_alive() and x.error is None, (x.error, px.log()[-3000:])
+        assert x.ended["/big"] == "end" and x.bodies["/big"] == body_of(BIG)
+        assert y.error is None
+        print(f"/big stalled after {stalled} bytes; proxy RSS +{grown >> 10} KiB")
+
+
+def test_an_http11_client_not_reading_stalls_only_its_stream() -> None:
+    """The same with an HTTP/1.1 client that stops reading its socket: its
+    upstream stream's window shuts (what the kernel's socket buffers take
+    is the only extra), another client is served meanwhile over the same
+    upstream connection, and the whole 50 MiB arrives once it reads."""
+    up = Streaming()
+    with H2Peer(up.script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        assert h2_get(px, "/warm")[1] == b"ok"
+        base = proxy_rss(px)
+        sock = socket.create_connection(("127.0.0.1", px.outbound))
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: h2svc:9090\r\n\r\n")
+        wait_for(up.big_stalled.is_set)
+        y = Client(px.outbound, [("/small", None)])
+        y.start()
+        y.join(60)
+        assert y.bodies["/small"] == body_of(SMALL) and y.error is None
+        assert len(peer.conns) == 1
+        stalled = up.sent[b"/big"]
+        assert stalled < BIG // 2, stalled
+        grown = proxy_rss(px) - base
+        assert grown < 16 << 20, grown
+        received = bytearray()
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + BIG:
+            chunk = sock.recv(1 << 20)
+            assert chunk, received[:300]
+            received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 200") and body == body_of(BIG)
+        print(f"/big stalled after {stalled} bytes (kernel buffers included); proxy RSS +{grown >> 10} KiB")
+
+
+UPLOAD = 20 << 20
+
+
+def test_a_slow_upstream_reading_an_h2_upload_stalls_only_that_stream() -> None:
+    """An HTTP/2 client uploads 20 MiB twice to an upstream that does not
+    read them and 2 MiB on a third stream of the same connection: the 2 MiB
+    gets through; each stalled upload stops at the client after the
+    upstream's window (64 KiB) plus the proxy's stream window (1 MiB) and
+    buffer (64 KiB). When the upstream reads, both uploads arrive whole.
+    (Before the client connection's window was raised from 1 MiB to 100
+    stream windows, the two stalled streams held all of it: the third
+    stream never finished.)"""
+    up = Streaming()
+    with H2Peer(up.script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        assert h2_get(px, "/warm")[1] == b"ok"
+        base = proxy_rss(px)
+        x = Client(px.outbound, [("/slow-upload", body_of(UPLOAD)), ("/slow-upload2", body_of(UPLOAD)),
+                                 ("/upload", body_of(2 << 20))])
+        x.start()
+        wait_for(lambda: "/upload" in x.ended or x.error is not None, limit=30)
+        assert x.error is None and x.status["/upload"] == b"200" and bytes(x.bodies["/upload"]) == b"%d" % (2 << 20)
+        stalled = x.sent["/slow-upload"]
+        assert stalled <= STALL_BOUND + 65535, stalled
+        assert x.sent.get("/slow-upload2", -1) <= STALL_BOUND + 65535, (x.sent, x.ended, up.received)
+        assert up.received[b"/slow-upload"] <= 65535 and up.received[b"/slow-upload2"] <= 65535
+        grown = proxy_rss(px) - base
+        assert grown < 16 << 20, grown
+        up.release.set()
+        x.join(60)
+        assert x.error is None and bytes(x.bodies["/slow-upload"]) == b"%d" % UPLOAD
+        assert bytes(x.bodies["/slow-upload2"]) == b"%d" % UPLOAD
+        assert len(peer.conns) == 1
+        print(f"the upload stalled after {stalled} bytes; proxy RSS +{grown >> 10} KiB")
+
+
+def test_a_slow_upstream_reading_an_http11_upload_stalls_only_that_client() -> None:
+    """The same upload from an HTTP/1.1 client (content-length): the proxy
+    stops reading its socket; an HTTP/2 client's upload goes through the
+    same upstream connection meanwhile; the proxy's RSS stays flat."""
+    up = Streaming()
+    with H2Peer(up.script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        assert h2_get(px, "/warm")[1] == b"ok"
+        base = proxy_rss(px)
+        sock = socket.create_connection(("127.0.0.1", px.outbound))
+        sock.sendall(b"POST /slow-upload HTTP/1.1\r\nHost: h2svc:9090\r\nContent-Length: %d\r\n\r\n" % UPLOAD)
+        sender = threading.Thread(target=sock.sendall, args=(body_of(UPLOAD),), daemon=True)
+        sender.start()
+        wait_for(lambda: up.received.get(b"/slow-upload", 0) >= 65535)
+        y = Client(px.outbound, [("/upload", body_of(2 << 20))])
+        y.start()
+        y.join(60)
+        assert y.error is None and bytes(y.bodies["/upload"]) == b"%d" % (2 << 20)
+        assert sender.is_alive()  # the proxy is not reading it
+        assert up.received[b"/slow-upload"] == 65535
+        grown = proxy_rss(px) - base
+        assert grown < 16 << 20, grown
+        up.release.set()
+        sender.join(60)
+        sock.settimeout(30)
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"%d" % UPLOAD), answer
+        assert len(peer.conns) == 1
+        print(f"proxy RSS +{grown >> 10} KiB")
+
+
+def test_window_update_flood_from_a_client_is_bounded() -> None:
+    """WINDOW_UPDATE frames are budgeted against the DATA the proxy sent
+    (Envoy's rule): 5000 of them on a connection that got no DATA end it
+    with GOAWAY(ENHANCE_YOUR_CALM); downloads with small windows do not
+    (the tests above send ~1600 for 50 MiB). Another client is served."""
+    with H2Peer(serve({})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            for _ in range(5000):
+                c.conn.increment_flow_control_window(1)
+            c.flush()
+            evs = c.events(lambda g: any(isinstance(e, h2.events.ConnectionTerminated) for e in g))
+        finally:
+            c.close()
+        goaway = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway and goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM, evs[-3:]
+        assert _stats(px)["http.downstream_cx_h2_flood"] == 1
+        assert h2_get(px, "/ok")[1] == b"ok"
