@@ -129,6 +129,27 @@ def preface_rest(data: bytes) -> bytes | None:
     return None
 
 
+class _ServerState(h2.connection.H2Connection):
+    """The h2 library's state machine, but a graceful GOAWAY (NO_ERROR),
+    sent or received, does not close it: the library moves to CLOSED on any
+    GOAWAY and then refuses every later frame, so the streams a drain (or a
+    client's own GOAWAY) leaves in flight could not be answered (the
+    library raised on their HEADERS and the connection ended with
+    GOAWAY(PROTOCOL_ERROR)). No stream is accepted after it
+    (H2Downstream.draining). The upstream side does the same
+    (upstream/h2pool.py ``_ClientState``)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == 0:
+            self.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+        return result
+
+    def close_gracefully(self, last_stream_id: int) -> None:
+        self.close_connection(ErrorCodes.NO_ERROR, last_stream_id=last_stream_id)
+        self.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+
+
 class _Refused(Exception):
     """A request that is malformed in HTTP/2 or not representable in HTTP/1.1."""
 
@@ -471,7 +492,7 @@ class H2Downstream:
             validate_inbound_headers=False, normalize_inbound_headers=False,
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )
-        conn = h2.connection.H2Connection(config)
+        conn = _ServerState(config)
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
@@ -505,7 +526,7 @@ class H2Downstream:
         if not self.draining:
             self.draining = True
             # Streams already opened are served; no new ones (GOAWAY).
-            self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.conn.highest_inbound_stream_id)
+            self.conn.close_gracefully(self.conn.highest_inbound_stream_id)
             self.flush()
         if close_idle and not self.streams:
             self._close()

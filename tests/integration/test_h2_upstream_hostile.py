@@ -19,12 +19,14 @@ misbehave on purpose.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -34,6 +36,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
+    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     PushPromiseFrame,
@@ -633,3 +636,171 @@ def test_window_update_flood_from_a_client_is_bounded() -> None:
         assert goaway and goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM, evs[-3:]
         assert _stats(px)["http.downstream_cx_h2_flood"] == 1
         assert h2_get(px, "/ok")[1] == b"ok"
+
+
+# -- lifecycle ------------------------------------------------------------------------
+
+def test_upstream_goaway_with_streams_in_flight() -> None:
+    """The upstream takes three streams, then sends GOAWAY(NO_ERROR) with
+    the second one's id as last_stream_id: the first two are answered on
+    that connection, the third (not processed, RFC 9113 6.8) is retried on
+    a new connection (refused-stream, in Istio's default retry policy)."""
+    first_conn = threading.Event()
+
+    def script(conn: PeerConn) -> None:
+        if first_conn.is_set():
+            serve({})(conn)
+            return
+        first_conn.set()
+        reqs = [conn.next_request() for _ in range(3)]
+        assert all(reqs), reqs
+        sids = sorted(r[0] for r in reqs if r)
+        goaway = GoAwayFrame(0, last_stream_id=sids[1], error_code=0)
+        conn.raw(goaway.serialize())
+        for r in reqs:
+            if r is not None and r[0] <= sids[1]:
+                conn.respond(r[0], b"first:" + r[1][b":path"])
+        linger(conn)
+
+    with H2Peer(script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            sids = [c.request(f"/r{i}", authority=AUTHORITY) for i in range(3)]
+            evs = c.events(lambda g: sum(isinstance(e, h2.events.StreamEnded) for e in g) >= 3)
+        finally:
+            c.close()
+        statuses = [dict(e.headers)[b":status"] for e in evs if isinstance(e, h2.events.ResponseReceived)]
+        assert statuses == [b"200"] * 3, evs
+        bodies = sorted(b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+                        for sid in sids)
+        firsts = [b for b in bodies if b.startswith(b"first:")]
+        assert len(firsts) == 2 and b"ok" in bodies, bodies
+        assert len(peer.conns) == 2
+        assert cluster_stat(px, "upstream_rq_retry") == 1
+        # The drained connection is closed by the proxy once its streams end.
+        assert peer.conns[0].wait(lambda: peer.conns[0].closed)
+
+
+def test_upstream_closing_mid_stream() -> None:
+    """The upstream's TCP connection closes: before the response the client
+    gets 503 UC (a gRPC client: HTTP 200, grpc-status 14, UNAVAILABLE);
+    after the response began, the client's stream is reset."""
+    def close_now(conn: PeerConn, sid: int) -> None:
+        conn.close()
+
+    def close_mid_body(conn: PeerConn, sid: int) -> None:
+        conn.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.h2.send_data(sid, b"\x00\x00\x00\x00\x05hello")
+        conn.flush()
+        conn.close()
+
+    with H2Peer(serve({b"/close": close_now, b"/grpc/close": close_now, b"/mid": close_mid_body})) as peer, \
+            running_proxy(h2_service_entry(peer.port)) as px:
+        headers, body, end = h2_get(px, "/close")
+        assert headers is not None and headers[b":status"] == b"503", (headers, body)
+        assert body.endswith(b"reset reason: connection termination"), body
+        c = H2Client(px.outbound)
+        try:
+            grpc_headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+            sid = c.request("/grpc/close", extra=grpc_headers, authority=AUTHORITY)
+            headers, body, end = c.response(sid)
+            assert headers is not None and end == "end", (headers, body, end)
+            assert headers[b":status"] == b"200" and headers[b"grpc-status"] == b"14", headers
+            sid = c.request("/mid", extra=grpc_headers, authority=AUTHORITY)
+            headers, body, end = c.response(sid)
+            assert headers is not None and headers[b":status"] == b"200"
+            assert body == b"\x00\x00\x00\x00\x05hello" and isinstance(end, h2.events.StreamReset), end
+        finally:
+            c.close()
+        assert h2_get(px, "/ok")[1] == b"ok"  # and the next request is served
+        assert len(peer.conns) == 4
+
+
+def test_idle_timeout_closes_the_upstream_connection_with_goaway() -> None:
+    """DestinationRule connectionPool.http.idleTimeout: an upstream HTTP/2
+    connection without streams for that long gets GOAWAY(NO_ERROR) and is
+    closed (upstream_cx_idle_timeout); the next request opens another."""
+    dr = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: h2svc}
+spec:
+  host: h2svc
+  trafficPolicy:
+    connectionPool:
+      http: {idleTimeout: 1s}
+"""
+    with H2Peer(serve({})) as peer, running_proxy({"10-se.yaml": h2_service_entry(peer.port),
+                                                   "20-dr.yaml": dr}) as px:
+        assert h2_get(px, "/one")[1] == b"ok"
+        first = peer.conns[0]
+        assert first.wait(lambda: first.closed, limit=15)
+        assert first.goaways == [ErrorCodes.NO_ERROR]
+        assert cluster_stat(px, "upstream_cx_idle_timeout") == 1
+        assert h2_get(px, "/two")[1] == b"ok"
+        assert len(peer.conns) == 2
+
+
+def test_drain_sends_goaway_and_finishes_streams_in_flight() -> None:
+    """SIGTERM with a stream in flight: the HTTP/2 client gets GOAWAY
+    (NO_ERROR) at once, its stream is still answered (the upstream stream
+    completes), then the proxy exits."""
+    release = threading.Event()
+
+    def held(conn: PeerConn, sid: int) -> None:
+        release.wait(20)
+        conn.respond(sid, b"answered during the drain")
+
+    with H2Peer(serve({b"/held": held})) as peer, \
+            running_proxy(h2_service_entry(peer.port), env={"PYPROXY_DRAIN_GRACE": "0"},
+                          args=["--drain-timeout", "10"]) as px:
+        c = H2Client(px.outbound)
+        try:
+            sid = c.request("/held", authority=AUTHORITY)
+            wait_for(lambda: bool(peer.conns) and bool(peer.conns[0].taken))
+            px.process.send_signal(signal.SIGTERM)
+            evs = c.events(lambda g: any(isinstance(e, h2.events.ConnectionTerminated) for e in g))
+            goaway = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+            assert goaway and goaway[0].error_code == ErrorCodes.NO_ERROR, evs
+            assert goaway[0].last_stream_id == sid
+            # (The h2 library, as a client too, closes its state machine on
+            # any GOAWAY; real clients read the streams still answered.)
+            c.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            release.set()
+            evs += c.events(lambda g: any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                                          and e.stream_id == sid for e in g))
+        finally:
+            c.close()
+        body = b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+        ended = [e for e in evs if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))]
+        assert body == b"answered during the drain" and isinstance(ended[-1], h2.events.StreamEnded), evs
+        assert px.process.wait(15) == 0
+
+
+def test_a_clients_graceful_goaway_lets_its_streams_finish() -> None:
+    """A client that sends GOAWAY(NO_ERROR) with a stream in flight (as
+    grpc-core does when a channel closes) still gets that stream's answer."""
+    release = threading.Event()
+
+    def held(conn: PeerConn, sid: int) -> None:
+        release.wait(20)
+        conn.respond(sid, b"answered after the client's GOAWAY")
+
+    with H2Peer(serve({b"/held": held})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            sid = c.request("/held", authority=AUTHORITY)
+            wait_for(lambda: bool(peer.conns) and bool(peer.conns[0].taken))
+            c.conn.close_connection(ErrorCodes.NO_ERROR)
+            c.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN  # (see above)
+            # A PING after it: its ACK says the proxy has read the GOAWAY
+            # (before the fix the library refused the PING: GOAWAY(PROTOCOL_ERROR)).
+            c.conn.ping(b"after-ga")
+            c.flush()
+            evs = c.events(lambda g: any(isinstance(e, h2.events.PingAckReceived) for e in g))
+            assert any(isinstance(e, h2.events.PingAckReceived) for e in evs), evs
+            release.set()
+            headers, body, end = c.response(sid)
+        finally:
+            c.close()
+        assert headers is not None and headers[b":status"] == b"200", (headers, body, end)
+        assert body == b"answered after the client's GOAWAY" and end == "end"
