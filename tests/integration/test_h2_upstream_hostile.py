@@ -804,3 +804,110 @@ def test_a_clients_graceful_goaway_lets_its_streams_finish() -> None:
             c.close()
         assert headers is not None and headers[b":status"] == b"200", (headers, body, end)
         assert body == b"answered after the client's GOAWAY" and end == "end"
+
+
+# -- request smuggling across protocols -------------------------------------------------
+
+REFUSED_FIELDS = [
+    ("transfer-encoding", [(b"transfer-encoding", b"chunked")]),
+    ("connection", [(b"connection", b"keep-alive")]),
+    ("keep-alive", [(b"keep-alive", b"timeout=5")]),
+    ("proxy-connection", [(b"proxy-connection", b"keep-alive")]),
+    ("upgrade", [(b"upgrade", b"websocket")]),
+    ("te-gzip", [(b"te", b"gzip")]),
+    ("uppercase", [(b"X-Foo", b"bar")]),
+    ("host-crlf", [(b"x-foo", b"a\r\nx-injected: 1")]),
+]
+
+
+def test_requests_http2_forbids_never_reach_an_http2_upstream() -> None:
+    """Each is refused with RST_STREAM(PROTOCOL_ERROR) as Envoy's codec
+    does (RFC 9113 8.2.2, 8.2.1); the upstream sees none of them, and
+    the connection serves a valid request afterwards."""
+    with H2Peer(serve({})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            for name, extra in REFUSED_FIELDS:
+                sid = c.request(f"/bad/{name}", extra=extra, authority=AUTHORITY)
+                headers, _, end = c.response(sid)
+                assert headers is None and isinstance(end, h2.events.StreamReset), (name, headers, end)
+                assert end.error_code == ErrorCodes.PROTOCOL_ERROR, (name, end)
+            sid = c.request("/valid", extra=[(b"te", b"trailers")], authority=AUTHORITY)
+            assert c.response(sid)[1] == b"ok"
+        finally:
+            c.close()
+        seen = [dict(e.headers)[b":path"] for conn in peer.conns for e in conn.events
+                if isinstance(e, h2.events.RequestReceived)]
+        assert seen == [b"/valid"], seen
+
+
+@pytest.mark.parametrize("sent", [10, 3], ids=["more-than", "less-than"])
+def test_content_length_disagreeing_with_data_is_never_completed_upstream(sent: int) -> None:
+    """content-length: 5 with 10 bytes of DATA, or 3 bytes then END_STREAM:
+    malformed (RFC 9113 8.1.1). The upstream may have seen the HEADERS
+    (forwarding starts with them, as Envoy's), but never a complete
+    request: its stream is reset and it never answers; the client gets no
+    2xx."""
+    with H2Peer(serve({})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", AUTHORITY),
+                                      (b":path", b"/cl"), (b"content-length", b"5")])
+            c.conn.send_data(sid, b"x" * sent, end_stream=True)
+            c.flush()
+            evs = c.events(lambda g: any(isinstance(e, (h2.events.StreamReset, h2.events.StreamEnded,
+                                                        h2.events.ConnectionTerminated)) for e in g))
+        finally:
+            c.close()
+        assert not [e for e in evs if isinstance(e, h2.events.ResponseReceived)
+                    and dict(e.headers)[b":status"].startswith(b"2")], evs
+        for conn in peer.conns:
+            for e in conn.events:
+                if isinstance(e, h2.events.RequestReceived):
+                    def gone(conn: PeerConn = conn, sid_up: int = e.stream_id) -> bool:
+                        return conn.was_reset(sid_up) or conn.closed
+                    assert conn.wait(gone), conn.events
+                    assert not conn.ended(e.stream_id), conn.events
+                    assert conn.received.get(e.stream_id, 0) <= 5
+        assert h2_get(px, "/ok")[1] == b"ok"
+
+
+def test_http11_hop_by_hop_fields_are_not_sent_to_an_http2_upstream() -> None:
+    """h1 -> h2 translation (spec 1.5): Connection, Keep-Alive,
+    Proxy-Connection, Transfer-Encoding and the fields Connection nominates
+    (x-foo) are not sent (the chunked body becomes DATA), TE only as
+    "trailers", Host becomes :authority."""
+    got: dict[str, Any] = {}
+
+    def record(conn: PeerConn, sid: int) -> None:
+        got["headers"] = next(e.headers for e in conn.events
+                              if isinstance(e, h2.events.RequestReceived) and e.stream_id == sid)
+        conn.wait(lambda: conn.ended(sid))
+        got["body"] = conn.received.get(sid, 0)
+        conn.respond(sid, b"seen")
+
+    with H2Peer(serve({b"/h1": record})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        sock = socket.create_connection(("127.0.0.1", px.outbound))
+        sock.sendall(b"POST /h1 HTTP/1.1\r\nHost: h2svc:9090\r\nConnection: keep-alive, x-foo\r\nX-Foo: bar\r\n"
+                     b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        sock.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"seen"):
+            data = sock.recv(65536)
+            assert data, answer
+            answer += data
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert not peer.errors
+    names = [n for n, _ in got["headers"]]
+    fields = dict(got["headers"])
+    for hop in (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"):
+        assert hop not in names, got["headers"]
+    assert fields[b":authority"] == b"h2svc:9090" and fields[b"te"] == b"trailers"
+    assert got["body"] == 5
+    # A field the Connection header nominates is hop-by-hop too: removed, as
+    # Envoy's HTTP/1.1 codec does (Utility::sanitizeConnectionHeader, called
+    # from ServerConnectionImpl::onHeadersCompleteBase).
+    assert b"x-foo" not in names, got["headers"]
