@@ -1046,10 +1046,13 @@ class Exchange:
             # (a success below 500 only resets these counters: no call when they are 0)
             cluster.outlier.on_response(ep, seen)
         route = self.route
-        # The response's header map, built once: the retry check, the observer
-        # and the framing in _commit_response look names up in it instead of
-        # a pass over the fields each.
-        hd = dict(headers)
+        # The response's header map, built once (by the HTTP/1.1 connection,
+        # for its framing check): the retry check, the observer and the
+        # framing in _commit_response look names up in it instead of a pass
+        # over the fields each.
+        hd = getattr(conn, "header_map", None)
+        if hd is None:
+            hd = dict(headers)
         retriable = False
         if route is not None:
             retry = route.retry

@@ -79,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",
         "completed",
         "poller",
+        "header_map",
     )
 
     def __init__(self, endpoint: ClusterEndpoint) -> None:
@@ -126,6 +127,9 @@ class UpstreamConnection(asyncio.Protocol):
         # Polls the socket, without reading, before the pool reuses it
         # (``stale``); None when the transport has no socket to poll.
         self.poller: Any = None
+        # The current response's fields as a dict (last value wins), built for
+        # the framing check and read by the stream (Exchange.on_upstream_headers).
+        self.header_map: dict[bytes, bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -314,15 +318,27 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
         self.close_delimited = False
         framed = 0  # 1: content-length seen, 2: chunked
-        for name, value in self.headers:
-            if name == b"content-length":
-                framed = 1
-            elif name == b"transfer-encoding":
+        # One C-level dict() of the fields: the framing is read from it here
+        # and the stream reuses it (a loop here plus a dict there cost more).
+        hd = self.header_map = dict(headers)
+        if len(hd) == len(headers):
+            te = hd.get(b"transfer-encoding")
+            if te is not None:
                 # Only a single "chunked" can be passed on (pyproxy re-frames
                 # bodies); anything else would change the body's meaning.
-                if framed == 2 or value.strip().lower() != b"chunked":
+                if te.strip().lower() != b"chunked":
                     raise InvalidResponse("transfer-encoding")
                 framed = 2
+            elif b"content-length" in hd:
+                framed = 1
+        else:  # a repeated name: each field counts
+            for name, value in headers:
+                if name == b"content-length":
+                    framed = 1
+                elif name == b"transfer-encoding":
+                    if framed == 2 or value.strip().lower() != b"chunked":
+                        raise InvalidResponse("transfer-encoding")
+                    framed = 2
         if not framed and status != 204 and status != 304 and not self.head_request:
             self.close_delimited = True
             self.reusable = False
