@@ -1244,6 +1244,13 @@ class Exchange:
                 self.response_complete = True
                 self._finish()
                 return
+            if reason == "connection_termination" and getattr(conn, "h2", False):
+                # An HTTP/2 upstream's connection closed mid-response: Envoy's
+                # HTTP/2 codec reports a connection termination, not a protocol
+                # error (UC, no upstream_cx_protocol_error; checked on Envoy 1.40).
+                self.flags.append(errors.UPSTREAM_CONNECTION_TERMINATION)
+                self._fail_downstream()
+                return
             if reason in _STREAM_RESETS:
                 # An HTTP/2 upstream reset its stream mid-response (Envoy: UR).
                 self.flags.append(errors.UPSTREAM_RESET)

@@ -340,8 +340,12 @@ class H2Attempt:
                 framed = True
             headers.append((name, value))
         if len(headers) > MAX_RESPONSE_HEADERS or size > MAX_RESPONSE_HEADER_BYTES:
-            self.endpoint.cluster.stats.upstream_cx_protocol_error += 1
-            self._fail("protocol_error", ErrorCodes.PROTOCOL_ERROR)
+            # Envoy 1.40's HTTP/2 codec resets such a stream and reports it
+            # as a remote reset: 503 UR, upstream_rq_rx_reset, not a
+            # connection protocol error (checked with an upstream sending
+            # 70 KiB of headers: "upstream_reset_before_response_started
+            # {remote_reset}", http2.header_list_size_too_large).
+            self._fail("remote_reset", ErrorCodes.PROTOCOL_ERROR)
             return
         if ended and not framed and status != 204 and status != 304 and not self.head_request:
             # A response that ends with its headers (gRPC's trailers-only
