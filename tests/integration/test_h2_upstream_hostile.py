@@ -929,3 +929,49 @@ def test_http11_hop_by_hop_fields_are_not_sent_to_an_http2_upstream() -> None:
     # Envoy's HTTP/1.1 codec does (Utility::sanitizeConnectionHeader, called
     # from ServerConnectionImpl::onHeadersCompleteBase).
     assert b"x-foo" not in names, got["headers"]
+
+
+def test_a_malformed_response_ends_the_connections_other_streams_as_envoy() -> None:
+    """A malformed response (a connection field) on one stream while another
+    stream of the same upstream connection is half answered: the malformed
+    one gets 502 UPE, the other is reset after its first 5 bytes (the
+    connection is gone). Envoy 1.40 behind the same peer did exactly this."""
+    first = threading.Event()
+
+    def script(conn: PeerConn) -> None:
+        if first.is_set():
+            serve({})(conn)
+            return
+        first.set()
+        reqs: dict[bytes, int] = {}
+        while len(reqs) < 2:
+            r = conn.next_request()
+            if r is None:
+                return
+            reqs[r[1][b":path"]] = r[0]
+        slow, bad = reqs[b"/slow"], reqs[b"/bad"]
+        conn.h2.send_headers(slow, [(b":status", b"200"), (b"content-length", b"10")])
+        conn.h2.send_data(slow, b"hello")
+        conn.flush()
+        conn.wait(lambda: False, limit=0.3)
+        conn.h2.send_headers(bad, [(b":status", b"200"), (b"connection", b"close"), (b"content-length", b"0")],
+                             end_stream=True)
+        conn.flush()
+        linger(conn)
+
+    with H2Peer(script) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            s1 = c.request("/slow", authority=AUTHORITY)
+            wait_for(lambda: bool(peer.conns) and bool(peer.conns[0].taken))
+            s2 = c.request("/bad", authority=AUTHORITY)
+            evs = c.events(lambda g: sum(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                                         for e in g) >= 2)
+        finally:
+            c.close()
+        statuses = {e.stream_id: dict(e.headers)[b":status"] for e in evs if isinstance(e, h2.events.ResponseReceived)}
+        ends = {e.stream_id: type(e) for e in evs if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))}
+        body1 = b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived) and e.stream_id == s1)
+        assert statuses == {s1: b"200", s2: b"502"}, evs
+        assert body1 == b"hello" and ends == {s1: h2.events.StreamReset, s2: h2.events.StreamEnded}, evs
+        assert h2_get(px, "/ok")[1] == b"ok"
