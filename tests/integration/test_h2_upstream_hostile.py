@@ -975,3 +975,30 @@ def test_a_malformed_response_ends_the_connections_other_streams_as_envoy() -> N
         assert statuses == {s1: b"200", s2: b"502"}, evs
         assert body1 == b"hello" and ends == {s1: h2.events.StreamReset, s2: h2.events.StreamEnded}, evs
         assert h2_get(px, "/ok")[1] == b"ok"
+
+
+def test_content_length_mismatch_after_the_headers_went_upstream() -> None:
+    """The same, with the DATA sent only once the upstream holds the
+    request's HEADERS: the upstream's stream is reset (CANCEL) and never
+    ends, so it never sees a complete request with the wrong length."""
+    with H2Peer(serve({b"/cl": lambda conn, sid: None})) as peer, \
+            running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", AUTHORITY),
+                                      (b":path", b"/cl"), (b"content-length", b"5")])
+            c.flush()
+            wait_for(lambda: bool(peer.conns) and bool(peer.conns[0].taken))
+            c.conn.send_data(sid, b"x" * 10, end_stream=True)
+            c.flush()
+            evs = c.events(lambda g: any(isinstance(e, (h2.events.StreamReset, h2.events.StreamEnded,
+                                                        h2.events.ConnectionTerminated)) for e in g))
+        finally:
+            c.close()
+        assert not [e for e in evs if isinstance(e, h2.events.ResponseReceived)], evs
+        up = peer.conns[0]
+        (up_sid,) = up.taken
+        assert up.wait(lambda: up.was_reset(up_sid))
+        assert not up.ended(up_sid) and up.received.get(up_sid, 0) == 0, up.events
+        assert h2_get(px, "/ok")[1] == b"ok"
