@@ -1002,3 +1002,33 @@ def test_content_length_mismatch_after_the_headers_went_upstream() -> None:
         assert up.wait(lambda: up.was_reset(up_sid))
         assert not up.ended(up_sid) and up.received.get(up_sid, 0) == 0, up.events
         assert h2_get(px, "/ok")[1] == b"ok"
+
+
+def test_an_early_response_ends_the_upload() -> None:
+    """An upstream that answers before the request body is in (RFC 9113
+    8.1: a complete response, then RST_STREAM(NO_ERROR), as a gRPC server
+    failing a client stream does): the client gets the whole response and
+    its stream is then reset with NO_ERROR (it may stop sending); the
+    upload is not forwarded further."""
+    def early(conn: PeerConn, sid: int) -> None:
+        conn.h2.send_headers(sid, [(b":status", b"403"), (b"content-length", b"7")])
+        conn.h2.send_data(sid, b"go away", end_stream=True)
+        conn.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+        conn.flush()
+
+    with H2Peer(serve({b"/early": early})) as peer, running_proxy(h2_service_entry(peer.port)) as px:
+        c = H2Client(px.outbound)
+        try:
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", AUTHORITY),
+                                      (b":path", b"/early"), (b"content-length", str(4 << 20).encode())])
+            c.conn.send_data(sid, b"u" * 16000)
+            c.flush()
+            headers, body, end = c.response(sid)
+        finally:
+            c.close()
+        assert headers is not None and headers[b":status"] == b"403" and body == b"go away", (headers, body, end)
+        assert end == "end" or (isinstance(end, h2.events.StreamReset) and end.error_code == ErrorCodes.NO_ERROR)
+        assert sum(peer.conns[0].received.values()) <= 16000
+        assert h2_get(px, "/ok")[1] == b"ok"
+        assert len(peer.conns) == 1  # the connection carried on
