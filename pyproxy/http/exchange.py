@@ -85,6 +85,10 @@ _SERVER_ISTIO_ENVOY = b"server: istio-envoy\r\n"
 
 # A response to an upgrade (101) keeps its Upgrade and Connection fields.
 _UPGRADE_FIELDS = frozenset({b"upgrade", b"connection"})
+# Connection tokens that do not remove a field: Upgrade and Connection are
+# handled with the upgrade; x-request-id is the proxy's (generated when the
+# client sent none).
+_NOT_NOMINATABLE = frozenset({b"upgrade", b"connection", b"x-request-id"})
 # Connection values that name no field beyond the hop-by-hop ones (the common case).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
@@ -626,6 +630,17 @@ class Exchange:
 
     def _prepare_upstream(self, route: CompiledRoute | None) -> None:
         headers = self.headers
+        conn_hdr = self.hdict.get(b"connection")
+        if conn_hdr is not None:
+            # The fields the client's Connection header nominates are
+            # hop-by-hop: removed from what the client sent, before anything
+            # is added, as Envoy's HTTP/1.1 codec does ahead of the connection
+            # manager (Utility::sanitizeConnectionHeader). Filtered out of the
+            # finished head instead, a client could strip the route's header
+            # operations and the x-request-id generated for it.
+            tokens = connection_tokens(conn_hdr) - _NOT_NOMINATABLE
+            if tokens:
+                headers = [h for h in headers if h[0] not in tokens]
         authority = self.authority
         path = self.path
         target = self.target_choice
@@ -667,10 +682,6 @@ class Exchange:
                     headers.append((b"x-envoy-original-path", original))
                     path = new_path
             self.response_ops = target.response_ops
-        tokens = None
-        conn_hdr = self.hdict.get(b"connection")
-        if conn_hdr is not None:
-            tokens = connection_tokens(conn_hdr)
         upgrade = self.upgrade
         parts = [self.method, b" ", path, b"?" + self.query if self.query else b"", b" HTTP/1.1\r\nhost: ",
                  authority, b"\r\n"]
@@ -685,8 +696,6 @@ class Exchange:
                     append(name + b": " + value + b"\r\n")
                 elif name == XFCC:
                     xfcc = value
-                continue
-            if tokens is not None and name in tokens:
                 continue
             append(name + b": " + value + b"\r\n")
         if add_xfp:

@@ -1032,3 +1032,37 @@ def test_an_early_response_ends_the_upload() -> None:
         assert sum(peer.conns[0].received.values()) <= 16000
         assert h2_get(px, "/ok")[1] == b"ok"
         assert len(peer.conns) == 1  # the connection carried on
+
+
+def test_connection_cannot_remove_what_the_proxy_adds() -> None:
+    """The fields an HTTP/1.1 client's Connection header nominates are
+    removed from what the client sent, as Envoy's codec does before the
+    connection manager and the route add theirs: a client nominating the
+    VirtualService's header (set by the route) or x-request-id (generated
+    by the proxy) cannot strip them from the upstream request. (Before, the
+    nominated names were filtered out of the finished upstream head: both
+    were stripped.)"""
+    vs = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: h2svc}
+spec:
+  hosts: [h2svc]
+  http:
+  - route: [{destination: {host: h2svc}}]
+    headers:
+      request:
+        set: {x-route-set: "from-the-route"}
+"""
+    with H2Peer(serve({})) as peer, running_proxy({"10-se.yaml": h2_service_entry(peer.port),
+                                                   "20-vs.yaml": vs}) as px:
+        sock = socket.create_connection(("127.0.0.1", px.outbound))
+        sock.settimeout(10)
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: h2svc:9090\r\nConnection: keep-alive, x-route-set, x-request-id, x-mine\r\n"
+                     b"X-Mine: hop\r\n\r\n")
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    (req,) = [dict(e.headers) for c in peer.conns for e in c.events if isinstance(e, h2.events.RequestReceived)]
+    assert req.get(b"x-route-set") == b"from-the-route", req
+    assert req.get(b"x-request-id"), req
+    assert b"x-mine" not in req, req  # the client's own nominated field is hop-by-hop
