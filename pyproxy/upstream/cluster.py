@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..security.upstream import UpstreamTLS, tls_failed, tls_verified
 from ..security.upstream import connect as tls_connect
-from .connection import UpstreamConnection, UpstreamStream
+from .connection import CLOSED_EVENTS, UpstreamConnection, UpstreamStream
 from .dial import Dial, numeric_address
 from .settings import ClusterSettings
 
@@ -238,6 +238,37 @@ class ClusterEndpoint:
         stats = self.cluster.stats
         stats.upstream_rq_pending_active -= 1
         stats.upstream_rq_cancelled += 1
+
+    def settle(self, conn: UpstreamConnection, tries: int = 0) -> None:
+        """An idle TLS connection is readable but the loop has not read it
+        (``UpstreamConnection.stale``): hold it, counted as a connect in
+        progress so a queued request waits for it instead of paying a new
+        handshake, until the loop has read those bytes (a loop pass or two).
+        TLS records without application data (session tickets) leave it
+        usable: it goes to the oldest queued request or back to the pool.
+        Application bytes close it as on any idle connection
+        (``data_received`` with no stream)."""
+        self.connecting += 1
+        self.cluster.loop.call_soon(self._settled, conn, tries)
+
+    def _settled(self, conn: UpstreamConnection, tries: int) -> None:
+        self.connecting -= 1
+        if conn.closed:
+            if self.pending:
+                self._maybe_connect()
+            return
+        poller = conn.poller
+        events = poller.poll(0) if poller is not None else None
+        if events:
+            if tries < 3 and not events[0][1] & CLOSED_EVENTS:
+                self.settle(conn, tries + 1)
+            else:
+                conn.discard_stale(events[0][1])
+            return
+        if self.cluster.draining and not self.pending:
+            conn.close()
+            return
+        self.hand_over(conn)
 
     def _maybe_connect(self) -> None:
         if len(self.pending) <= self.connecting:

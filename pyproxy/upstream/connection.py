@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from .cluster import ClusterEndpoint
 
 # Readiness of an idle pooled connection: data, the peer's FIN, an error.
-_CLOSED_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
-_STALE_EVENTS = select.POLLIN | _CLOSED_EVENTS
+CLOSED_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+_STALE_EVENTS = select.POLLIN | CLOSED_EVENTS
 
 # Envoy's max_response_headers_count / max_response_headers_kb defaults.
 MAX_RESPONSE_HEADERS = 100
@@ -388,20 +388,35 @@ class UpstreamConnection(asyncio.Protocol):
         delivered it yet? Such a connection is out of sync or dead: it is
         closed (and counted) instead of being written to, so a request is
         never sent on a connection that was already closed before the
-        write. One poll(0) system call; nothing is read."""
+        write. One poll(0) system call; nothing is read.
+
+        Over TLS, readable only (no close) is not enough to judge: the
+        bytes may be TLS records without application data (a TLS 1.3
+        server sends its session tickets after the handshake, so a fresh
+        connection parked idle usually has them unread). The endpoint holds
+        such a connection until the loop has read them (``settle``); True
+        is returned all the same: it cannot be used now."""
         poller = self.poller
         if poller is None:
             return False
         events = poller.poll(0)
         if not events:
             return False
+        revents = events[0][1]
+        if not revents & CLOSED_EVENTS and self.endpoint.tls is not None:
+            self.endpoint.settle(self)
+            return True
+        self.discard_stale(revents)
+        return True
+
+    def discard_stale(self, revents: int) -> None:
+        """Close an idle connection that ``poll`` found readable (``revents``)."""
         stats = self.endpoint.cluster.stats
-        if events[0][1] & _CLOSED_EVENTS:
+        if revents & CLOSED_EVENTS:
             stats.upstream_cx_destroy_remote += 1
         else:
             stats.upstream_cx_protocol_error += 1  # unsolicited bytes
         self.close()
-        return True
 
     def write(self, data: bytes) -> None:
         t = self.transport

@@ -23,6 +23,7 @@ class _Cluster:
 class _Endpoint:
     def __init__(self) -> None:
         self.cluster = _Cluster()
+        self.tls = None  # plaintext (TLS endpoints: test_upstream_tls_settle.py)
         self.closed: list[UpstreamConnection] = []
 
     def on_connection_closed(self, conn: UpstreamConnection) -> None:
