@@ -19,6 +19,11 @@ uvloop upstreams (``bench_upstream.py``); a client sends N requests over 20
 keep-alive connections. Two runs per tree, with N and 5N requests; the
 difference divided by 4N is the per-request count, free of start-up cost.
 Each run takes about half a minute (valgrind slows Python ~50×).
+With ``--mtls`` each run first sends 50 requests per connection, so the
+upstream pool has grown, and counts from there; OpenSSL's handshakes
+(``SSL_do_handshake``, read from the profile) are not counted: they are a
+per-connection cost, and how many fall in a run depends on timing
+(``mtls_connection_cost.py`` measures them).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import bench  # the config and the port helper
 
 CONNS = 20
 ADDR = "127.0.0.1"
+WARMUP_PER_CONN = 50  # --mtls: requests per connection before counting starts
 
 
 async def _client(port: int, conns: int, per_conn: int) -> None:
@@ -136,7 +142,10 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
         # A fixed hash seed: string hashes (attribute and key lookups) collide
         # the same way in every run, which makes the count repeat more closely.
         env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
-        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        # --mtls keeps callgrind's profile: the handshakes' cost is read from it.
+        profile = wd / "callgrind.out"
+        profile.unlink(missing_ok=True)
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={profile if mtls else '/dev/null'}",
                sys.executable, "-m", "pyproxy", "run", "--config", str(cfg),
                "--outbound", f"{ADDR}:{out}", "--inbound", f"{ADDR}:{bench.free_port()}",
                "--admin", f"{ADDR}:{bench.free_port()}", "--stats", f"{ADDR}:{bench.free_port()}",
@@ -147,12 +156,26 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
         bench.wait_until(lambda: bench.http_probe(out)[0] == 200, 300,
                          "pyproxy under valgrind", proxy, log)
         client = _h2_client if http2 else _client
+        if mtls:
+            # How many connections the upstream pool opens while it grows
+            # depends on timing (±10 between two runs): it is grown first,
+            # and callgrind's counters are zeroed after it ("Collected" then
+            # counts from there).
+            asyncio.run(client(out, CONNS, WARMUP_PER_CONN))
+            subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         asyncio.run(client(out, CONNS, max(1, requests // CONNS)))
         proxy.send_signal(2)
         proxy.wait(timeout=300)
         m = re.search(r"Collected : (\d+)", log.read_text())
         if m is None:
             raise RuntimeError(f"no callgrind total in {log}:\n{log.read_text()[-2000:]}")
+        if mtls:
+            # OpenSSL's handshakes (SSL_do_handshake, ~10 M instructions each
+            # under callgrind) are left out: they are per connection, and how
+            # many fall in a run still depends on timing (±2 after the
+            # warm-up, ±5,000 per request). mtls_connection_cost.py measures them.
+            return int(m.group(1)) - _inclusive(profile, "SSL_do_handshake")
         return int(m.group(1))
     finally:
         for p in procs:
@@ -163,6 +186,32 @@ def count(tree: Path, requests: int, flags: list[str], wd: Path, mtls: bool = Fa
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _inclusive(profile: Path, function: str) -> int:
+    """The instructions spent in ``function`` and what it called: the sum of
+    the costs of its call sites in a callgrind profile (it is not recursive)."""
+    names: dict[str, str] = {}
+    total = 0
+    target = False
+    lines = profile.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("cfn="):
+            m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line)
+            if m is None:
+                target = line[4:] == function
+                continue
+            if m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+            target = names.get(m.group(1)) == function
+        elif line.startswith("fn="):
+            m = re.match(r"fn=\((\d+)\)(?: (.*))?", line)
+            if m is not None and m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+        elif line.startswith("calls=") and target:
+            total += int(lines[i + 1].split()[1])  # the call's inclusive cost
+            target = False
+    return total
 
 
 def main(argv: list[str]) -> int:
